@@ -1,0 +1,288 @@
+"""Unit tests for train.metrics (hand-computed expectations) and train.charts (valid PNGs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from train import charts, metrics
+from train.metrics import (
+    category,
+    choice_metrics,
+    exact_metrics,
+    normalize_text,
+    numeric_metrics,
+    parse_choice,
+    parse_number,
+    summarize,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- parse_number
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("$1,299.99", 1299.99),
+        ("12.5.3", 12.5),
+        ("about 40", 40.0),
+        ("Price is $ 49.00", 49.0),
+        ("-5", -5.0),
+        ("1,2", 1.0),  # comma not followed by exactly 3 digits: not a thousands separator
+        ("1,234", 1234.0),
+        ("1,2345", 1.0),
+        ("12,345,678.5", 12345678.5),
+        ("1e3", 1.0),  # no scientific notation
+        (".5", 0.5),
+        ("The price is -$7.25.", -7.25),
+        ("item-5 costs 3", 5.0),  # hyphen after a word is not a minus sign
+        ("3.", 3.0),
+        ("-0", 0.0),
+        ("Price: $12 or $15", 12.0),
+    ],
+)
+def test_parse_number(text: str, expected: float) -> None:
+    assert parse_number(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "no digits here", "nan", "inf", "-inf", "NaN dollars", None, 42, b"12", "9" * 400])
+def test_parse_number_none(text: object) -> None:
+    assert parse_number(text) is None
+
+
+# ---------------------------------------------------------------- category
+
+def test_category_boundaries_are_strict() -> None:
+    # truth 1000: abs rule decides (rel thresholds are 200 / 400 there)
+    assert category(1000, 1039.99) == "hit"
+    # truth 100: err 40 is not < 40, rel 0.4 not < 0.2 -> not a hit; 40 < 80 -> near
+    assert category(100, 140) == "near"
+    # truth 1000: err 200 -> rel exactly 0.2, not < 0.2; 200 >= 80 but rel 0.2 < 0.4 -> near
+    assert category(1000, 1200) == "near"
+    assert category(1000, 1199.99) == "hit"
+    # truth 100: err 80, rel 0.8 -> miss (exactly at near_abs)
+    assert category(100, 180) == "miss"
+    assert category(100, 179.99) == "near"
+    # truth 1000: err 400 -> rel exactly 0.4 -> miss
+    assert category(1000, 1400) == "miss"
+    assert category(1000, 600) == "miss"
+    assert category(1000, 601) == "near"
+
+
+def test_category_relative_rule_and_special_cases() -> None:
+    # truth 500, err 90: abs fails (>=40), rel 0.18 < 0.2 -> hit
+    assert category(500, 590) == "hit"
+    # truth 0: relative rule skipped, abs rule only
+    assert category(0, 39) == "hit"
+    assert category(0, 79) == "near"
+    assert category(0, 80) == "miss"
+    assert category(100, None) == "miss"
+    assert category(100, float("nan")) == "miss"
+    # custom thresholds: err 5 < 10 -> hit
+    assert category(100, 105, hit_abs=10, hit_rel=0.01, near_abs=20, near_rel=0.02) == "hit"
+    assert category(100, 110, hit_abs=10, hit_rel=0.01, near_abs=20, near_rel=0.02) == "near"
+
+
+# ---------------------------------------------------------------- numeric_metrics
+
+def test_numeric_metrics_two_rows() -> None:
+    # truths [100, 50], preds [110, 40]: errors +10, -10
+    # mae = 10, rmse = sqrt((100 + 100) / 2) = 10
+    # mape = (10/100 + 10/50) / 2 * 100 = (10% + 20%) / 2 = 15%
+    # r2: mean 75, ss_tot = 25^2 + 25^2 = 1250, ss_res = 200 -> 1 - 200/1250 = 0.84
+    # rmsle = sqrt((ln(111/101)^2 + ln(41/51)^2) / 2) = sqrt((0.0089129 + 0.0476344) / 2) = 0.168148
+    # both errors < 40 -> two hits
+    m = numeric_metrics([100, 50], [110, 40])
+    assert m["n"] == 2 and m["parsed"] == 2 and m["unparseable"] == 0
+    assert m["mae"] == pytest.approx(10.0)
+    assert m["rmse"] == pytest.approx(10.0)
+    assert m["mape"] == pytest.approx(15.0)
+    assert m["r2"] == pytest.approx(0.84)
+    assert m["rmsle"] == pytest.approx(0.168148, abs=1e-6)
+    assert (m["hit_rate"], m["near_rate"], m["miss_rate"]) == (1.0, 0.0, 0.0)
+
+
+def test_numeric_metrics_with_unparseable_and_zero_truth() -> None:
+    # row 1: None          -> unparseable, miss
+    # row 2: 200 vs 260    -> err 60, rel 0.30 -> near
+    # row 3: 0 vs 30       -> err 30 (< 40; rel rule skipped) -> hit
+    # row 4: 10 vs 100     -> err 90, rel 9.0 -> miss
+    # parsed rows 2-4: mae = (60 + 30 + 90) / 3 = 60
+    # rmse = sqrt((3600 + 900 + 8100) / 3) = sqrt(4200) = 64.80741
+    # mape over truth != 0 (rows 2, 4): (30% + 900%) / 2 = 465%
+    # r2: truths [200, 0, 10], mean 70, ss_tot = 130^2 + 70^2 + 60^2 = 25400,
+    #     ss_res = 12600 -> 1 - 12600/25400 = 0.503937
+    # rates over all 4 rows: hit 1/4, near 1/4, miss 2/4
+    m = numeric_metrics([100, 200, 0, 10], [None, 260, 30, 100])
+    assert (m["n"], m["parsed"], m["unparseable"]) == (4, 3, 1)
+    assert m["mae"] == pytest.approx(60.0)
+    assert m["rmse"] == pytest.approx(64.80741, abs=1e-5)
+    assert m["mape"] == pytest.approx(465.0)
+    assert m["r2"] == pytest.approx(0.503937, abs=1e-6)
+    assert (m["hit_rate"], m["near_rate"], m["miss_rate"]) == (0.25, 0.25, 0.5)
+
+
+def test_numeric_metrics_negative_prediction_clipped_for_rmsle() -> None:
+    # truth 10, pred -5: rmsle = |log1p(0) - log1p(10)| = ln 11 = 2.397895; one row -> r2 None
+    # mae 15, mape 150%
+    m = numeric_metrics([10], [-5])
+    assert m["rmsle"] == pytest.approx(2.397895, abs=1e-6)
+    assert m["mae"] == pytest.approx(15.0)
+    assert m["mape"] == pytest.approx(150.0)
+    assert m["r2"] is None
+
+
+def test_numeric_metrics_none_cases() -> None:
+    m = numeric_metrics([1.0, 2.0], [None, None])
+    assert (m["parsed"], m["unparseable"], m["miss_rate"], m["hit_rate"]) == (0, 2, 1.0, 0.0)
+    for key in ("mae", "rmse", "rmsle", "mape", "r2"):
+        assert m[key] is None
+    # constant truths -> r2 None; all truths 0 -> mape None
+    m = numeric_metrics([0, 0, 0], [1, 2, 3])
+    assert m["r2"] is None and m["mape"] is None and m["mae"] == pytest.approx(2.0)
+    # float truths equal but not bit-identical after averaging still count as constant
+    assert numeric_metrics([0.1, 0.1, 0.1], [0.2, 0.3, 0.4])["r2"] is None
+    empty = numeric_metrics([], [])
+    assert empty["n"] == 0 and empty["hit_rate"] is None and empty["mae"] is None
+
+
+def test_numeric_metrics_json_serialisable_and_length_check() -> None:
+    import numpy as np
+
+    m = numeric_metrics(np.array([100.0, 50.0]), [np.float32(110.0), 40])
+    json.dumps(m)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, np.generic) for v in m.values())
+    with pytest.raises(ValueError):
+        numeric_metrics([1, 2], [1])
+    with pytest.raises(ValueError):
+        numeric_metrics([float("nan")], [1])
+
+
+# ---------------------------------------------------------------- exact / choice
+
+def test_normalize_text() -> None:
+    assert normalize_text('  "Paris."  ') == "paris"
+    assert normalize_text("**New   York**\n") == "new york"
+    assert normalize_text("'It's fine!'") == "it's fine"
+    assert normalize_text("-5") == "-5"
+    assert normalize_text("50%.") == "50%"
+    assert normalize_text(None) == ""
+
+
+def test_exact_metrics() -> None:
+    # "Paris." == "paris"; "Rome" != "Roma"; None is wrong -> 1/3
+    m = exact_metrics(["paris", "Rome", "x"], ["Paris.", "Roma", None])
+    assert m == {"n": 3, "correct": 1, "accuracy": pytest.approx(1 / 3)}
+    assert exact_metrics([], [])["accuracy"] is None
+    with pytest.raises(ValueError):
+        exact_metrics(["a"], [])
+
+
+def test_parse_choice() -> None:
+    labels = ["positive", "negative", "neutral"]
+    assert parse_choice("Negative. The review is not positive.", labels) == "negative"
+    assert parse_choice("I think it is positive", labels) == "positive"
+    assert parse_choice("unclear", labels) is None
+    assert parse_choice(None, labels) is None
+    # whole words only: "a" does not match inside "answer"
+    assert parse_choice("Answer: B", ["A", "B"]) == "B"
+    # same position -> longest label wins
+    assert parse_choice("New York is big", ["New", "New York"]) == "New York"
+
+
+def test_choice_metrics_confusion() -> None:
+    labels = ["yes", "no"]
+    truths = ["yes", "yes", "no", "no", "Yes"]
+    outputs = ["Yes.", "no", "No!", "maybe", "yes, definitely"]
+    # rows: yes->yes ok, yes->no, no->no ok, no-><invalid>, yes->yes ok: accuracy 3/5, invalid 1
+    m = choice_metrics(truths, outputs, labels)
+    assert m["n"] == 5 and m["invalid"] == 1
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert m["confusion"] == {
+        "yes": {"yes": 2, "no": 1, "<invalid>": 0},
+        "no": {"yes": 0, "no": 1, "<invalid>": 1},
+    }
+    # every label is a row even without examples
+    m = choice_metrics(["yes"], ["yes"], ["yes", "no", "maybe"])
+    assert set(m["confusion"]) == {"yes", "no", "maybe"}
+    with pytest.raises(ValueError):
+        choice_metrics(["perhaps"], ["yes"], labels)
+
+
+# ---------------------------------------------------------------- summarize
+
+def test_summarize_numeric() -> None:
+    s = summarize("numeric", [100, 50], ["$110", "no idea"], hit_abs=5)
+    # row 1: err +10, 10 >= 5 but rel 0.1 < 0.2 -> hit; row 2 unparseable -> miss
+    assert s["rows"] == [
+        {"parsed": 110.0, "error": 10.0, "category": "hit"},
+        {"parsed": None, "error": None, "category": "miss"},
+    ]
+    assert s["mae"] == pytest.approx(10.0) and s["hit_rate"] == 0.5
+    json.dumps(s)
+
+
+def test_summarize_exact_and_choice() -> None:
+    s = summarize("exact", ["Paris"], [" paris. "], hit_abs=1)  # numeric thresholds ignored
+    assert s["accuracy"] == 1.0 and s["rows"] == [{"parsed": "paris", "correct": True}]
+    s = summarize("choice", ["yes", "no"], ["yes", "??"], labels=["yes", "no"])
+    assert s["rows"] == [{"parsed": "yes", "correct": True}, {"parsed": None, "correct": False}]
+    assert s["invalid"] == 1
+
+
+def test_summarize_errors() -> None:
+    with pytest.raises(ValueError):
+        summarize("regression", [1], ["1"])
+    with pytest.raises(ValueError):
+        summarize("choice", ["yes"], ["yes"])
+    with pytest.raises(ValueError):
+        summarize("numeric", [1], ["1"], hit_absolute=3)
+
+
+# ---------------------------------------------------------------- charts
+
+def _assert_png(path: Path) -> None:
+    data = Path(path).read_bytes()
+    assert len(data) > 0 and data.startswith(PNG_MAGIC)
+
+
+def test_numeric_scatter(tmp_path: Path) -> None:
+    truths = [5.0, 50.0, 500.0, 5000.0]
+    out = charts.numeric_scatter(tmp_path / "a" / "scatter.png", truths, [6.0, None, 300.0, 4000.0],
+                                 [5.0, 55.0, 480.0, 5100.0], {"hit_abs": 40.0})
+    _assert_png(out)
+    # linear axes path (span < 2 decades, includes a negative prediction)
+    _assert_png(charts.numeric_scatter(tmp_path / "lin.png", [10, 20], [-3, 25], [11, 19], {}))
+
+
+@pytest.mark.parametrize(
+    ("truths", "base", "adapter"),
+    [([], [], []), ([1.0, 2.0], [None, None], [None, None]), ([1.0, 2.0], [None, None], [1.5, 2.0])],
+)
+def test_charts_empty_inputs(tmp_path: Path, truths: list, base: list, adapter: list) -> None:
+    _assert_png(charts.numeric_scatter(tmp_path / "s.png", truths, base, adapter, {}))
+    _assert_png(charts.error_histogram(tmp_path / "h.png", truths, base, adapter))
+
+
+def test_error_histogram(tmp_path: Path) -> None:
+    _assert_png(charts.error_histogram(tmp_path / "h.png", [100, 50, 10], [110, 40, None], [101, 49, 12]))
+
+
+def test_loss_curves(tmp_path: Path) -> None:
+    rows = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5, "learning_rate": 1e-4},
+        {"step": 2, "eval_loss": 1.7, "eval_mae": 80.0, "eval_runtime": 3.2},
+        {"step": 3, "loss": None},
+        {"loss": 1.0},  # no step: skipped
+        {"step": 4, "eval_loss": 1.4, "eval_mae": 60.0, "eval_hit_rate": 0.4},
+    ]
+    _assert_png(charts.loss_curves(tmp_path / "loss.png", rows))
+    _assert_png(charts.loss_curves(tmp_path / "only_loss.png", rows[:2]))
+    _assert_png(charts.loss_curves(tmp_path / "empty.png", []))
+    assert charts._task_metric_keys(rows) == ["eval_hit_rate", "eval_mae"]

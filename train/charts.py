@@ -1,0 +1,193 @@
+"""PNG charts for evaluation and training: prediction scatter, error histogram, loss curves.
+
+Uses matplotlib's non-interactive "Agg" backend (works on headless machines). Every function
+writes one PNG (creating the parent directory), closes its figure and returns the path as a
+``Path``. Empty inputs or all-unparseable predictions draw an empty panel with a note instead
+of failing, so a bad run still gets its report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from train import metrics  # noqa: E402
+
+DPI = 110
+COLOURS = {"hit": "tab:green", "near": "tab:orange", "miss": "tab:red"}
+# Keys the Hugging Face Trainer logs with an "eval_" prefix that are timings, not task metrics.
+_NOT_TASK_METRICS = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_epoch"}
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, format="png")
+    plt.close(fig)
+    return out
+
+
+def _note(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parsed_pairs(truths: Sequence[float], preds: Sequence[float | None]) -> list[tuple[float, float]]:
+    if len(truths) != len(preds):
+        raise ValueError(f"truths and predictions differ in length: {len(truths)} != {len(preds)}")
+    return [(float(t), float(p)) for t, p in zip(truths, preds) if p is not None and _is_number(p)]
+
+
+def _use_log(values: list[float]) -> bool:
+    """Log axes only when every value is positive and they span more than two decades."""
+    return bool(values) and min(values) > 0 and math.log10(max(values) / min(values)) > 2
+
+
+def _panel_title(name: str, result: dict[str, Any], unit: str) -> str:
+    unit = unit.replace("$", r"\$")  # a bare "$" would start matplotlib mathtext
+    parts = [name]
+    if result["mae"] is not None:
+        parts.append(f" \u2014 MAE {unit}{result['mae']:,.1f}")
+    if result["hit_rate"] is not None:
+        parts.append(f", hits {result['hit_rate'] * 100:.0f}%")
+    if result["unparseable"]:
+        parts.append(f" ({result['unparseable']} unparseable)")
+    return "".join(parts)
+
+
+def _scatter_panel(ax: Axes, name: str, truths: Sequence[float], preds: Sequence[float | None],
+                   thresholds: dict[str, float], unit: str) -> None:
+    pairs = _parsed_pairs(truths, preds)
+    result = metrics.numeric_metrics(truths, preds, **thresholds)
+    ax.set_title(_panel_title(name, result, unit), fontsize=10)
+    ax.set_xlabel("truth")
+    ax.set_ylabel("prediction")
+    if not pairs:
+        _note(ax, "no parseable predictions")
+        return
+    for cat, colour in COLOURS.items():
+        pts = [(t, p) for t, p in pairs if metrics.category(t, p, **thresholds) == cat]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, s=12, c=colour, alpha=0.7, label=f"{cat} ({len(pts)})")
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def numeric_scatter(path: str | Path, truths: Sequence[float], base_preds: Sequence[float | None],
+                    adapter_preds: Sequence[float | None], thresholds: dict[str, float] | None = None,
+                    unit: str = "$") -> Path:
+    """Prediction vs truth for "base" and "base + adapter", side by side, coloured hit/near/miss.
+
+    ``thresholds`` are metrics.category's hit_abs/hit_rel/near_abs/near_rel (missing keys use the
+    defaults). Unparseable predictions (None) are omitted from the plot and counted in the title.
+    Both panels share axes; log-log when all plotted values are positive and span > 2 decades.
+    """
+    thresholds = {k: v for k, v in (thresholds or {}).items() if k in metrics.THRESHOLD_KEYS}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharex=True, sharey=True)
+    panels = [("base", base_preds), ("base + adapter", adapter_preds)]
+    for ax, (name, preds) in zip(axes, panels):
+        _scatter_panel(ax, name, truths, preds, thresholds, unit)
+    values = [v for _, preds in panels for pair in _parsed_pairs(truths, preds) for v in pair]
+    if values:
+        log = _use_log(values)
+        lo, hi = min(values), max(values)
+        pad = (hi - lo) * 0.05 or 1.0
+        lo, hi = (lo / 1.2, hi * 1.2) if log else (lo - pad, hi + pad)
+        for ax in axes:
+            ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="_y = x")
+            if log:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _abs_errors(truths: Sequence[float], preds: Sequence[float | None]) -> np.ndarray:
+    return np.array([abs(p - t) for t, p in _parsed_pairs(truths, preds)], dtype=float)
+
+
+def error_histogram(path: str | Path, truths: Sequence[float], base_preds: Sequence[float | None],
+                    adapter_preds: Sequence[float | None]) -> Path:
+    """Overlaid histograms of |prediction - truth| for base and adapter (parsed rows only).
+
+    Both use the same bins; the legend gives each one's MAE and parsed-row count.
+    """
+    errors = {"base": _abs_errors(truths, base_preds), "base + adapter": _abs_errors(truths, adapter_preds)}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_xlabel("absolute error")
+    ax.set_ylabel("rows")
+    ax.set_title("Absolute error distribution")
+    combined = np.concatenate(list(errors.values()))
+    if combined.size == 0:
+        _note(ax, "no parseable predictions")
+        return _save(fig, path)
+    bins = np.histogram_bin_edges(combined, bins=30)
+    for (name, err), colour in zip(errors.items(), ("tab:blue", "tab:purple")):
+        if err.size:
+            ax.hist(err, bins=bins, alpha=0.5, color=colour, label=f"{name}: MAE {err.mean():,.1f} (n={err.size})")
+        else:
+            ax.plot([], [], color=colour, label=f"{name}: no parseable predictions")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) for rows that have a numeric step and a finite numeric ``key``."""
+    pts = [(float(r["step"]), float(r[key])) for r in rows
+           if _is_number(r.get("step")) and _is_number(r.get(key))]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _task_metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    keys = {k for r in rows for k, v in r.items()
+            if k.startswith("eval_") and k not in _NOT_TASK_METRICS and _is_number(v)}
+    return sorted(keys)
+
+
+def loss_curves(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Train "loss" and "eval_loss" against "step"; other eval_* metrics on a second subplot.
+
+    ``rows`` are metrics.jsonl records. Rows without a numeric step, and missing or non-finite
+    values, are skipped. Trainer timing keys (eval_runtime, eval_*_per_second) are not plotted.
+    """
+    extra = _task_metric_keys(rows)
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    ax.set_title("Loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    drawn = False
+    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
+        steps, values = _series(rows, key)
+        if steps:
+            ax.plot(steps, values, style, label=label, markersize=4)
+            drawn = True
+    if drawn:
+        ax.legend()
+    else:
+        _note(ax, "no loss values logged")
+    if extra:
+        ax2 = axes[0][1]
+        ax2.set_title("Eval task metrics")
+        ax2.set_xlabel("step")
+        for key in extra:
+            steps, values = _series(rows, key)
+            ax2.plot(steps, values, "o-", label=key, markersize=4)
+        ax2.legend()
+    fig.tight_layout()
+    return _save(fig, path)

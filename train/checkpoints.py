@@ -1,0 +1,139 @@
+"""Run directory safety, checkpoint completeness, and what resume restores.
+
+The Trainer writes checkpoint files one by one with no completion marker, so a kill while saving
+leaves a checkpoint that looks valid but is not. We write `COMPLETE` (atomically) only after the
+Trainer's `on_save`, and resume only from checkpoints that have it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.config import Config
+from train.errors import UserError
+
+log = logging.getLogger("train")
+
+MARKER = "COMPLETE"
+OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "metrics.jsonl", "config.yaml", "train.log")
+# Keys whose change makes a checkpoint unusable (the saved tensors would not fit the new model).
+STRUCTURAL = ("model.name_or_path", "quant.mode", "lora.r", "lora.target_modules", "lora.use_dora",
+              "lora.modules_to_save", "data.format")
+RESTORABLE = {
+    "adapter weights": ("adapter_model.safetensors",),
+    "optimizer state": ("optimizer.pt",),
+    "LR scheduler": ("scheduler.pt",),
+    "RNG state": ("rng_state.pth",),
+    "data position": ("trainer_state.json",),
+}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def checkpoint_step(path: Path) -> int:
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def mark_complete(ckpt: Path, cfg: Config) -> None:
+    write_atomic(ckpt / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_atomic(ckpt / MARKER, "ok\n")
+
+
+def latest_complete(ckpt_dir: Path) -> Path | None:
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0),
+                   key=checkpoint_step, reverse=True)
+    for ckpt in found:
+        if (ckpt / MARKER).is_file():
+            return ckpt
+        log.warning("ignoring incomplete %s (no %s marker: the run was killed while saving it)", ckpt.name, MARKER)
+    return None
+
+
+def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
+    """Refuse to mix two runs' files; never delete anything that is not ours."""
+    if run.exists() and not run.is_dir():
+        raise UserError(f"run.output_dir: {run} is a file; choose a directory path")
+    ours = [name for name in OUR_ARTIFACTS if (run / name).exists()]
+    resumable = cfg.train.resume != "never" and latest_complete(run / "checkpoints") is not None
+    others = [p.name for p in run.iterdir() if p.name not in OUR_ARTIFACTS] if run.is_dir() else []
+    if overwrite:
+        for name in ours:
+            target = run / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    elif resumable or cfg.train.resume not in ("auto", "never"):
+        pass
+    elif ours or others:
+        what = "another run's files" if ours else f"files that are not ours ({', '.join(sorted(others)[:3])})"
+        raise UserError(f"run.output_dir: {run} already holds {what}; pass --overwrite (removes only our "
+                        "outputs), resume with train.resume=auto, or choose another run.output_dir")
+    try:
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run.output_dir: cannot write to {run} ({e.strerror}); choose a writable directory")
+
+
+def resume_point(cfg: Config, run: Path) -> Path | None:
+    mode = cfg.train.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return latest_complete(run / "checkpoints")
+    path = Path(mode).expanduser()
+    if not path.is_dir():
+        raise UserError(f"train.resume: {mode} is not a checkpoint directory; use auto, never, or a checkpoint-N dir")
+    if not (path / MARKER).is_file():
+        raise UserError(f"train.resume: {mode} is incomplete (no {MARKER} marker); pick an earlier checkpoint")
+    return path
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(ckpt: Path, cfg: Config) -> list[str]:
+    """Compare the checkpoint's config with this run's: error on structural changes, warn on others."""
+    saved_path = ckpt / "config.yaml"
+    if not saved_path.is_file():
+        log.warning("%s has no saved config; cannot check it matches this run", ckpt)
+        return []
+    saved, now = _flat(yaml.safe_load(saved_path.read_text())), _flat(cfg.to_dict())
+    ignored = {"train.resume", "train.max_steps", "train.epochs", "run.output_dir", "log.report_to"}
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ignored)
+    for key in changed:
+        if key in STRUCTURAL:
+            raise UserError(f"train.resume: {ckpt.name} was trained with {key}={saved.get(key)!r}, this config has "
+                            f"{now.get(key)!r}; restore it, or start fresh with train.resume=never and --overwrite")
+    if changed:
+        log.warning("resuming with a config that differs from %s: %s", ckpt.name,
+                    "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+    return changed
+
+
+def describe_restore(ckpt: Path) -> str:
+    present = [what for what, files in RESTORABLE.items() if all((ckpt / f).is_file() for f in files)]
+    missing = [what for what in RESTORABLE if what not in present]
+    if missing:
+        log.warning("%s lacks %s: those start fresh, so the run will not match an uninterrupted one",
+                    ckpt.name, ", ".join(missing))
+    return f"resuming from {ckpt} (step {checkpoint_step(ckpt)}): restored {', '.join(present)}"

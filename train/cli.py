@@ -1,0 +1,69 @@
+"""Command line: `python -m train {fit,eval} ...`. Bad input -> one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from train.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description="QLoRA fine-tuning: fit, evaluate, merge.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train a LoRA adapter on a quantized base")
+    fit.add_argument("config", help="YAML config file (see configs/demo.yaml)")
+    fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    fit.add_argument("--overwrite", action="store_true", help="replace our outputs in run.output_dir")
+
+    ev = sub.add_parser("eval", help="evaluate base vs base+adapter on the eval rows")
+    ev.add_argument("run", help="run directory (or adapter directory)")
+    ev.add_argument("--data", help="evaluate on this file instead of the run's eval data")
+    ev.add_argument("--limit", type=int, help="evaluate at most N rows")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return p
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="[train] %(message)s", stream=sys.stderr)
+    if not debug:
+        warnings.filterwarnings("ignore")
+        # bitsandbytes announces an optional CPU kernel package on every import; not actionable here
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.config import load_config
+
+    if args.command == "fit":
+        from train.fit import fit
+
+        fit(load_config(args.config, args.set), overwrite=args.overwrite)
+    elif args.command == "eval":
+        from train.evaluate import evaluate_run
+
+        evaluate_run(args.run, data=args.data, limit=args.limit, overrides=args.set)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,334 @@
+"""Typed run configuration: YAML file + `--set key=value` overrides -> validated `Config`.
+
+Everything is checked here, before any weights load: unknown keys (with the nearest valid one),
+types, ranges and exclusive options. Every default carries a comment saying why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from train.errors import UserError
+
+
+@dataclass
+class RunCfg:
+    output_dir: str = "runs/default"  # relative to the working directory; one directory per run
+    seed: int = 42  # fixes LoRA init, data order and dropout, so runs are reproducible
+
+
+@dataclass
+class ModelCfg:
+    name_or_path: str = ""  # hub id, local directory, or "builtin:tiny-llama" (the offline demo model)
+    trust_remote_code: bool = False  # running a repo's Python is opt-in, never implied
+    revision: Optional[str] = None  # pin a hub commit for reproducibility; None = the default branch
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # sdpa: fast and always installed
+
+
+@dataclass
+class QuantCfg:
+    mode: Literal["nf4", "fp4", "int8", "none"] = "nf4"  # NF4 is the QLoRA paper's best 4-bit type
+    double_quant: bool = True  # quantizes the quantization constants too: ~0.4 bit/param saved, no quality cost
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # bf16 matmuls: fast, no overflow
+    storage_dtype: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = None  # None=uint8; bf16 for FSDP
+
+
+@dataclass
+class LoraCfg:
+    r: int = 16  # rank 16 on all linear layers matches full fine-tune quality on most SFT tasks
+    alpha: int = 32  # alpha = 2r keeps the update scale constant when r changes
+    dropout: float = 0.05  # light regularisation; small datasets may want 0.1
+    target_modules: Union[str, list[str]] = "all-linear"  # all linear layers beat attention-only (QLoRA paper)
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r); helps only at large r
+    use_dora: bool = False  # weight-decomposed LoRA; slower, sometimes better at low r
+    modules_to_save: Optional[list[str]] = None  # extra modules trained in full (e.g. lm_head for new tokens)
+
+
+@dataclass
+class DataCfg:
+    train: str = ""  # jsonl/json/csv/parquet file, or a hub dataset id
+    eval: Optional[str] = None  # held-out file/id; exclusive with eval_fraction
+    eval_fraction: float = 0.0  # carve this share of train out as eval when no eval file is given
+    split: str = "train"  # split to read from a hub dataset (eval uses eval_split)
+    eval_split: str = "test"  # split of a hub dataset used when data.eval names the same id
+    format: Literal["prompt_completion", "messages", "alpaca", "text"] = "prompt_completion"  # most SFT data
+    prompt: str = "{prompt}"  # template over row fields; the model sees this and is not trained on it
+    completion: str = "{completion}"  # template over row fields; the only tokens that carry loss
+    text: str = "{text}"  # template for format=text: every token carries loss
+    messages_field: str = "messages"  # column holding [{role, content}, ...] for format=messages
+    max_length: int = 1024  # tokens per example; longer rows are cut as data.truncation says
+    truncation: Literal["prompt_middle", "keep_start", "drop"] = "prompt_middle"  # never cut the answer
+    max_rows: Optional[int] = None  # cap rows read from train (quick experiments); None = all
+
+
+@dataclass
+class TrainCfg:
+    max_steps: Optional[int] = None  # optimizer steps; exclusive with epochs
+    epochs: Optional[float] = None  # passes over the data; used when max_steps is unset (default 1)
+    lr: float = 2e-4  # the QLoRA paper's rate for 7B-13B models with r=16-64
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # smooth decay
+    warmup_ratio: float = 0.03  # 3% warmup avoids early spikes from fresh Adam moments
+    batch_size: int = 4  # sequences per device per micro-step
+    grad_accum: int = 4  # micro-steps per optimizer step: 16 sequences per step on one GPU
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"] = "paged_adamw_32bit"
+    weight_decay: float = 0.0  # LoRA weights are few; decay rarely helps
+    max_grad_norm: float = 0.3  # QLoRA paper's clip; stabilises 4-bit training
+    gradient_checkpointing: bool = True  # trades ~30% compute for most activation memory
+    save_every: int = 100  # optimizer steps between checkpoints
+    save_total_limit: Optional[int] = 3  # keep the newest N checkpoints; None keeps all
+    eval_every: Optional[int] = None  # steps between evals; None = only at the end
+    logging_steps: int = 1  # every step into metrics.jsonl: cheap and makes curves exact
+    resume: str = "auto"  # auto | never | path/to/checkpoint-N
+    bf16: Optional[bool] = None  # None = follow quant.compute_dtype (bf16 mixed precision when bfloat16)
+
+
+@dataclass
+class LogCfg:
+    report_to: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)  # none by default: no accounts
+    project: str = "qlora-train"  # wandb project name
+    run_name: Optional[str] = None  # None = the output directory's name
+
+
+@dataclass
+class EvalCfg:
+    task: Literal["none", "numeric", "exact", "choice"] = "none"  # task metric besides loss
+    limit: Optional[int] = 200  # eval rows used by `train eval`; None = all
+    batch_size: int = 8  # rows per forward/generate batch
+    max_new_tokens: int = 16  # greedy tokens generated per row for task metrics
+    during_training_limit: int = 32  # rows for the task metric run every train.eval_every steps
+    labels: Optional[list[str]] = None  # label set for task=choice
+    hit_abs: float = 40.0  # numeric: "hit" (green) when |error| < this ...
+    hit_rel: float = 0.2  # ... or relative error < this (the course's Tester)
+    near_abs: float = 80.0  # numeric: "near" (orange) when |error| < this ...
+    near_rel: float = 0.4  # ... or relative error < this; else "miss" (red)
+
+
+@dataclass
+class Config:
+    run: RunCfg = field(default_factory=RunCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    quant: QuantCfg = field(default_factory=QuantCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply `key=value` overrides, type-check and validate. Raises UserError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return from_dict(raw, source=str(path) if path else "--set")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass the path to a YAML file (see configs/demo.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise UserError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections (run:, model:, ...)")
+    return raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML (e.g. "a: b"): keep the literal string
+    if isinstance(value, str) and _FLOAT_RE.match(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string; users mean a number
+    return key.strip(), value
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {key}: keys look like section.name, e.g. --set train.lr=1e-4")
+    section, name = parts
+    valid = {f.name for f in dataclasses.fields(Config)}
+    if section not in valid:
+        raise UserError(f"--set {key}: unknown section {section!r}{_nearest(section, valid)}")
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise UserError(f"--set {key}: section {section!r} in the file is not a mapping")
+    target[name] = value
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise UserError(f"{source}: unknown section {name!r}{_nearest(name, sections)}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: section {name!r} must be a mapping of keys, got {type(value).__name__}")
+        built[name] = _build_section(sections[name].default_factory, name, value, source)
+    cfg = Config(**built)
+    validate(cfg, source)
+    return cfg
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"{source}: unknown key {section}.{key}{_nearest(key, hints, section)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+    return cls(**kwargs)
+
+
+def _nearest(name: str, options, section: str | None = None) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    if not match:
+        return f"; valid: {', '.join(sorted(options))}"
+    return f"; did you mean {section + '.' if section else ''}{match[0]}?"
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against annotation `tp`; allow int->float widening only. Returns the value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arm, key, source)
+            except UserError as e:
+                errors.append(e)
+        raise errors[-1] if len(errors) == 1 else UserError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            allowed = " | ".join(str(a) for a in args)
+            raise UserError(f"{source}: {key} must be one of {allowed}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key} must be a list, e.g. [a, b], got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
+        raise UserError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+    if not isinstance(value, tp):
+        raise UserError(f"{source}: {key} must be {_describe(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "null")
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges and cross-field rules
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    def need(ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            raise UserError(f"{source}: {key} {rule}, got {value!r}")
+
+    need(bool(cfg.model.name_or_path), "model.name_or_path", "is required (hub id or local path)", "")
+    need(bool(cfg.data.train), "data.train", "is required (a data file or hub dataset id)", "")
+    need(bool(cfg.run.output_dir), "run.output_dir", "is required", "")
+    need(cfg.lora.r > 0, "lora.r", "must be > 0 (try 16)", cfg.lora.r)
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0 (try 2*r)", cfg.lora.alpha)
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)", cfg.lora.dropout)
+    need(cfg.train.lr > 0, "train.lr", "must be > 0 (try 2e-4)", cfg.train.lr)
+    need(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", cfg.train.warmup_ratio)
+    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1", cfg.train.batch_size)
+    need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1", cfg.train.grad_accum)
+    need(cfg.train.save_every >= 1, "train.save_every", "must be >= 1", cfg.train.save_every)
+    need(cfg.train.max_grad_norm > 0, "train.max_grad_norm", "must be > 0", cfg.train.max_grad_norm)
+    need(cfg.train.logging_steps >= 1, "train.logging_steps", "must be >= 1", cfg.train.logging_steps)
+    need(cfg.data.max_length >= 8, "data.max_length", "must be >= 8 tokens", cfg.data.max_length)
+    need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", cfg.data.eval_fraction)
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
+    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", cfg.eval.max_new_tokens)
+    for key in ("train.max_steps", "train.epochs", "train.eval_every", "data.max_rows", "eval.limit"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        need(value is None or value > 0, key, "must be > 0 (or null)", value)
+    if cfg.train.max_steps is not None and cfg.train.epochs is not None:
+        raise UserError(f"{source}: train.max_steps and train.epochs are exclusive; set only one")
+    if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
+        raise UserError(f"{source}: data.eval and data.eval_fraction are exclusive; set only one")
+    if cfg.lora.use_dora and cfg.quant.mode == "int8":
+        raise UserError(f"{source}: lora.use_dora does not support quant.mode=int8; use nf4 or disable DoRA")
+    if cfg.eval.task == "choice" and not cfg.eval.labels:
+        raise UserError(f"{source}: eval.task=choice needs eval.labels, e.g. [positive, negative]")
+    resume = cfg.train.resume
+    need(resume in ("auto", "never") or bool(resume.strip()), "train.resume", "must be auto | never | a path", resume)
+    _check_templates(cfg, source)
+
+
+def _check_templates(cfg: Config, source: str) -> None:
+    used = {"prompt_completion": ("prompt", "completion"), "text": ("text",)}.get(cfg.data.format, ())
+    for name in used:
+        template = getattr(cfg.data, name)
+        try:
+            fields = template_fields(template)
+        except ValueError as e:
+            raise UserError(f"{source}: data.{name} is not a valid template ({e}); use {{column}} placeholders")
+        if not fields:
+            raise UserError(f"{source}: data.{name} must name at least one {{column}}, got {template!r}")
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a str.format template reads ('{price:.0f}' -> ['price'])."""
+    import string
+
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            if not name or not name.isidentifier():
+                raise ValueError(f"placeholder {{{name}}} must be a column name")
+            names.append(name)
+    return names
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the fully resolved config (what actually ran) as YAML."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

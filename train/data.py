@@ -1,0 +1,330 @@
+"""Data: read rows (jsonl/json/csv/parquet/hub), render templates, tokenize with explicit loss masks.
+
+We tokenize here instead of letting SFTTrainer do it because (1) we must count and report the rows
+cut by data.max_length and the rows dropped, and why, and (2) TRL truncates the *end* of
+prompt+completion, which cuts off the answer (e.g. the price); we cut the middle of the prompt
+instead, and use the identical prompt tokens at generation time. SFTTrainer accepts the result
+as-is (a dataset with input_ids + labels skips its own preparation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from train.config import Config, DataCfg, template_fields
+from train.errors import UserError
+
+log = logging.getLogger("train")
+
+IGNORE = -100  # label value the loss ignores
+ROLES = {"system", "user", "assistant", "tool"}
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{has_input}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_rows(spec: str, split: str = "train", max_rows: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a local file or hub dataset as dicts. Errors name the file and the 1-based row/line."""
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        rows = _read_local(path)
+    else:
+        rows = _read_hub(spec, split)
+    if not rows:
+        raise UserError(f"{spec}: no rows; the data file is empty")
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"{spec}: row {i} is {type(row).__name__}, expected an object of fields")
+    return rows[:max_rows] if max_rows else rows
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found; check data.train / data.eval")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno} ({e.msg}); use a list of objects or .jsonl")
+        return data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else []
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return [{k: _number_or_text(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise UserError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+    return rows
+
+
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def _number_or_text(value: str | None) -> Any:
+    """CSV cells are text; numeric-looking cells become numbers so templates like {price:.0f} work."""
+    if value is not None and _NUMBER.match(value.strip()):
+        return float(value) if "." in value else int(value)
+    return value
+
+
+def _read_hub(spec: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec, split=split).to_list()
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UserError(
+            f"{spec}: not a local data file and could not be loaded from the hub ({str(e).splitlines()[0]}); "
+            "check the path or dataset id"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering rows into (prompt, completion) / messages / text
+
+
+def render(template: str, row: dict[str, Any], where: str) -> str:
+    missing = [f for f in template_fields(template) if f not in row]
+    if missing:
+        raise UserError(f"{where}: template {template!r} needs field {missing[0]!r}; row has {sorted(row)}")
+    try:
+        return template.format(**row)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: template {template!r} cannot format this row ({e}); fix the row or template")
+
+
+def to_example(row: dict[str, Any], d: DataCfg, where: str) -> dict[str, Any]:
+    """One raw row -> {"prompt", "completion"} | {"messages"} | {"text"}."""
+    if d.format == "prompt_completion":
+        return {"prompt": render(d.prompt, row, where), "completion": render(d.completion, row, where)}
+    if d.format == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str):
+                raise UserError(f"{where}: alpaca rows need a text field {key!r}; row has {sorted(row)}")
+        extra = row.get("input") or ""
+        prompt = ALPACA_PROMPT.format(
+            has_input=", paired with an input that provides further context" if extra else "",
+            instruction=row["instruction"],
+            input_block=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+        return {"prompt": prompt, "completion": row["output"]}
+    if d.format == "messages":
+        return {"messages": check_messages(row.get(d.messages_field), d.messages_field, where)}
+    return {"text": render(d.text, row, where)}
+
+
+def check_messages(messages: Any, name: str, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: field {name!r} must be a non-empty list of {{role, content}}; see data.messages_field")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {name}[{i}] must be an object with a text 'content'")
+        if m.get("role") not in ROLES:
+            raise UserError(f"{where}: {name}[{i}] has role {m.get('role')!r}; use one of {sorted(ROLES)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: {name} has no assistant turn, so there is nothing to learn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizing with loss masks
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int] | None = None  # prompt_completion/alpaca: what generation is fed
+    truncated: bool = False
+
+
+def encode_prompt(tok, prompt: str, budget: int, truncation: str) -> tuple[list[int], bool]:
+    """Prompt tokens fitting `budget`; prompt_middle keeps the head and the last quarter (the question)."""
+    ids = tok(prompt)["input_ids"]
+    if len(ids) <= budget:
+        return ids, False
+    if truncation == "prompt_middle":
+        tail = min(budget // 4, 64)
+        return ids[: budget - tail] + (ids[-tail:] if tail else []), True
+    return ids[:budget], True
+
+
+def encode_prompt_completion(tok, prompt: str, completion: str, d: DataCfg) -> Encoded | str:
+    """Tokens and labels (completion + EOS only); a string is the reason the row is dropped."""
+    comp = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    budget = d.max_length - len(comp)
+    full_prompt_len = len(tok(prompt)["input_ids"])
+    if full_prompt_len > budget and d.truncation == "drop":
+        return "longer than data.max_length (data.truncation=drop)"
+    if budget < 1 and d.truncation != "keep_start":
+        return "completion alone fills data.max_length"
+    if d.truncation == "keep_start":
+        ids = (tok(prompt)["input_ids"] + comp)[: d.max_length]
+        labels = ([IGNORE] * full_prompt_len + comp)[: d.max_length]
+        if all(x == IGNORE for x in labels):
+            return "prompt alone fills data.max_length, no completion tokens left"
+        return Encoded(ids, labels, ids[:full_prompt_len], truncated=full_prompt_len + len(comp) > d.max_length)
+    p, cut = encode_prompt(tok, prompt, budget, d.truncation)
+    return Encoded(p + comp, [IGNORE] * len(p) + comp, p, truncated=cut)
+
+
+def encode_text(tok, text: str, d: DataCfg) -> Encoded | str:
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    if len(ids) > d.max_length and d.truncation == "drop":
+        return "longer than data.max_length (data.truncation=drop)"
+    cut = ids[: d.max_length]
+    return Encoded(cut, list(cut), truncated=len(ids) > d.max_length)
+
+
+def encode_messages(tok, messages: list[dict[str, str]], d: DataCfg, where: str) -> Encoded | str:
+    """Render the conversation; only assistant turns carry labels.
+
+    Each assistant span is found by rendering the conversation up to the turn (with the generation
+    prompt) and through it: the tokens in between are the assistant's. This works with any chat
+    template whose renderings are prefixes of each other, without {% generation %} markers.
+    """
+    full = _chat_ids(tok, messages, False, where)
+    labels = [IGNORE] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_chat_ids(tok, messages[:i], True, where)) if i else 0
+        end = len(_chat_ids(tok, messages[: i + 1], False, where))
+        labels[start:end] = full[start:end]
+    if len(full) > d.max_length and d.truncation == "drop":
+        return "longer than data.max_length (data.truncation=drop)"
+    ids, labels = full[: d.max_length], labels[: d.max_length]
+    if all(x == IGNORE for x in labels):
+        return "no assistant tokens left within data.max_length"
+    return Encoded(ids, labels, truncated=len(full) > d.max_length)
+
+
+def _chat_ids(tok, messages, add_generation_prompt: bool, where: str) -> list[int]:
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"{where}: data.format=messages needs a tokenizer with a chat template; this one has none")
+    return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                   return_dict=False)
+
+
+def encode(tok, example: dict[str, Any], d: DataCfg, where: str) -> Encoded | str:
+    if "prompt" in example:
+        return encode_prompt_completion(tok, example["prompt"], example["completion"], d)
+    if "messages" in example:
+        return encode_messages(tok, example["messages"], d, where)
+    return encode_text(tok, example["text"], d)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass
+class Split:
+    """One tokenized split plus what happened to its rows."""
+
+    name: str
+    source: str
+    examples: list[dict[str, Any]] = field(default_factory=list)  # rendered prompt/completion/...
+    encoded: list[Encoded] = field(default_factory=list)
+    row_ids: list[int] = field(default_factory=list)  # 1-based source row of each kept example
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def to_dataset(self):
+        import datasets
+
+        return datasets.Dataset.from_dict(
+            {"input_ids": [e.input_ids for e in self.encoded], "labels": [e.labels for e in self.encoded]}
+        )
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
+        return (f"{self.name}: {len(self.encoded)} rows from {self.source}; "
+                f"{self.truncated} truncated to data.max_length; dropped: {drops}")
+
+
+def build_split(name: str, source: str, rows: list[dict[str, Any]], tok, d: DataCfg,
+                row_numbers: list[int] | None = None) -> Split:
+    split = Split(name, source)
+    for k, row in enumerate(rows):
+        n = row_numbers[k] if row_numbers else k + 1
+        where = f"{source}: row {n}"
+        example = to_example(row, d, where)
+        enc = encode(tok, example, d, where)
+        if isinstance(enc, str):
+            split.dropped[enc] = split.dropped.get(enc, 0) + 1
+            continue
+        split.examples.append({**example, "_row": row})
+        split.encoded.append(enc)
+        split.row_ids.append(n)
+        split.truncated += enc.truncated
+    if not split.encoded:
+        raise UserError(f"{source}: all {len(rows)} rows were dropped ({split.summary()}); "
+                        "raise data.max_length or shorten the rows")
+    return split
+
+
+def select_rows(cfg: Config) -> dict[str, Any]:
+    """Raw train/eval rows with their 1-based source row numbers (eval from data.eval or eval_fraction)."""
+    d = cfg.data
+    train_rows = read_rows(d.train, d.split, d.max_rows)
+    sel: dict[str, Any] = {"train": train_rows, "train_ids": list(range(1, len(train_rows) + 1)),
+                           "eval": None, "eval_ids": None, "eval_source": d.eval}
+    if d.eval is not None:
+        eval_rows = read_rows(d.eval, d.eval_split if d.eval == d.train else d.split)
+        sel.update(eval=eval_rows, eval_ids=list(range(1, len(eval_rows) + 1)))
+    elif d.eval_fraction > 0:
+        order = list(range(len(train_rows)))
+        random.Random(cfg.run.seed).shuffle(order)  # seeded: the same rows are held out on every resume and eval
+        held = set(order[: max(1, int(len(order) * d.eval_fraction))])
+        sel.update(eval=[train_rows[i] for i in sorted(held)], eval_ids=[i + 1 for i in sorted(held)],
+                   train=[r for i, r in enumerate(train_rows) if i not in held],
+                   train_ids=[i + 1 for i in range(len(train_rows)) if i not in held],
+                   eval_source=f"{d.train} (held-out {d.eval_fraction:.0%})")
+    return sel
+
+
+def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Split | None]:
+    """Tokenized train and eval splits (eval is None when none is configured)."""
+    sel = select_rows(cfg)
+    train_split = evals = None
+    if train:
+        train_split = build_split("train", cfg.data.train, sel["train"], tok, cfg.data, sel["train_ids"])
+        log.info(train_split.summary())
+    if sel["eval"] is not None:
+        evals = build_split("eval", sel["eval_source"], sel["eval"], tok, cfg.data, sel["eval_ids"])
+        log.info(evals.summary())
+    return train_split, evals
+
+
+def load_splits_eval_only(cfg: Config, tok) -> tuple[None, Split | None]:
+    return load_splits(cfg, tok, train=False)

@@ -1,0 +1,59 @@
+"""`train fit`: load config -> build model -> build data -> train -> save. Reads like a table of contents."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from train import adapter, checkpoints, data, lora, model, trainer
+from train.config import Config, dump_config
+
+log = logging.getLogger("train")
+
+
+def fit(cfg: Config, overwrite: bool = False) -> Path:
+    run = Path(cfg.run.output_dir)
+    main = is_main_process()
+
+    # 1. Run directory and resume point (before anything heavy: a bad dir fails in milliseconds)
+    if main:
+        checkpoints.prepare_run_dir(run, cfg, overwrite)
+    resume_from = checkpoints.resume_point(cfg, run)
+    if resume_from is not None:
+        checkpoints.check_resume(resume_from, cfg)
+        log.info(checkpoints.describe_restore(resume_from))
+        if main:
+            trainer.truncate_metrics(run / "metrics.jsonl", checkpoints.checkpoint_step(resume_from))
+    if main:
+        dump_config(cfg, run / "config.yaml")
+
+    # 2. Tokenizer and data (before the weights: a malformed row fails fast)
+    path = model.resolve_model_path(cfg.model)
+    tok = model.load_tokenizer(path, cfg.model)
+    train_split, eval_split = data.load_splits(cfg, tok)
+
+    # 3. Model: quantized base -> k-bit prep -> LoRA
+    base = model.load_base(cfg, path)
+    base = model.prepare_for_kbit(base, cfg)
+    peft_model = lora.wrap(base, cfg.lora)
+
+    # 4. Train
+    sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(),
+                                eval_split.to_dataset() if eval_split else None, run)
+    result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    # 5. Save the adapter, tokenizer, config and model card
+    metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
+    if eval_split is not None:
+        metrics.update(sft.evaluate())
+    if main:
+        adapter.save(sft.model, tok, cfg, run, path, metrics, train_split, eval_split)
+        log.info("adapter saved to %s\n%s", run / "adapter", json.dumps(metrics, indent=1, default=str))
+    return run
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

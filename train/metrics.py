@@ -1,0 +1,283 @@
+"""Evaluation metrics for generated answers: parse the model's text, then score it.
+
+Pure functions (numpy only, no torch) so they can be unit-tested by hand and reused by the
+evaluation script, the trainer's eval hook and the charts. Three task kinds:
+
+* ``numeric`` -- the output contains a number (e.g. a price). Scored with MAE, RMSE, RMSLE, MAPE,
+  R^2 and the course's price "Tester" buckets: hit (green) / near (orange) / miss (red).
+* ``exact``   -- the output must equal the reference text after light normalisation.
+* ``choice``  -- the output must name one of a fixed set of labels (classification).
+
+Every value returned is a plain Python ``int``/``float``/``str``/``bool``/``None`` so the
+dicts can be written to JSON as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+THRESHOLD_KEYS = ("hit_abs", "hit_rel", "near_abs", "near_rel")
+INVALID = "<invalid>"
+
+# The first number in the text. Thousands separators are commas followed by exactly three digits
+# ("1,234" -> 1234, "1,2" -> 1, "1,2345" -> 1). A minus sign counts only when it does not follow
+# a letter, digit or dot ("item-5" -> 5, "-$5" -> -5). No exponent: "1e3" -> 1, see parse_number.
+_NUMBER = re.compile(
+    r"(?P<sign>(?<![\w.])[-\u2212](?:\$\s*)?)?"
+    r"(?:(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?P<frac>\.\d+)?|(?P<bare>\.\d+))",
+    re.ASCII,
+)
+
+# Stripped from both ends by normalize_text: quotes, brackets, sentence punctuation and markdown
+# emphasis. Deliberately NOT "-", "+", "$", "%", "#": they change meaning ("-5", "50%", "C#").
+_EDGE_CHARS = "\"'`*.,;:!?()[]{}<>\u201c\u201d\u2018\u2019\u00ab\u00bb"
+
+
+def parse_number(text: Any) -> float | None:
+    """Return the FIRST number in ``text`` as a float, or None if there is none. Never raises.
+
+    "$1,299.99" -> 1299.99, "12.5.3" -> 12.5, ".5" -> 0.5, "-5" -> -5.0, "about 40" -> 40.0.
+    Scientific notation is not read ("1e3" -> 1.0): models are asked for prices and amounts, and
+    an "e" after a number is almost always the start of a word, not an exponent. Non-string input,
+    and text whose number is not finite ("nan", "inf", 400 digits), give None.
+    """
+    if not isinstance(text, str):
+        return None
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    digits = (match["int"] or "").replace(",", "") + (match["frac"] or match["bare"] or "")
+    value = float(digits)
+    if match["sign"]:
+        value = -value
+    if not math.isfinite(value):
+        return None
+    return value + 0.0  # turns -0.0 into 0.0
+
+
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def category(
+    truth: float,
+    pred: float | None,
+    hit_abs: float = 40.0,
+    hit_rel: float = 0.2,
+    near_abs: float = 80.0,
+    near_rel: float = 0.4,
+) -> str:
+    """Bucket one prediction as "hit", "near" or "miss" (the course Tester's green/orange/red).
+
+    hit:  |err| < hit_abs  or |err|/|truth| < hit_rel
+    near: |err| < near_abs or |err|/|truth| < near_rel
+    Comparisons are strict, so an error exactly at a threshold falls in the next bucket. When
+    truth is 0 the relative rule is skipped (no division by zero). A missing or non-finite
+    prediction is a miss.
+    """
+    if pred is None or not _is_finite_number(pred):
+        return "miss"
+    err = abs(float(pred) - float(truth))
+    rel = err / abs(truth) if truth != 0 else None
+    if err < hit_abs or (rel is not None and rel < hit_rel):
+        return "hit"
+    if err < near_abs or (rel is not None and rel < near_rel):
+        return "near"
+    return "miss"
+
+
+def _check_inputs(truths: Sequence[Any], preds: Sequence[Any]) -> None:
+    if len(truths) != len(preds):
+        raise ValueError(f"truths and predictions differ in length: {len(truths)} != {len(preds)}")
+
+
+def _error_metrics(t: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
+    """MAE, RMSE, RMSLE, MAPE (%) and R^2 over parsed rows (arrays of equal, possibly zero, length)."""
+    if t.size == 0:
+        return {"mae": None, "rmse": None, "rmsle": None, "mape": None, "r2": None}
+    err = p - t
+    log_err = np.log1p(np.maximum(p, 0.0)) - np.log1p(np.maximum(t, 0.0))
+    nonzero = t != 0
+    mape = float(np.mean(np.abs(err[nonzero]) / np.abs(t[nonzero])) * 100.0) if nonzero.any() else None
+    r2 = None
+    if t.size >= 2 and t.max() != t.min():
+        r2 = float(1.0 - np.sum(err**2) / np.sum((t - t.mean()) ** 2))
+    return {
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "rmsle": float(np.sqrt(np.mean(log_err**2))),
+        "mape": mape,
+        "r2": r2,
+    }
+
+
+def numeric_metrics(
+    truths: Sequence[float],
+    preds: Sequence[float | None],
+    hit_abs: float = 40.0,
+    hit_rel: float = 0.2,
+    near_abs: float = 80.0,
+    near_rel: float = 0.4,
+) -> dict[str, Any]:
+    """Score parsed numeric predictions against true values.
+
+    Keys: n, parsed, unparseable, mae, rmse, rmsle, mape, r2, hit_rate, near_rate, miss_rate.
+    Error metrics use the parsed rows only (None when no row parsed). RMSLE is
+    sqrt(mean((log1p(max(pred, 0)) - log1p(max(truth, 0)))^2)): negative values are clipped to 0
+    because the log is undefined below -1. MAPE is in percent, over parsed rows whose truth != 0
+    (None if there are none). R^2 is None with fewer than 2 parsed rows or constant truths.
+    Rates are over ALL n rows, an unparseable prediction counting as a miss (None when n == 0).
+    A None or non-finite prediction is unparseable; a non-finite truth raises ValueError.
+    """
+    _check_inputs(truths, preds)
+    if not all(_is_finite_number(t) for t in truths):
+        raise ValueError("every truth must be a finite number")
+    ok = [i for i, p in enumerate(preds) if p is not None and _is_finite_number(p)]
+    t = np.array([truths[i] for i in ok], dtype=float)
+    p = np.array([preds[i] for i in ok], dtype=float)
+    thresholds = {"hit_abs": hit_abs, "hit_rel": hit_rel, "near_abs": near_abs, "near_rel": near_rel}
+    cats = [category(tr, pr, **thresholds) for tr, pr in zip(truths, preds)]
+    n = len(truths)
+
+    def rate(name: str) -> float | None:
+        return cats.count(name) / n if n else None
+
+    return {
+        "n": n,
+        "parsed": len(ok),
+        "unparseable": n - len(ok),
+        **_error_metrics(t, p),
+        "hit_rate": rate("hit"),
+        "near_rate": rate("near"),
+        "miss_rate": rate("miss"),
+    }
+
+
+def normalize_text(s: Any) -> str:
+    """Lowercase, strip, collapse whitespace and strip surrounding quotes/punctuation.
+
+    Only quotes, brackets, sentence punctuation (.,;:!?) and markdown emphasis (* `) are stripped
+    from the ends; "-", "+", "$", "%" and "#" are kept because they change the meaning of an answer.
+    None gives "".
+    """
+    if s is None:
+        return ""
+    text = " ".join(str(s).lower().split())
+    while True:
+        stripped = text.strip(_EDGE_CHARS).strip()
+        if stripped == text:
+            return text
+        text = stripped
+
+
+def exact_metrics(truths: Sequence[str], preds: Sequence[str | None]) -> dict[str, Any]:
+    """Normalised exact match: n, correct, accuracy (None when n == 0). A None prediction is wrong."""
+    _check_inputs(truths, preds)
+    correct = sum(p is not None and normalize_text(t) == normalize_text(p) for t, p in zip(truths, preds))
+    n = len(truths)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else None}
+
+
+def parse_choice(text: Any, labels: Sequence[str]) -> str | None:
+    """The label the output names first (as a whole word, after normalisation), else None.
+
+    The earliest mention wins, so an output that starts with a label returns that label; when two
+    labels match at the same position (e.g. "new" and "new york") the longest wins. Returns the
+    label as given in ``labels``.
+    """
+    if not isinstance(text, str):
+        return None
+    norm = normalize_text(text)
+    best: tuple[int, int, str] | None = None  # (position, -length, label)
+    for label in labels:
+        key = normalize_text(label)
+        if not key:
+            continue
+        found = re.search(rf"(?<!\w){re.escape(key)}(?!\w)", norm)
+        if found is None:
+            continue
+        candidate = (found.start(), -len(key), label)
+        if best is None or candidate[:2] < best[:2]:
+            best = candidate
+    return best[2] if best else None
+
+
+def _truth_label(truth: str, labels: Sequence[str]) -> str:
+    for label in labels:
+        if normalize_text(label) == normalize_text(truth):
+            return label
+    raise ValueError(f"true answer {truth!r} is not one of the labels {list(labels)}")
+
+
+def choice_metrics(truths: Sequence[str], preds_text: Sequence[str | None], labels: Sequence[str]) -> dict[str, Any]:
+    """Classification score: n, accuracy, invalid (outputs naming no label) and a confusion table.
+
+    confusion[truth_label][pred_label] counts rows; every label is a row and every row has a
+    column for each label plus "<invalid>", zeros included. Truths are matched to labels after
+    normalisation; a truth that is not a label raises ValueError.
+    """
+    _check_inputs(truths, preds_text)
+    if not labels:
+        raise ValueError("choice_metrics needs at least one label")
+    confusion = {label: {col: 0 for col in [*labels, INVALID]} for label in labels}
+    correct = invalid = 0
+    for truth, text in zip(truths, preds_text):
+        row = _truth_label(truth, labels)
+        pred = parse_choice(text, labels)
+        confusion[row][pred if pred is not None else INVALID] += 1
+        invalid += pred is None
+        correct += pred == row
+    n = len(truths)
+    return {"n": n, "accuracy": correct / n if n else None, "invalid": invalid, "confusion": confusion}
+
+
+def _summarize_numeric(truths: Sequence[float], outputs: Sequence[str], thresholds: dict[str, float]) -> dict[str, Any]:
+    parsed = [parse_number(o) for o in outputs]
+    result = numeric_metrics(truths, parsed, **thresholds)
+    result["rows"] = [
+        {
+            "parsed": p,
+            "error": float(p - t) if p is not None else None,
+            "category": category(t, p, **thresholds),
+        }
+        for t, p in zip(truths, parsed)
+    ]
+    return result
+
+
+def summarize(task: str, truths: Sequence[Any], outputs: Sequence[str], **thresholds: Any) -> dict[str, Any]:
+    """Parse raw model outputs for ``task`` and return its metrics dict plus per-row "rows".
+
+    task "numeric": rows {"parsed": float|None, "error": pred - truth (signed) or None, "category"};
+         accepts hit_abs/hit_rel/near_abs/near_rel.
+    task "exact":   rows {"parsed": normalised text, "correct": bool}.
+    task "choice":  needs labels=[...]; rows {"parsed": label|None, "correct": bool}.
+    Numeric thresholds are ignored by "exact"/"choice" (so one config can feed every task); any
+    other keyword, or an unknown task, raises ValueError.
+    """
+    labels = thresholds.pop("labels", None)
+    unknown = set(thresholds) - set(THRESHOLD_KEYS)
+    if unknown:
+        raise ValueError(f"unknown summarize option(s): {sorted(unknown)}; allowed: labels, {', '.join(THRESHOLD_KEYS)}")
+    if task == "numeric":
+        return _summarize_numeric(truths, outputs, thresholds)
+    if task == "exact":
+        result = exact_metrics(truths, outputs)
+        result["rows"] = [
+            {"parsed": normalize_text(o), "correct": o is not None and normalize_text(t) == normalize_text(o)}
+            for t, o in zip(truths, outputs)
+        ]
+        return result
+    if task == "choice":
+        if not labels:
+            raise ValueError('task "choice" needs labels=[...]')
+        result = choice_metrics(truths, outputs, labels)
+        parsed = [parse_choice(o, labels) for o in outputs]
+        result["rows"] = [{"parsed": p, "correct": p == _truth_label(t, labels)} for t, p in zip(truths, parsed)]
+        return result
+    raise ValueError(f"unknown task {task!r}; expected one of: numeric, exact, choice")

@@ -1,0 +1,183 @@
+"""Base model and tokenizer: config -> BitsAndBytesConfig, quantized load, memory report, k-bit prep."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train import tiny
+from train.config import Config, ModelCfg, QuantCfg
+from train.errors import UserError
+
+log = logging.getLogger("train")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+# bitsandbytes' CPU 4-bit decode kernel asserts out_features % 32 == 0 (see DEVELOPERS.md).
+CPU_BNB_MULTIPLE = 32
+
+
+def build_bnb_config(q: QuantCfg, skip_modules: list[str] | None = None):
+    """quant.* -> BitsAndBytesConfig (None for quant.mode=none). Pure: no GPU, no weights."""
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "none":
+        return None
+    if q.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.mode,  # "nf4" | "fp4"
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[q.storage_dtype or "uint8"],
+        llm_int8_skip_modules=skip_modules or None,  # transformers reads this for 4-bit too
+    )
+
+
+def resolve_model_path(m: ModelCfg) -> str:
+    """Local dir, builtin (materialised to the cache) or hub id; a missing local path is a UserError."""
+    name = m.name_or_path
+    if tiny.is_builtin(name):
+        return str(tiny.materialize(name))
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local:
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model.name_or_path: {name} is not a model directory (no config.json); "
+                "give a local HF-format model dir, a hub id like Qwen/Qwen2.5-0.5B, or builtin:tiny-llama"
+            )
+        return str(path)
+    return name
+
+
+def load_model_config(path: str, m: ModelCfg):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except OSError as e:
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise UserError(f"model.name_or_path: cannot load {path!r}{offline}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(
+                f"model.name_or_path: {path} needs custom code; review it, then set model.trust_remote_code: true"
+            ) from None
+        raise UserError(f"model.name_or_path: {path}: {str(e).splitlines()[0]}") from None
+
+
+def narrow_linear_layers(model_config, multiple: int = CPU_BNB_MULTIPLE) -> list[str]:
+    """Names of Linear layers whose out_features is not a multiple of `multiple` (meta device: no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(model_config)
+    names = set()
+    for name, mod in meta.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod.out_features % multiple:
+            names.add(name.rsplit(".", 1)[-1])  # skip-lists match by module-name suffix
+    return sorted(names)
+
+
+def count_params(model_config) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in meta.parameters())
+
+
+def device_map() -> dict[str, Any] | None:
+    """Each process loads the whole base on its own GPU (never "auto": that splits it across ranks' GPUs)."""
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return None
+
+
+def load_base(cfg: Config, path: str, quiet: bool = False):
+    """Load the base model quantized as quant.* says; prints footprint vs bf16."""
+    from transformers import AutoModelForCausalLM
+
+    model_config = load_model_config(path, cfg.model)
+    skip = []
+    if cfg.quant.mode != "none" and not torch.cuda.is_available():
+        skip = narrow_linear_layers(model_config)
+        if skip and not quiet:
+            log.warning(
+                "CPU: bitsandbytes' 4-bit CPU kernels need out_features %% %d == 0; keeping %s in %s, "
+                "quantizing the rest (on GPU every layer is quantized)",
+                CPU_BNB_MULTIPLE, ", ".join(skip), cfg.quant.compute_dtype,
+            )
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=build_bnb_config(cfg.quant, skip),
+        dtype=DTYPES[cfg.quant.compute_dtype],
+        device_map=device_map(),
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+    if not quiet:
+        report_memory(model, model_config, cfg.quant.mode)
+    return model
+
+
+def report_memory(model, model_config, mode: str) -> dict[str, float]:
+    gb = 1e9
+    footprint = model.get_memory_footprint() / gb
+    bf16 = count_params(model_config) * 2 / gb
+    log.info("base model loaded (%s): %.3f GB in memory; the same model in bf16 would take %.3f GB", mode, footprint, bf16)
+    return {"footprint_gb": footprint, "bf16_gb": bf16}
+
+
+def load_tokenizer(path: str, m: ModelCfg, padding_side: str = "right"):
+    """Tokenizer with a pad token that is never the EOS token when an alternative exists.
+
+    Our labels come from explicit masks (train/data.py), so even pad == eos cannot hide EOS from the
+    loss; still, a distinct pad keeps attention masks and generation unambiguous.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    if tok.eos_token is None:
+        raise UserError(f"model.name_or_path: tokenizer of {path} has no EOS token; the model could never stop")
+    if tok.pad_token is None:
+        reserved = [t for t in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>") if t in tok.get_vocab()]
+        tok.pad_token = reserved[0] if reserved else (tok.unk_token or tok.eos_token)
+        log.info("tokenizer has no pad token; using %r for padding (masked out of the loss)", tok.pad_token)
+    tok.padding_side = padding_side
+    return tok
+
+
+def prepare_for_kbit(model, cfg: Config):
+    """Freeze the base and cast norms to fp32 for stable 4-bit training.
+
+    Gradient checkpointing and input-grad hooks are NOT enabled here: the Trainer enables
+    checkpointing from SFTConfig (use_reentrant=False) and TRL 1.x calls enable_input_require_grads
+    itself, so doing it here too would double-prepare.
+    """
+    if cfg.quant.mode == "none":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def base_fingerprint(path: str) -> dict[str, Any]:
+    """What identifies a base model: its architecture config (used to refuse adapters from another base)."""
+    config = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+    return {k: config.get(k) for k in keys}

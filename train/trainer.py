@@ -1,0 +1,135 @@
+"""Trainer assembly: config -> SFTConfig, callbacks (metrics.jsonl, checkpoint markers), SFTTrainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from train import checkpoints
+from train.config import Config
+
+log = logging.getLogger("train")
+
+METRIC_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm",
+               "num_input_tokens_seen": "tokens_seen", "epoch": "epoch"}
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.train.bf16 is not None:
+        return cfg.train.bf16
+    if cfg.quant.compute_dtype != "bfloat16":
+        return False
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+
+
+def build_sft_config(cfg: Config, run: Path, has_eval: bool):
+    """config -> trl.SFTConfig. Pure: no model or data needed."""
+    from trl import SFTConfig
+
+    t = cfg.train
+    eval_steps = t.eval_every if has_eval and t.eval_every else None
+    return SFTConfig(
+        output_dir=str(run / "checkpoints"),
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs or 1.0,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps in transformers 5
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        optim=t.optimizer if torch.cuda.is_available() or "paged" not in t.optimizer else "adamw_torch",
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant breaks with frozen 4-bit inputs
+        bf16=use_bf16(cfg),
+        use_cpu=not torch.cuda.is_available(),  # transformers 5 refuses bf16 on CPU unless told
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        logging_steps=t.logging_steps,
+        include_num_input_tokens_seen="non_padding",  # tokens/s that counts real tokens only
+        report_to=cfg.log.report_to or "none",
+        run_name=cfg.log.run_name or run.name,
+        seed=cfg.run.seed,
+        max_length=cfg.data.max_length,
+        packing=False,
+        dataset_num_proc=None,
+        disable_tqdm=False,  # progress bar even when log_level is quiet
+        log_level="warning",
+    )
+
+
+class MetricsFile(TrainerCallback):
+    """Per-step metrics to RUN/metrics.jsonl (main process only), one JSON object per line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step}
+        for key, value in logs.items():
+            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+                row[METRIC_KEYS.get(key, key)] = value
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint so the file equals an uninterrupted run's."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    checkpoints.write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+class MarkComplete(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                checkpoints.mark_complete(ckpt, self.cfg)
+
+
+def setup_reporting(cfg: Config) -> None:
+    """wandb runs offline when no API key is configured, so a missing account never blocks training."""
+    if "wandb" in cfg.log.report_to:
+        os.environ.setdefault("WANDB_PROJECT", cfg.log.project)
+        has_key = os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().is_file()
+        if not has_key and "WANDB_MODE" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+            log.info("wandb: no API key found, logging offline (sync later with `wandb sync`)")
+
+
+def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbacks=()):
+    from trl import SFTTrainer
+
+    setup_reporting(cfg)
+    args = build_sft_config(cfg, run, eval_ds is not None)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        callbacks=[MetricsFile(run / "metrics.jsonl"), MarkComplete(cfg), *callbacks],
+    )
+    return trainer
