@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from train import checkpoints, model as model_lib
+from train import checkpoints, lora, model as model_lib
 from train.config import Config, dump_config, from_dict
 from train.errors import UserError
 
@@ -141,19 +141,9 @@ def load(adapter_dir: Path, cfg: Config):
     tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     base = model_lib.prepare_for_kbit(model_lib.load_base(cfg, path), cfg)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    match_training_dtypes(peft_model, cfg)
+    lora.match_training_dtypes(peft_model, cfg.quant.mode)
     peft_model.eval()
     return peft_model, tok, path
-
-
-def match_training_dtypes(peft_model, cfg: Config) -> None:
-    """TRL 1.x trains LoRA weights of a quantized base in bf16 (QLoRA paper); peft reloads them in
-    fp32. Cast back so the reloaded model computes exactly what the trained one did."""
-    if cfg.quant.mode == "none":
-        return
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name and "lora_magnitude_vector" not in name:
-            param.data = param.data.to(torch.bfloat16)
 
 
 __all__ = ["save", "find_adapter", "load_config_of", "load", "checkpoints"]

@@ -62,22 +62,26 @@ def latest_complete(ckpt_dir: Path) -> Path | None:
 
 
 def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
-    """Refuse to mix two runs' files; never delete anything that is not ours."""
+    """Refuse to mix two runs' files; never delete anything that is not ours.
+
+    Everything that can reject this run (directory, resume point, model, data) is checked first,
+    so a refused run leaves the disk exactly as it was: nothing created, nothing removed.
+    """
     if run.exists() and not run.is_dir():
         raise UserError(f"run.output_dir: {run} is a file; choose a directory path")
     ours = [name for name in OUR_ARTIFACTS if (run / name).exists()]
     resumable = cfg.train.resume != "never" and latest_complete(run / "checkpoints") is not None
     others = [p.name for p in run.iterdir() if p.name not in OUR_ARTIFACTS] if run.is_dir() else []
+    if not overwrite and not (resumable or cfg.train.resume not in ("auto", "never")) and (ours or others):
+        what = "another run's files" if ours else f"files that are not ours ({', '.join(sorted(others)[:3])})"
+        raise UserError(f"run.output_dir: {run} already holds {what}; pass --overwrite (removes only our "
+                        "outputs), resume with train.resume=auto, or choose another run.output_dir")
+    check_writable(run)
+    preflight(cfg, run, overwrite)
     if overwrite:
         for name in ours:
             target = run / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-    elif resumable or cfg.train.resume not in ("auto", "never"):
-        pass
-    elif ours or others:
-        what = "another run's files" if ours else f"files that are not ours ({', '.join(sorted(others)[:3])})"
-        raise UserError(f"run.output_dir: {run} already holds {what}; pass --overwrite (removes only our "
-                        "outputs), resume with train.resume=auto, or choose another run.output_dir")
     try:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run / ".write-test"
@@ -85,6 +89,33 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"run.output_dir: cannot write to {run} ({e.strerror}); choose a writable directory")
+
+
+def check_writable(run: Path) -> None:
+    """Without writing anything: the nearest existing ancestor of `run` must be a writable directory."""
+    existing = run.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"run.output_dir: cannot create {run}: {existing} is a file; choose a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"run.output_dir: cannot write to {existing} (permission denied); choose a writable directory")
+
+
+def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
+    """Every cheap check of what `fit` will use, in its order, with no weights loaded and nothing written:
+    resume point, model path and config, lora.target_modules, tokenizer, data rows."""
+    from train import data, lora, model
+
+    if not (overwrite and cfg.train.resume == "auto"):  # --overwrite removes the old checkpoints
+        ckpt = resume_point(cfg, run)
+        if ckpt is not None:
+            check_resume(ckpt, cfg, quiet=True)
+    path = model.resolve_model_path(cfg.model)
+    model_config = model.load_model_config(path, cfg.model)
+    if isinstance(cfg.lora.target_modules, list):
+        lora.check_targets(model.meta_model(model_config), cfg.lora)
+    data.check_data(cfg, model.load_tokenizer(path, cfg.model, quiet=True))
 
 
 def resume_point(cfg: Config, run: Path) -> Path | None:
@@ -111,20 +142,28 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume(ckpt: Path, cfg: Config) -> list[str]:
+def check_resume(ckpt: Path, cfg: Config, quiet: bool = False) -> list[str]:
     """Compare the checkpoint's config with this run's: error on structural changes, warn on others."""
     saved_path = ckpt / "config.yaml"
     if not saved_path.is_file():
-        log.warning("%s has no saved config; cannot check it matches this run", ckpt)
+        if not quiet:
+            log.warning("%s has no saved config; cannot check it matches this run", ckpt)
         return []
-    saved, now = _flat(yaml.safe_load(saved_path.read_text())), _flat(cfg.to_dict())
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"train.resume: {saved_path} is not a readable config; pick another checkpoint "
+                        "or start fresh with train.resume=never and --overwrite")
+    saved, now = _flat(saved), _flat(cfg.to_dict())
     ignored = {"train.resume", "train.max_steps", "train.epochs", "run.output_dir", "log.report_to"}
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ignored)
     for key in changed:
         if key in STRUCTURAL:
             raise UserError(f"train.resume: {ckpt.name} was trained with {key}={saved.get(key)!r}, this config has "
                             f"{now.get(key)!r}; restore it, or start fresh with train.resume=never and --overwrite")
-    if changed:
+    if changed and not quiet:
         log.warning("resuming with a config that differs from %s: %s", ckpt.name,
                     "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
     return changed

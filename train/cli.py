@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from train.errors import UserError
+from train.errors import Interrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

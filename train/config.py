@@ -146,7 +146,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass the path to a YAML file (see configs/demo.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
@@ -154,6 +156,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: top level must be a mapping of sections (run:, model:, ...)")
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except a key given twice is an error: YAML would silently keep only the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (YAML keeps only the last; merge them into one)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -212,8 +229,19 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
     return cls(**kwargs)
 
 
+# Names from transformers/TRL/peft that users carry over; difflib alone would suggest unrelated keys
+# (learning_rate -> logging_steps, gradient_accumulation_steps -> gradient_checkpointing).
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+           "gradient_accumulation_steps": "grad_accum", "warmup_steps": "warmup_ratio", "optim": "optimizer",
+           "lr_scheduler_type": "lr_scheduler", "save_steps": "save_every", "eval_steps": "eval_every",
+           "resume_from_checkpoint": "resume", "rank": "r", "lora_r": "r", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "max_seq_length": "max_length", "model_name_or_path": "name_or_path",
+           "bits": "mode", "load_in_4bit": "mode", "bnb_4bit_quant_type": "mode"}
+
+
 def _nearest(name: str, options, section: str | None = None) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    alias = ALIASES.get(name)
+    match = [alias] if alias in options else difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     if not match:
         return f"; valid: {', '.join(sorted(options))}"
     return f"; did you mean {section + '.' if section else ''}{match[0]}?"
@@ -244,6 +272,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.match(value):
+        return float(value)  # YAML 1.1 reads `lr: 2e-4` (no dot) as a string; users mean a number
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
         raise UserError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
     if not isinstance(value, tp):
@@ -299,6 +329,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise UserError(f"{source}: lora.use_dora does not support quant.mode=int8; use nf4 or disable DoRA")
     if cfg.eval.task == "choice" and not cfg.eval.labels:
         raise UserError(f"{source}: eval.task=choice needs eval.labels, e.g. [positive, negative]")
+    if cfg.eval.task != "none" and cfg.data.format == "text":
+        raise UserError(f"{source}: eval.task={cfg.eval.task} needs prompts to generate from, and data.format=text "
+                        "has none; use data.format=prompt_completion or set eval.task: none")
     resume = cfg.train.resume
     need(resume in ("auto", "never") or bool(resume.strip()), "train.resume", "must be auto | never | a path", resume)
     _check_templates(cfg, source)

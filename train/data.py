@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -36,24 +37,31 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Reading
 
 
-def read_rows(spec: str, split: str = "train", max_rows: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a local file or hub dataset as dicts. Errors name the file and the 1-based row/line."""
+def read_rows(spec: str, split: str = "train", max_rows: int | None = None,
+              key: str = "data.train") -> list[dict[str, Any]]:
+    """Rows of a local file or hub dataset as dicts. Errors name the key, the file and the 1-based row/line."""
     path = Path(spec).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        rows = _read_local(path)
+        try:
+            rows = _read_local(path, key)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{key}: {path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     else:
-        rows = _read_hub(spec, split)
+        rows = _read_hub(spec, split, key)
     if not rows:
-        raise UserError(f"{spec}: no rows; the data file is empty")
+        raise UserError(f"{key}: {spec} has no rows; add rows or point {key} at a non-empty file")
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
-            raise UserError(f"{spec}: row {i} is {type(row).__name__}, expected an object of fields")
+            raise UserError(f"{key}: {spec} row {i} is {type(row).__name__}, expected an object of fields; "
+                            "fix that row")
     return rows[:max_rows] if max_rows else rows
 
 
-def _read_local(path: Path) -> list[dict[str, Any]]:
+def _read_local(path: Path, key: str) -> list[dict[str, Any]]:
+    if path.is_dir():
+        raise UserError(f"{key}: {path} is a directory; point {key} at a .jsonl/.json/.csv/.parquet file")
     if not path.is_file():
-        raise UserError(f"{path}: data file not found; check data.train / data.eval")
+        raise UserError(f"{key}: data file {path} not found; fix the path in {key}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path)
@@ -64,13 +72,28 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
             raise UserError(f"{path}: invalid JSON at line {e.lineno} ({e.msg}); use a list of objects or .jsonl")
         return data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else []
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [{k: _number_or_text(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return _read_csv(path)
     if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise UserError(f"{key}: {path} is not a readable parquet file ({e}); re-export it") from None
     raise UserError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row or None in row.values():  # more / fewer cells than header columns
+                raise UserError(f"{path}: line {reader.line_num} does not have one cell per header column "
+                                f"({reader.fieldnames}); fix that line (quote cells that hold commas)")
+            rows.append({k: _number_or_text(v) for k, v in row.items()})
+    return rows
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -96,15 +119,17 @@ def _number_or_text(value: str | None) -> Any:
     return value
 
 
-def _read_hub(spec: str, split: str) -> list[dict[str, Any]]:
+def _read_hub(spec: str, split: str, key: str = "data.train") -> list[dict[str, Any]]:
     import datasets
 
     try:
         return datasets.load_dataset(spec, split=split).to_list()
     except (FileNotFoundError, ValueError, ConnectionError) as e:
+        offline = "; offline: HF_HUB_OFFLINE is set, so only cached datasets load" if os.environ.get(
+            "HF_HUB_OFFLINE") == "1" else ""
         raise UserError(
-            f"{spec}: not a local data file and could not be loaded from the hub ({str(e).splitlines()[0]}); "
-            "check the path or dataset id"
+            f"{key}: {spec} is not a local data file and could not be loaded from the hub "
+            f"({str(e).splitlines()[0]}{offline}); check the path or dataset id"
         ) from None
 
 
@@ -112,20 +137,26 @@ def _read_hub(spec: str, split: str) -> list[dict[str, Any]]:
 # Rendering rows into (prompt, completion) / messages / text
 
 
-def render(template: str, row: dict[str, Any], where: str) -> str:
+def render(template: str, row: dict[str, Any], where: str, key: str = "template") -> str:
+    """Fill `template` (config key `key`) from `row`; a missing or null field is an error, never "None"."""
     missing = [f for f in template_fields(template) if f not in row]
     if missing:
-        raise UserError(f"{where}: template {template!r} needs field {missing[0]!r}; row has {sorted(row)}")
+        raise UserError(f"{where}: {key} {template!r} needs field {missing[0]!r}, which the row lacks "
+                        f"(it has {sorted(map(str, row))}); fix {key} or the data")
+    null = [f for f in template_fields(template) if row[f] is None]
+    if null:
+        raise UserError(f"{where}: field {null[0]!r} (used by {key}) is null; fill it in or remove the row")
     try:
         return template.format(**row)
     except (ValueError, TypeError) as e:
-        raise UserError(f"{where}: template {template!r} cannot format this row ({e}); fix the row or template")
+        raise UserError(f"{where}: {key} {template!r} cannot format this row ({e}); fix the row or {key}")
 
 
 def to_example(row: dict[str, Any], d: DataCfg, where: str) -> dict[str, Any]:
     """One raw row -> {"prompt", "completion"} | {"messages"} | {"text"}."""
     if d.format == "prompt_completion":
-        return {"prompt": render(d.prompt, row, where), "completion": render(d.completion, row, where)}
+        return {"prompt": render(d.prompt, row, where, "data.prompt"),
+                "completion": render(d.completion, row, where, "data.completion")}
     if d.format == "alpaca":
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str):
@@ -139,7 +170,7 @@ def to_example(row: dict[str, Any], d: DataCfg, where: str) -> dict[str, Any]:
         return {"prompt": prompt, "completion": row["output"]}
     if d.format == "messages":
         return {"messages": check_messages(row.get(d.messages_field), d.messages_field, where)}
-    return {"text": render(d.text, row, where)}
+    return {"text": render(d.text, row, where, "data.text")}
 
 
 def check_messages(messages: Any, name: str, where: str) -> list[dict[str, str]]:
@@ -296,16 +327,19 @@ def build_split(name: str, source: str, rows: list[dict[str, Any]], tok, d: Data
 def select_rows(cfg: Config) -> dict[str, Any]:
     """Raw train/eval rows with their 1-based source row numbers (eval from data.eval or eval_fraction)."""
     d = cfg.data
-    train_rows = read_rows(d.train, d.split, d.max_rows)
+    train_rows = read_rows(d.train, d.split, d.max_rows, key="data.train")
     sel: dict[str, Any] = {"train": train_rows, "train_ids": list(range(1, len(train_rows) + 1)),
                            "eval": None, "eval_ids": None, "eval_source": d.eval}
     if d.eval is not None:
-        eval_rows = read_rows(d.eval, d.eval_split if d.eval == d.train else d.split)
+        eval_rows = read_rows(d.eval, d.eval_split if d.eval == d.train else d.split, key="data.eval")
         sel.update(eval=eval_rows, eval_ids=list(range(1, len(eval_rows) + 1)))
     elif d.eval_fraction > 0:
         order = list(range(len(train_rows)))
         random.Random(cfg.run.seed).shuffle(order)  # seeded: the same rows are held out on every resume and eval
         held = set(order[: max(1, int(len(order) * d.eval_fraction))])
+        if len(held) == len(train_rows):
+            raise UserError(f"data.eval_fraction: holding out {len(held)} of the {len(train_rows)} rows of {d.train} "
+                            "leaves none to train on; add rows, or give a separate data.eval file")
         sel.update(eval=[train_rows[i] for i in sorted(held)], eval_ids=[i + 1 for i in sorted(held)],
                    train=[r for i, r in enumerate(train_rows) if i not in held],
                    train_ids=[i + 1 for i in range(len(train_rows)) if i not in held],
@@ -328,3 +362,36 @@ def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Spl
 
 def load_splits_eval_only(cfg: Config, tok) -> tuple[None, Split | None]:
     return load_splits(cfg, tok, train=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before anything is written or loaded
+
+
+def check_data(cfg: Config, tok, train: bool = True) -> None:
+    """Fail fast on bad data, before any file is written and before the weights load: every row
+    renders, each split keeps at least one row within data.max_length, and with eval.task=numeric
+    every eval truth is a number. Tokenizes only up to the first row that fits."""
+    sel = select_rows(cfg)
+    splits = [("train", cfg.data.train, sel["train"], sel["train_ids"])] if train else []
+    if sel["eval"] is not None:
+        splits.append(("eval", sel["eval_source"], sel["eval"], sel["eval_ids"]))
+    for name, source, rows, ids in splits:
+        examples = [to_example(row, cfg.data, f"{source}: row {n}") for row, n in zip(rows, ids)]
+        if all(isinstance(encode(tok, ex, cfg.data, f"{source}: row {n}"), str) for ex, n in zip(examples, ids)):
+            build_split(name, source, rows, tok, cfg.data, ids)  # raises, with the drop counts per reason
+        if name == "eval" and cfg.eval.task == "numeric":
+            check_numeric_truths(examples, ids, source)
+
+
+def check_numeric_truths(examples: list[dict[str, Any]], ids: list[int], source: str) -> None:
+    from train.metrics import parse_number
+
+    for ex, n in zip(examples, ids):
+        if "messages" in ex:
+            truth = [m["content"] for m in ex["messages"] if m["role"] == "assistant"][-1]
+        else:
+            truth = ex.get("completion")
+        if parse_number(truth) is None:
+            raise UserError(f"{source}: row {n}: completion {truth!r} has no number, but eval.task=numeric "
+                            "scores numbers; fix the row, or set eval.task: exact")

@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """Bad input the user can fix. The message names the key/file/row and says how to fix it."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; exit non-zero so schedulers retry."""
+
+    def __init__(self, signal_name: str, checkpoint: str):
+        super().__init__(f"interrupted by {signal_name}: checkpoint saved to {checkpoint}; "
+                         "run the same command again to resume (train.resume: auto)")
+        self.exit_code = 130 if signal_name == "SIGINT" else 143

@@ -19,6 +19,7 @@ from train import adapter as adapter_lib
 from train import checkpoints, data, metrics
 from train.config import Config, from_dict, parse_override, set_dotted
 from train.errors import UserError
+from train.trainer import precision_context
 
 log = logging.getLogger("train")
 
@@ -157,7 +158,7 @@ def evaluate_run(target: str, data: str | None = None, limit: int | None = None,
                               "settings": {"max_new_tokens": cfg.eval.max_new_tokens, **thresholds(cfg)}}
     outputs = {}
     for name, ctx in (("base", adapter_off(model)), ("adapter", contextlib.nullcontext())):
-        with ctx:
+        with ctx, precision_context(cfg):
             report[name] = completion_loss(model, examples, tok.pad_token_id, cfg.eval.batch_size)
             if cfg.eval.task != "none":
                 scores, outputs[name] = task_scores(model, tok, examples, cfg)

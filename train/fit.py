@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from transformers import set_seed
 
 from train import adapter, checkpoints, data, lora, model, trainer
 from train.config import Config, dump_config
+from train.errors import Interrupted
 
 log = logging.getLogger("train")
 
 
-def fit(cfg: Config, overwrite: bool = False) -> Path:
+@dataclass
+class Fitted:
+    run: Path
+    model: Any  # the trained PeftModel, still in memory
+    tokenizer: Any
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     run = Path(cfg.run.output_dir)
     main = is_main_process()
 
     # 1. Run directory and resume point (before anything heavy: a bad dir fails in milliseconds)
     if main:
         checkpoints.prepare_run_dir(run, cfg, overwrite)
-    resume_from = checkpoints.resume_point(cfg, run)
-    if resume_from is not None:
-        checkpoints.check_resume(resume_from, cfg)
-        log.info(checkpoints.describe_restore(resume_from))
-        if main:
-            trainer.truncate_metrics(run / "metrics.jsonl", checkpoints.checkpoint_step(resume_from))
+    resume_from = start_or_resume(cfg, run, main)
     if main:
         dump_config(cfg, run / "config.yaml")
 
@@ -36,12 +44,17 @@ def fit(cfg: Config, overwrite: bool = False) -> Path:
     # 3. Model: quantized base -> k-bit prep -> LoRA
     base = model.load_base(cfg, path)
     base = model.prepare_for_kbit(base, cfg)
+    set_seed(cfg.run.seed)  # LoRA's A matrices are random: seed them, or resumed runs start elsewhere
     peft_model = lora.wrap(base, cfg.lora)
 
-    # 4. Train
-    sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(),
-                                eval_split.to_dataset() if eval_split else None, run)
-    result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # 4. Train (SIGINT/SIGTERM save a checkpoint and stop)
+    eval_ds = eval_split.to_dataset() if eval_split else None
+    with trainer.GracefulStop() as stop:
+        sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_ds, run,
+                                    callbacks=[stop, *callbacks])
+        result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.requested:
+        raise Interrupted(stop.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"))
 
     # 5. Save the adapter, tokenizer, config and model card
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
@@ -50,7 +63,19 @@ def fit(cfg: Config, overwrite: bool = False) -> Path:
     if main:
         adapter.save(sft.model, tok, cfg, run, path, metrics, train_split, eval_split)
         log.info("adapter saved to %s\n%s", run / "adapter", json.dumps(metrics, indent=1, default=str))
-    return run
+    return Fitted(run, sft.model, tok, metrics)
+
+
+def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
+    """Find the checkpoint to resume from, check it matches, say what it restores."""
+    resume_from = checkpoints.resume_point(cfg, run)
+    if resume_from is None:
+        return None
+    checkpoints.check_resume(resume_from, cfg)
+    log.info(checkpoints.describe_restore(resume_from))
+    if main:
+        trainer.truncate_metrics(run / "metrics.jsonl", checkpoints.checkpoint_step(resume_from))
+    return resume_from
 
 
 def is_main_process() -> bool:

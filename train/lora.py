@@ -27,9 +27,8 @@ def build_lora_config(l: LoraCfg):
     )
 
 
-def wrap(model, l: LoraCfg):
-    from peft import get_peft_model
-
+def check_targets(model, l: LoraCfg) -> None:
+    """lora.target_modules must name modules the model has (works on a meta-device model: no weights)."""
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     if isinstance(l.target_modules, list):
         missing = [t for t in l.target_modules if t not in names]
@@ -39,8 +38,27 @@ def wrap(model, l: LoraCfg):
                 f"lora.target_modules: {missing} not found in the model; its linear layers are {linear} "
                 "(or use all-linear)"
             )
+
+
+def wrap(model, l: LoraCfg):
+    from peft import get_peft_model
+
+    check_targets(model, l)
     peft_model = get_peft_model(model, build_lora_config(l))
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)",
              l.r, l.alpha, l.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return peft_model
+
+
+def match_training_dtypes(peft_model, quant_mode: str) -> None:
+    """TRL 1.x trains the LoRA weights of a quantized base in bf16 (QLoRA paper), but peft upcasts
+    adapters it loads to fp32. Cast them back wherever an adapter is reloaded (resume, eval), so the
+    reloaded model computes exactly what the trained one did."""
+    import torch
+
+    if quant_mode == "none":
+        return
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(torch.bfloat16)

@@ -73,27 +73,34 @@ def load_model_config(path: str, m: ModelCfg):
         raise UserError(f"model.name_or_path: {path}: {str(e).splitlines()[0]}") from None
 
 
-def narrow_linear_layers(model_config, multiple: int = CPU_BNB_MULTIPLE) -> list[str]:
-    """Names of Linear layers whose out_features is not a multiple of `multiple` (meta device: no memory)."""
+def meta_model(model_config):
+    """The model's module tree on the meta device: shapes and names, no memory, no weights read."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(model_config)
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def narrow_linear_layers(model_config, multiple: int = CPU_BNB_MULTIPLE) -> list[str]:
+    """Names of Linear layers whose out_features is not a multiple of `multiple` (meta device: no memory)."""
     names = set()
-    for name, mod in meta.named_modules():
+    for name, mod in meta_model(model_config).named_modules():
         if isinstance(mod, torch.nn.Linear) and mod.out_features % multiple:
             names.add(name.rsplit(".", 1)[-1])  # skip-lists match by module-name suffix
     return sorted(names)
 
 
-def count_params(model_config) -> int:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+def output_embedding(model_config) -> list[str]:
+    """Name of the output embedding (lm_head). transformers keeps it unquantized only when given no skip
+    list; our own list replaces that default, and a tied lm_head quantized in 4-bit fails at inference."""
+    meta = meta_model(model_config)
+    head = meta.get_output_embeddings()
+    return [name for name, mod in meta.named_modules() if head is not None and mod is head]
 
-    with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in meta.parameters())
+
+def count_params(model_config) -> int:
+    return sum(p.numel() for p in meta_model(model_config).parameters())
 
 
 def device_map() -> dict[str, Any] | None:
@@ -119,6 +126,7 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
                 "quantizing the rest (on GPU every layer is quantized)",
                 CPU_BNB_MULTIPLE, ", ".join(skip), cfg.quant.compute_dtype,
             )
+        skip = skip and skip + output_embedding(model_config)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=build_bnb_config(cfg.quant, skip),
@@ -128,9 +136,25 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )
+    keep_cpu_weights_exact(model)
     if not quiet:
         report_memory(model, model_config, cfg.quant.mode)
     return model
+
+
+def keep_cpu_weights_exact(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On AVX512-BF16 CPUs, bnb >= 0.48 repacks a Linear4bit weight on its first eval-mode forward, and
+    any later state_dict() (every checkpoint save) converts it back, re-quantizing the double-quant
+    constants lossily: the frozen base drifts, and a reloaded adapter no longer reproduces the
+    trained model's logits. The plain dequantize path is exact and the same in train and eval.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def report_memory(model, model_config, mode: str) -> dict[str, float]:
@@ -141,7 +165,7 @@ def report_memory(model, model_config, mode: str) -> dict[str, float]:
     return {"footprint_gb": footprint, "bf16_gb": bf16}
 
 
-def load_tokenizer(path: str, m: ModelCfg, padding_side: str = "right"):
+def load_tokenizer(path: str, m: ModelCfg, padding_side: str = "right", quiet: bool = False):
     """Tokenizer with a pad token that is never the EOS token when an alternative exists.
 
     Our labels come from explicit masks (train/data.py), so even pad == eos cannot hide EOS from the
@@ -149,13 +173,23 @@ def load_tokenizer(path: str, m: ModelCfg, padding_side: str = "right"):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except (OSError, ValueError) as e:
+        files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+        if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in files):
+            raise UserError(f"model.name_or_path: {path} has no tokenizer files ({', '.join(files)}); "
+                            "copy the tokenizer in beside config.json") from None
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise UserError(f"model.name_or_path: cannot load the tokenizer of {path!r}{offline}: "
+                        f"{str(e).splitlines()[0]}") from None
     if tok.eos_token is None:
         raise UserError(f"model.name_or_path: tokenizer of {path} has no EOS token; the model could never stop")
     if tok.pad_token is None:
         reserved = [t for t in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>") if t in tok.get_vocab()]
         tok.pad_token = reserved[0] if reserved else (tok.unk_token or tok.eos_token)
-        log.info("tokenizer has no pad token; using %r for padding (masked out of the loss)", tok.pad_token)
+        if not quiet:
+            log.info("tokenizer has no pad token; using %r for padding (masked out of the loss)", tok.pad_token)
     tok.padding_side = padding_side
     return tok
 

@@ -6,13 +6,14 @@ import json
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from train import checkpoints
+from train import checkpoints, lora
 from train.config import Config
 
 log = logging.getLogger("train")
@@ -27,6 +28,13 @@ def use_bf16(cfg: Config) -> bool:
     if cfg.quant.compute_dtype != "bfloat16":
         return False
     return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+
+
+def precision_context(cfg: Config):
+    """The autocast training runs under (accelerate wraps the trained model's forward in it).
+    Evaluation uses it too, so a reloaded adapter computes exactly what the trained model did."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16(cfg))
 
 
 def build_sft_config(cfg: Config, run: Path, has_eval: bool):
@@ -109,6 +117,40 @@ class MarkComplete(TrainerCallback):
                 checkpoints.mark_complete(ckpt, self.cfg)
 
 
+class GracefulStop(TrainerCallback):
+    """SIGINT/SIGTERM (Ctrl-C, cluster preemption): finish the step, save a checkpoint, stop.
+
+    A second signal aborts at once (KeyboardInterrupt) for users who really want out.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step (send it again to abort without saving)",
+                    self.requested)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def setup_reporting(cfg: Config) -> None:
     """wandb runs offline when no API key is configured, so a missing account never blocks training."""
     if "wandb" in cfg.log.report_to:
@@ -119,12 +161,30 @@ def setup_reporting(cfg: Config) -> None:
             log.info("wandb: no API key found, logging offline (sync later with `wandb sync`)")
 
 
-def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbacks=()):
+def trainer_class():
     from trl import SFTTrainer
 
+    class QLoRATrainer(SFTTrainer):
+        """SFTTrainer whose resume keeps LoRA weights in the dtype they were trained in.
+
+        Trainer reloads a checkpoint's adapter through peft, which upcasts it to fp32, while the
+        uninterrupted run trains it in bf16 (TRL's QLoRA cast): resumed losses would drift. The
+        model loads before the optimizer is built, so casting here keeps optimizer state consistent.
+        """
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            lora.match_training_dtypes(self.model, self.quant_mode)
+
+    return QLoRATrainer
+
+
+def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbacks=()):
     setup_reporting(cfg)
     args = build_sft_config(cfg, run, eval_ds is not None)
-    trainer = SFTTrainer(
+    cls = trainer_class()
+    cls.quant_mode = cfg.quant.mode
+    trainer = cls(
         model=model,
         args=args,
         train_dataset=train_ds,

@@ -1,0 +1,57 @@
+"""Shared fixtures: offline environment, a private model cache, and a small fast config."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ["HF_HUB_OFFLINE"] = "1"  # the suite must never reach the hub
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """builtin:tiny-llama materialises into a per-session cache, never the user's."""
+    old = os.environ.get("QLORA_TRAIN_CACHE")
+    os.environ["QLORA_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if old is None:
+        os.environ.pop("QLORA_TRAIN_CACHE", None)
+    else:
+        os.environ["QLORA_TRAIN_CACHE"] = old
+
+
+def small_config(output_dir, **sections):
+    """The demo task, shrunk to run in seconds. `sections` override per section, e.g. train={...}."""
+    from train.config import from_dict
+
+    raw = {
+        "run": {"output_dir": str(output_dir), "seed": 7},
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "data": {
+            "train": str(REPO / "data/demo/train.jsonl"),
+            "eval_fraction": 0.2,
+            "prompt": "How much does this cost?\n\n{text}\n\nPrice is $",
+            "completion": "{price:.0f}.00",
+            "max_length": 96,
+            "max_rows": 80,  # 64 train + 16 eval rows
+        },
+        "train": {"max_steps": 6, "lr": 3e-3, "batch_size": 4, "grad_accum": 2, "save_every": 3,
+                  "optimizer": "adamw_torch", "warmup_ratio": 0.0},
+        "eval": {"task": "numeric", "limit": 12, "batch_size": 6, "max_new_tokens": 6},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return from_dict(raw)
+
+
+@pytest.fixture
+def tiny_tok():
+    from train import model, tiny
+
+    path = tiny.materialize("builtin:tiny-llama")
+    from train.config import ModelCfg
+
+    return model.load_tokenizer(str(path), ModelCfg(name_or_path=str(path)))

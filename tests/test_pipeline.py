@@ -1,0 +1,111 @@
+"""End to end on CPU with real bitsandbytes 4-bit: fit -> interrupt -> resume -> adapter -> reload -> eval."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import small_config
+from train import adapter, evaluate
+from train.errors import Interrupted
+from train.fit import fit
+from train.trainer import precision_context
+
+
+class SignalAt(TrainerCallback):
+    """Sends a real SIGINT to this process during a given step, like a user pressing Ctrl-C."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted 6-step run, and one interrupted by SIGINT at step 3 then resumed to 6."""
+    root = tmp_path_factory.mktemp("runs")
+    whole = fit(small_config(root / "whole"))
+    cut_cfg = small_config(root / "cut")
+    with pytest.raises(Interrupted) as stopped:
+        fit(cut_cfg, callbacks=[SignalAt(3)])
+    resumed = fit(cut_cfg)
+    return {"whole": whole, "resumed": resumed, "stopped": stopped.value, "root": root}
+
+
+def test_interrupt_saves_a_checkpoint_and_exits_nonzero(runs):
+    ckpt = runs["root"] / "cut" / "checkpoints" / "checkpoint-3"
+    assert "checkpoint-3" in str(runs["stopped"])
+    assert runs["stopped"].exit_code == 130
+    for name in ("COMPLETE", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert (ckpt / name).is_file(), name
+
+
+def test_resumed_run_logs_the_same_losses_as_uninterrupted(runs):
+    whole, resumed = losses(runs["whole"].run), losses(runs["resumed"].run)
+    assert sorted(whole) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in whole:
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resumed_adapter_equals_uninterrupted_adapter(runs):
+    a = load_file(runs["whole"].run / "adapter" / "adapter_model.safetensors")
+    b = load_file(runs["resumed"].run / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_loss_falls(runs):
+    steps = losses(runs["whole"].run)
+    assert steps[6] < steps[1] - 0.5
+
+
+def test_adapter_dir_is_complete(runs):
+    out = runs["whole"].run / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
+                 "README.md", "training_meta.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "builtin:tiny-llama" in card and "nf4" in card and "r=8" in card and "eval_loss" in card
+
+
+def test_reloaded_adapter_reproduces_trained_logits(runs):
+    fitted = runs["whole"]
+    cfg = adapter.load_config_of(fitted.run / "adapter")
+    reloaded, tok, _ = adapter.load(fitted.run / "adapter", cfg)
+    ids = tok(["How much does this cost?\n\nLarge steel drill.\n\nPrice is $", "Small plastic tent."],
+              return_tensors="pt", padding=True)
+    fitted.model.eval()
+    with torch.no_grad(), precision_context(cfg):  # accelerate runs the trained model's forward in it
+        trained = fitted.model(**ids).logits
+        again = reloaded(**ids).logits
+        with reloaded.disable_adapter():
+            base = reloaded(**ids).logits
+    torch.testing.assert_close(again.float(), trained.float(), rtol=0, atol=1e-5)
+    assert (base.float() - trained.float()).abs().max() > 0.1  # the adapter really changes the output
+
+
+def test_eval_report_base_vs_adapter(runs):
+    run = runs["whole"].run
+    report = evaluate.evaluate_run(str(run))
+    saved = json.loads((run / "eval" / "report.json").read_text())
+    assert saved["rows"] == 12 and saved["task"] == "numeric"
+    assert saved["adapter"]["loss"] < saved["base"]["loss"] - 1.0
+    assert saved["adapter"]["perplexity"] < saved["base"]["perplexity"]
+    assert report["adapter"]["task"]["n"] == 12
+    preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 12 and {"id", "prompt", "truth", "base_output", "adapter_output"} <= set(preds[0])
+    for chart in saved["charts"]:
+        assert open(chart, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

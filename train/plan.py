@@ -1,0 +1,626 @@
+"""Memory planner: predict the peak GPU memory of one QLoRA training step before any weight loads.
+
+`python -m train plan CONFIG [--set k=v] [--gpu-gb 80]` reads only the model's config.json, builds the
+architecture on the meta device (no memory) to count parameters exactly per module, and prints a
+table of the components below, the predicted peak and whether it fits a GPU of the given size.
+
+What the prediction models (the pipeline in train/model.py, train/lora.py, train/trainer.py):
+
+* base weights as loaded: every nn.Linear except lm_head quantized by bitsandbytes (exact bnb
+  storage, quantization constants included); everything else (embeddings, lm_head, norms, biases)
+  in quant.compute_dtype.
+* prepare_model_for_kbit_training (train/model.py prepare_for_kbit) then upcasts every non-quantized
+  bf16/fp16 parameter to fp32: +2 bytes per such parameter. Side effect that matters for activations:
+  the embedding output and every RMSNorm output are fp32, so the residual stream, the q/k/v/gate/up
+  matmul outputs (bitsandbytes returns the input dtype) and the MLP intermediates are fp32 too.
+* LoRA A/B on the targeted Linear layers: r*(in+out) each. TRL's SFTTrainer casts trainable
+  parameters of a quantized model to bf16 (2 B); grads share the parameter dtype; optimizer states
+  per train.optimizer.
+* activations of one micro-batch of `tokens` tokens (batch_size * data.max_length unless overridden:
+  the worst case, every row at full length, so no padding mask and sdpa's causal O(tokens) kernel).
+* the loss head: TRL >= 1.16 SFTTrainer patches the model with a fused, chunked lm_head + log-softmax
+  (trl.trainer.utils.add_fused_lm_head) that never materializes [tokens, vocab] logits. The full-logits
+  formula of plain transformers (bf16 logits + fp32 upcast + fp32 gradient) is kept behind
+  `fused_lm_head=False` for other trainers.
+* a fixed CUDA context / allocator overhead.
+
+Peak = every persistent term + saved activations + the larger of two working sets that are never live
+at the same time: one decoder layer's recompute + backward, and the loss head's backward.
+
+Units: bytes everywhere inside; GB = 1e9 bytes in the table (what model.get_memory_footprint()/1e9
+reports in train/model.py). Every constant below is a module-level name so measured peaks (H100,
+torch.cuda.max_memory_allocated) can calibrate it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from train.config import Config, LoraCfg, QuantCfg
+from train.errors import UserError
+
+GB = 1e9  # table unit: decimal GB, as in train/model.py's footprint report
+
+# --------------------------------------------------------------------------------------------
+# Calibration constants. Each is one named value so a measured peak can correct it.
+
+# Quantized base weights (bitsandbytes 0.4x-0.5x storage; see bitsandbytes/functional.py quantize_4bit)
+NF4_BLOCKSIZE = 64  # 4-bit blocksize transformers uses (BitsAndBytesConfig exposes no other): one absmax per 64
+ABSMAX_BYTES = 4  # fp32 absmax per 4-bit block without double quant: 4/64 = 0.0625 B/param (0.5 bit)
+DQ_ABSMAX_BYTES = 1  # double quant: the per-64 absmax is stored as uint8 ...
+DQ_BLOCKSIZE = 256  # ... quantized blockwise in blocks of 256 absmax values ...
+DQ_ABSMAX2_BYTES = 4  # ... with one fp32 absmax per 256 blocks: 1/64 + 4/16384 B/param = 0.127 bit/param
+DQ_CODE_BYTES = 256 * 4  # ... a per-layer fp32 copy of the 8-bit dynamic map (state2.code) ...
+DQ_OFFSET_BYTES = 4  # ... and the fp32 mean subtracted before the second quantization (offset)
+FOUR_BIT_CODE_BYTES = 16 * 4  # per-layer fp32 NF4/FP4 code table (QuantState.code)
+INT8_SCB_BYTES = 4  # LLM.int8: int8 weight (1 B/param) + one fp32 scale per output row (SCB)
+FP32_BYTES = 4  # prepare_model_for_kbit_training upcasts non-quantized bf16/fp16 params to fp32
+
+# Trainable parameters and optimizer
+LORA_KBIT_PARAM_BYTES = 2  # TRL SFTTrainer casts LoRA params of a quantized model to bf16
+LORA_FULL_PARAM_BYTES = 4  # quant.mode=none: peft keeps adapters fp32 (autocast_adapter_dtype=True) ...
+LORA_AUTOCAST_COPY_BYTES = 2  # ... and autocast keeps a bf16 copy of each for the backward
+DORA_MAGNITUDE_BYTES = 4  # DoRA magnitude vectors: TRL leaves them fp32
+ADAM_32BIT_STATE_BYTES = 8  # bitsandbytes 32-bit Adam: two fp32 states per param, whatever the param dtype
+ADAM_8BIT_STATE_BYTES = 2  # bitsandbytes 8-bit Adam: two uint8 states per param ...
+ADAM_8BIT_BLOCKSIZE = 256  # ... plus two fp32 absmax per 256-element block ...
+ADAM_8BIT_MIN_SIZE = 4096  # ... for tensors of >= 4096 elements; smaller ones get 32-bit states
+PAGED_MIN_NUMEL = 100_000  # bnb pages (cudaMallocManaged) only state tensors of >= 1e5 elements:
+# these do not show in torch.cuda.max_memory_allocated, but do occupy the GPU unless evicted
+TORCH_ADAM_STATES = 2  # adamw_torch: exp_avg and exp_avg_sq in the param dtype (bf16 for QLoRA)
+
+# Activations, per token, per decoder layer (Llama-family block: RMSNorm, GQA sdpa, SwiGLU MLP)
+NORMS_PER_LAYER = 2  # input_layernorm + post_attention_layernorm
+NORM_SAVED_BYTES = 4  # RMSNorm computes in fp32 and saves that fp32 input (kbit: the fp32 residual itself)
+NORM_STAT_BYTES = 4  # ... plus one fp32 rsqrt(mean(x^2)) per token
+ATTN_QKV_BYTES = 2  # sdpa (flash, causal) saves q, k, v in the autocast dtype ...
+ATTN_OUT_BYTES = 2  # ... its output ...
+ATTN_LSE_BYTES = 4  # ... and an fp32 logsumexp per head
+MLP_SAVED_TENSORS = 3  # SiLU input (gate), SiLU output, up: each `intermediate` wide
+LORA_INPUT_BYTES = 2  # lora_A saves its bf16 (autocast) input for the weight gradient: per in_feature
+LORA_DROPOUT_MASK_BYTES = 1  # CUDA fused dropout saves a bool mask per in_feature (none when dropout == 0)
+LORA_MID_BYTES = 2  # lora_B saves lora_A's bf16 output: r values
+INT8_SAVED_INPUTS = True  # LLM.int8 matmul saves its input (attn/mlp norm outputs, attn output, down input)
+ROPE_TENSORS = 2  # cos and sin: head_dim values per token each, in the residual dtype; shared by all layers
+INPUT_BYTES_PER_TOKEN = 3 * 8  # input_ids, attention_mask, labels: int64
+# Backward of one layer (on top of its saved tensors)
+BWD_MLP_GRAD_TENSORS = 3  # d(act*up), d(SiLU) and d(up) live together in the MLP backward
+BWD_RESIDUAL_GRAD_TENSORS = 2  # gradient of the layer output + the residual branch summed into it
+DEQUANT_BYTES = 2  # bnb dequantizes one 4-bit/8-bit weight to bf16 per matmul (largest Linear counts)
+
+# Loss head
+FUSED_LM_HEAD = True  # TRL >= 1.16 SFTTrainer always patches a chunked lm_head: no [tokens, vocab] logits
+FUSED_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+FUSED_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+FUSED_TILE_BYTES = 2  # the [token tile, vocab tile] logits buffer is in the autocast dtype
+FUSED_STATS_BYTES = 12 * 4  # fp32 per-token accumulators and outputs (running max, sum exp, log_z, ...)
+HEAD_GRAD_HIDDEN_COPIES = 1  # fp32 [tokens, hidden] gradient(s) the head's backward keeps at its peak
+LOGITS_BYTES = 2  # unfused: bf16 logits from lm_head under autocast ...
+LOGITS_FP32_BYTES = 4  # ... upcast to fp32 by transformers' ForCausalLMLoss (logits.float()) ...
+LOGITS_GRAD_BYTES = 4  # ... and the fp32 gradient of that upcast in the backward
+
+# Fixed
+CUDA_OVERHEAD_BYTES = 0.5e9  # CUDA context + cuBLAS workspaces + allocator slack: ~0.5 GB on an H100
+# (the context is outside torch.cuda.max_memory_allocated; nvidia-smi includes it)
+DEFAULT_GPU_GB = 80.0  # an H100 80GB when --gpu-gb is not given
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1}
+
+COMPONENTS = {  # estimate() keys, in table order, with their labels
+    "base_weights": "base weights as loaded",
+    "kbit_upcast": "fp32 upcast of non-quantized params (prepare_model_for_kbit_training)",
+    "lora_params": "LoRA params",
+    "lora_grads": "LoRA grads",
+    "optimizer_states": "optimizer states",
+    "optimizer_states_paged": "optimizer states, paged (managed memory)",
+    "activations_saved": "activations kept across the step",
+    "activations_working": "working set: one layer's recompute + backward",
+    "loss_head": "working set: loss head",
+    "cuda_overhead": "CUDA context + allocator overhead",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Model shape from config.json (meta device: no memory)
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    name: str  # full module name, e.g. model.layers.0.self_attn.q_proj
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    arch: str
+    hidden: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    linears: tuple[LinearInfo, ...]  # every nn.Linear, lm_head included
+    lm_head: str | None  # name of the output embedding when it is a separate nn.Linear
+    embeddings: tuple[tuple[str, int, int], ...]  # (name, num_embeddings, embedding_dim)
+    params: dict[str, int]  # exact parameter counts per module type (see count_params_by_type)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def quantized_linears(self) -> list[LinearInfo]:
+        """The Linear layers bitsandbytes quantizes: all but the output embedding (transformers skips it)."""
+        return [l for l in self.linears if l.name != self.lm_head]
+
+
+def model_shape(model_config) -> ModelShape:
+    """Architecture sizes + exact per-module parameter counts, from the meta-device model."""
+    return _model_shape(model_config.to_json_string(use_diff=False), type(model_config))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shape(config_json: str, config_cls) -> ModelShape:
+    import json
+
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    model_config = config_cls.from_dict(json.loads(config_json))
+    try:
+        with init_empty_weights():
+            meta = AutoModelForCausalLM.from_config(model_config)
+    except (ValueError, KeyError, TypeError, ImportError) as e:
+        raise UserError(f"model.name_or_path: cannot build {type(model_config).__name__} as a causal LM: "
+                        f"{str(e).splitlines()[0]}") from None
+    out = meta.get_output_embeddings()
+    names = {id(m): n for n, m in meta.named_modules()}
+    lm_head = names.get(id(out)) if isinstance(out, torch.nn.Linear) else None
+
+    linears, embeddings = [], []
+    owner: dict[int, str] = {}  # id(param) -> module type, first owner wins (tied weights count once)
+    for name, mod in meta.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            linears.append(LinearInfo(name, mod.in_features, mod.out_features, mod.bias is not None))
+        elif isinstance(mod, torch.nn.Embedding):
+            embeddings.append((name, mod.num_embeddings, mod.embedding_dim))
+        for pname, p in mod.named_parameters(recurse=False):
+            owner.setdefault(id(p), _param_type(name, mod, pname, lm_head))
+    params = {k: 0 for k in ("embedding", "linear", "linear_bias", "lm_head", "norm", "other")}
+    for p in meta.parameters():  # deduplicated: a tied lm_head is the embedding
+        params[owner[id(p)]] += p.numel()
+
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    need = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if getattr(c, k, None) is None]
+    if need:
+        raise UserError(f"model.name_or_path: config.json lacks {', '.join(need)}; the planner needs them")
+    heads = c.num_attention_heads
+    return ModelShape(
+        arch=type(meta).__name__,
+        hidden=c.hidden_size,
+        intermediate=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=heads,
+        n_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        vocab=c.vocab_size,
+        linears=tuple(linears),
+        lm_head=lm_head,
+        embeddings=tuple(embeddings),
+        params=params,
+    )
+
+
+def _param_type(module_name: str, mod, pname: str, lm_head: str | None) -> str:
+    import torch
+
+    if isinstance(mod, torch.nn.Linear):
+        if module_name == lm_head:
+            return "lm_head"
+        return "linear" if pname == "weight" else "linear_bias"
+    if isinstance(mod, torch.nn.Embedding):
+        return "embedding"
+    if "norm" in type(mod).__name__.lower() or "norm" in module_name.rsplit(".", 1)[-1].lower():
+        return "norm"
+    return "other"
+
+
+def count_params_by_type(model_config) -> dict[str, int]:
+    """Exact parameter counts: embedding, linear (quantizable weights), linear_bias, lm_head, norm, other.
+
+    A tied lm_head shares the embedding matrix and is counted once, under embedding.
+    """
+    return dict(model_shape(model_config).params)
+
+
+# --------------------------------------------------------------------------------------------
+# Base weights
+
+
+def quantized_linear_bytes(in_features: int, out_features: int, mode: str, double_quant: bool = True,
+                           storage_bytes: int = 1) -> int:
+    """Bytes bitsandbytes stores for one quantized Linear weight of n = in*out params (bias excluded).
+
+    4-bit (nf4/fp4), as bitsandbytes.functional.quantize_4bit allocates it:
+        packed = floor((n + 1) / (2 * s)) * s          (two 4-bit codes per byte; s = quant_storage bytes)
+        blocks = ceil(n / 64)
+        no double quant:  absmax = 4 * blocks          (fp32 per 64 params: 0.0625 B/param)
+        double quant:     absmax = 1 * blocks + 4 * ceil(blocks / 256) + 1024 (code) + 4 (offset)
+                                                       (~0.0159 B/param = 0.127 bit/param)
+        + 64 (the 16-entry fp32 NF4/FP4 code table)
+    int8 (LLM.int8): n + 4 * out_features               (int8 weight + fp32 row scales SCB)
+    none: 2 * n                                          (bf16)
+    """
+    n = in_features * out_features
+    if mode == "none":
+        return 2 * n
+    if mode == "int8":
+        return n + INT8_SCB_BYTES * out_features
+    packed = (n + 1) // (2 * storage_bytes) * storage_bytes
+    blocks = -(-n // NF4_BLOCKSIZE)
+    if double_quant:
+        consts = (DQ_ABSMAX_BYTES * blocks + DQ_ABSMAX2_BYTES * -(-blocks // DQ_BLOCKSIZE)
+                  + DQ_CODE_BYTES + DQ_OFFSET_BYTES)
+    else:
+        consts = ABSMAX_BYTES * blocks
+    return packed + consts + FOUR_BIT_CODE_BYTES
+
+
+def base_weight_bytes(shape: ModelShape, quant: QuantCfg) -> dict[str, int]:
+    """Base model bytes: {"quantized", "other", "upcast"}.
+
+    quantized = sum over Linear layers except lm_head of quantized_linear_bytes(...)
+    other     = (all params - quantized weights) * bytes(compute_dtype)   (embeddings, lm_head, norms, biases
+                as loaded; with quant.mode=none every weight is here at 2 B)
+    upcast    = (all params - quantized weights) * (4 - bytes(compute_dtype)) when quantized: the extra that
+                peft's prepare_model_for_kbit_training adds by casting them to fp32; 0 for quant.mode=none
+    """
+    compute = DTYPE_BYTES[quant.compute_dtype]
+    storage = DTYPE_BYTES[quant.storage_dtype or "uint8"]
+    total = sum(shape.params.values())
+    if quant.mode == "none":
+        return {"quantized": 0, "other": total * compute, "upcast": 0}
+    q_layers = shape.quantized_linears()
+    quantized = sum(quantized_linear_bytes(l.in_features, l.out_features, quant.mode, quant.double_quant, storage)
+                    for l in q_layers)
+    rest = total - sum(l.in_features * l.out_features for l in q_layers)
+    return {"quantized": quantized, "other": rest * compute, "upcast": rest * max(0, FP32_BYTES - compute)}
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> list[LinearInfo]:
+    """Linear layers peft wraps: all-linear = every Linear but the output layer; a list matches a module
+    name or its dotted suffix; any other string is a regex that must fullmatch the module name."""
+    if target_modules == "all-linear":
+        return [l for l in shape.linears if l.name != shape.lm_head]
+    if isinstance(target_modules, str):
+        found = [l for l in shape.linears if re.fullmatch(target_modules, l.name)]
+    else:
+        found = [l for l in shape.linears
+                 if any(l.name == t or l.name.endswith("." + t) for t in target_modules)]
+        leaves = {l.name.rsplit(".", 1)[-1] for l in shape.linears}
+        missing = [t for t in target_modules if not any(l.name == t or l.name.endswith("." + t) for l in shape.linears)]
+        if missing:
+            raise UserError(f"lora.target_modules: {missing} not found in the model; its linear layers are "
+                            f"{sorted(leaves)} (or use all-linear)")
+    if not found:
+        raise UserError(f"lora.target_modules: {target_modules!r} matches no linear layer (or use all-linear)")
+    return found
+
+
+def lora_tensor_numels(shape: ModelShape, lora: LoraCfg) -> list[int]:
+    """Element count of every trainable tensor: per targeted Linear A = r*in and B = out*r
+    (+ out for the DoRA magnitude), plus every parameter of lora.modules_to_save (trained in full)."""
+    numels = []
+    for l in lora_targets(shape, lora.target_modules):
+        numels += [lora.r * l.in_features, l.out_features * lora.r]
+    for name in lora.modules_to_save or []:
+        numels += [l.in_features * l.out_features + (l.out_features if l.bias else 0)
+                   for l in shape.linears if l.name == name or l.name.endswith("." + name)]
+        numels += [n * d for e, n, d in shape.embeddings if e == name or e.endswith("." + name)]
+    return numels
+
+
+def lora_param_count(shape: ModelShape, lora: LoraCfg) -> int:
+    """Trainable parameters: sum over targeted Linear layers of r * (in_features + out_features)
+    (+ modules_to_save; DoRA magnitudes are counted separately by dora_magnitude_count)."""
+    return sum(lora_tensor_numels(shape, lora))
+
+
+def dora_magnitude_count(shape: ModelShape, lora: LoraCfg) -> int:
+    """DoRA's trainable magnitude vector: out_features per targeted Linear (0 without use_dora)."""
+    if not lora.use_dora:
+        return 0
+    return sum(l.out_features for l in lora_targets(shape, lora.target_modules))
+
+
+def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int) -> tuple[int, int]:
+    """(bytes in torch's allocator, bytes in paged managed memory) of the optimizer states.
+
+    paged_adamw_32bit / adamw_32bit (bitsandbytes): 8 B/param (two fp32 states); tensors of >= 1e5 elements
+        are paged when the optimizer is paged
+    paged_adamw_8bit / adamw_8bit: 2 B/param + 2 * 4 B per 256-element block for tensors >= 4096 elements,
+        8 B/param below that
+    adamw_torch: 2 states * param_bytes (torch keeps exp_avg/exp_avg_sq in the param dtype)
+    """
+    plain = paged = 0
+    is_paged = optimizer.startswith("paged_")
+    for n in numels:
+        if optimizer == "adamw_torch":
+            b = TORCH_ADAM_STATES * param_bytes * n
+        elif optimizer.endswith("8bit") and n >= ADAM_8BIT_MIN_SIZE:
+            b = ADAM_8BIT_STATE_BYTES * n + 2 * 4 * -(-n // ADAM_8BIT_BLOCKSIZE)
+        else:
+            b = ADAM_32BIT_STATE_BYTES * n
+        if is_paged and n >= PAGED_MIN_NUMEL:
+            paged += b
+        else:
+            plain += b
+    return plain, paged
+
+
+# --------------------------------------------------------------------------------------------
+# Activations
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Dtype sizes of the quantized (kbit) or plain bf16 pipeline.
+
+    residual: bytes of the residual stream, the RMSNorm outputs and the q/k/v/gate/up matmul outputs.
+      kbit: 4, because prepare_model_for_kbit_training made embeddings and norm weights fp32 and
+      bitsandbytes' Linear4bit returns its input dtype; quant.mode=none: the compute dtype (2).
+    lora: bytes per LoRA parameter (and its gradient).
+    """
+
+    kbit: bool
+    compute: int
+    residual: int
+    lora: int
+
+
+def precision(quant: QuantCfg) -> Precision:
+    compute = DTYPE_BYTES[quant.compute_dtype]
+    if quant.mode == "none":
+        return Precision(False, compute, compute, LORA_FULL_PARAM_BYTES)
+    return Precision(True, compute, max(compute, FP32_BYTES), LORA_KBIT_PARAM_BYTES)
+
+
+SHARED_INPUT_GROUPS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # Llama-family names
+
+
+def lora_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, prec: Precision) -> float:
+    """Per token per layer, what the LoRA branches save for the backward:
+
+        sum over targeted Linear (in_features * (2 + mask) + 2 * r) / n_layers
+        mask = 1 (bool dropout mask) when lora.dropout > 0, else 0
+
+    Each branch saves its own bf16 input copy (autocast casts per call). Exception: with dropout 0 and a
+    bf16 input (quant.mode=none), projections that read the same tensor (q/k/v, gate/up) share one.
+    """
+    mask = LORA_DROPOUT_MASK_BYTES if lora.dropout > 0 else 0
+    targets = [l for l in lora_targets(shape, lora.target_modules) if l.name != shape.lm_head]
+    total = 0.0
+    shared_seen: set[tuple[str, int]] = set()
+    for l in targets:
+        parent, _, leaf = l.name.rpartition(".")
+        group = next((i for i, g in enumerate(SHARED_INPUT_GROUPS) if leaf in g), None)
+        shares = mask == 0 and not prec.kbit and group is not None
+        if not shares or (parent, group) not in shared_seen:
+            total += l.in_features * (LORA_INPUT_BYTES + mask)
+        if shares:
+            shared_seen.add((parent, group))
+        total += LORA_MID_BYTES * lora.r
+    return total / shape.n_layers
+
+
+def layer_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCfg) -> dict[str, float]:
+    """Bytes per token that one decoder layer saves for its backward (Llama-family block), by part.
+
+        norms     = 2 * (4 * hidden + 4)                       fp32 norm inputs + rsqrt stats
+        attention = 2 * (q_dim + 2 * kv_dim) + 2 * q_dim + 4 * heads
+                                                               bf16 q, k, v, output; fp32 logsumexp per head
+        mlp       = 3 * R * intermediate                       SiLU input, SiLU output, up (R = residual bytes:
+                                                               4 in kbit mode, 2 for quant.mode=none)
+        lora      = lora_saved_bytes_per_token(...)            ~ 3 * sum(in_features of targeted Linear)
+        int8      = 2 * R * hidden + 2 * q_dim + R * intermediate   (quant.mode=int8 only: MatMul8bitLt
+                                                               saves each matmul input)
+    """
+    p = precision(quant)
+    h, i = shape.hidden, shape.intermediate
+    parts = {
+        "norms": NORMS_PER_LAYER * (NORM_SAVED_BYTES * h + NORM_STAT_BYTES),
+        "attention": ATTN_QKV_BYTES * (shape.q_dim + 2 * shape.kv_dim) + ATTN_OUT_BYTES * shape.q_dim
+        + ATTN_LSE_BYTES * shape.n_heads,
+        "mlp": MLP_SAVED_TENSORS * p.residual * i,
+        "lora": lora_saved_bytes_per_token(shape, lora, p),
+        "int8": 0.0,
+    }
+    if quant.mode == "int8" and INT8_SAVED_INPUTS:
+        parts["int8"] = 2 * p.residual * h + p.compute * shape.q_dim + p.residual * i
+    return parts
+
+
+def backward_workspace_bytes_per_token(shape: ModelShape, quant: QuantCfg) -> float:
+    """Gradient tensors live at once inside one layer's backward (MLP part, the largest), per token:
+
+        3 * R * intermediate + 2 * R * hidden
+    """
+    r = precision(quant).residual
+    return BWD_MLP_GRAD_TENSORS * r * shape.intermediate + BWD_RESIDUAL_GRAD_TENSORS * r * shape.hidden
+
+
+def dequant_workspace_bytes(shape: ModelShape, quant: QuantCfg) -> int:
+    """bitsandbytes matmuls dequantize the weight to bf16 first: 2 * max(in * out) over quantized Linear."""
+    if quant.mode == "none":
+        return 0
+    return DEQUANT_BYTES * max((l.in_features * l.out_features for l in shape.quantized_linears()), default=0)
+
+
+def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, float]:
+    """{"saved", "working"}: activations kept across the step, and one layer's recompute + backward.
+
+    With gradient checkpointing (transformers checkpoints each decoder layer, use_reentrant=False):
+        saved   = tokens * (n_layers * R * hidden + rope + inputs)        one hidden state per layer
+        working = tokens * (layer_saved - alias + bwd) + dequant          the layer being recomputed
+        (alias = R * hidden in kbit mode: the input norm saves the checkpointed fp32 input itself)
+    Without:
+        saved   = tokens * (n_layers * layer_saved + rope + inputs)
+        working = tokens * bwd + dequant
+    layer_saved = sum(layer_saved_bytes_per_token), bwd = backward_workspace_bytes_per_token,
+    rope = 2 * head_dim * R (cos, sin), inputs = 24 (int64 ids, mask, labels).
+    """
+    p = precision(cfg.quant)
+    layer = sum(layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant).values())
+    bwd = backward_workspace_bytes_per_token(shape, cfg.quant)
+    shared = ROPE_TENSORS * shape.head_dim * p.residual + INPUT_BYTES_PER_TOKEN
+    dequant = dequant_workspace_bytes(shape, cfg.quant)
+    if cfg.train.gradient_checkpointing:
+        alias = p.residual * shape.hidden if p.residual == NORM_SAVED_BYTES else 0
+        return {"saved": tokens * (shape.n_layers * p.residual * shape.hidden + shared),
+                "working": tokens * (layer - alias + bwd) + dequant}
+    return {"saved": tokens * (shape.n_layers * layer + shared), "working": tokens * bwd + dequant}
+
+
+def loss_head_bytes(shape: ModelShape, quant: QuantCfg, tokens: int, fused: bool = FUSED_LM_HEAD) -> float:
+    """Peak of the final norm + lm_head + loss, forward and backward.
+
+    Both: final-norm input R * hidden and its output copy R * hidden saved, per token.
+    fused (TRL >= 1.16 SFTTrainer, no logits materialized):
+        + 4 * hidden * tokens                                fp32 gradient of the hidden states
+        + 2 * min(tokens, 4096) * 32768                      the bf16 logits tile buffer (full width even
+                                                             when vocab < 32768)
+        + 2 * min(vocab, 32768) * hidden                     bf16 copy of an fp32 lm_head slice (kbit only)
+        + 2 * min(tokens, 4096) * hidden                     bf16 copy of the hidden tile (kbit only)
+        + 48 * tokens                                        fp32 per-token statistics
+    unfused (plain transformers ForCausalLMLoss, which computes the loss in fp32):
+        + tokens * vocab * (2 + 4 + 4)                       bf16 logits, their fp32 upcast, fp32 gradient
+        + 2 * vocab * hidden                                 bf16 autocast copy of an fp32 lm_head (kbit only)
+    """
+    p = precision(quant)
+    h, v = shape.hidden, shape.vocab
+    saved = tokens * 2 * p.residual * h
+    casts = p.residual != p.compute  # fp32 lm_head / hidden are cast to bf16 for the matmul
+    if not fused:
+        return saved + tokens * v * (LOGITS_BYTES + LOGITS_FP32_BYTES + LOGITS_GRAD_BYTES) + (
+            p.compute * v * h if casts else 0)
+    tok_tile = min(tokens, FUSED_TOKEN_TILE)
+    work = FUSED_TILE_BYTES * tok_tile * FUSED_VOCAB_TILE + FUSED_STATS_BYTES * tokens  # buffer is full width
+    if casts:
+        work += p.compute * (min(v, FUSED_VOCAB_TILE) + tok_tile) * h
+    return saved + HEAD_GRAD_HIDDEN_COPIES * FP32_BYTES * tokens * h + work
+
+
+# --------------------------------------------------------------------------------------------
+# The estimate
+
+
+def micro_batch_tokens(cfg: Config) -> int:
+    """Tokens per micro-batch, worst case: train.batch_size * data.max_length (every row padded to full length)."""
+    return cfg.train.batch_size * cfg.data.max_length
+
+
+def estimate(cfg: Config, model_config, tokens: int | None = None, *, fused_lm_head: bool = FUSED_LM_HEAD
+             ) -> dict[str, float]:
+    """Predicted bytes per component (keys of COMPONENTS) plus "total", the predicted peak.
+
+    total = sum of all components - min(activations_working, loss_head): the two working sets happen at
+    different moments of the backward, so only the larger one adds to the peak.
+    """
+    if tokens is None:
+        tokens = micro_batch_tokens(cfg)
+    if tokens < 1:
+        raise UserError(f"tokens must be >= 1, got {tokens}")
+    shape = model_shape(model_config)
+    p = precision(cfg.quant)
+    base = base_weight_bytes(shape, cfg.quant)
+    numels = lora_tensor_numels(shape, cfg.lora)
+    n_lora = sum(numels)
+    n_dora = dora_magnitude_count(shape, cfg.lora)
+    lora_bytes = n_lora * p.lora + n_dora * DORA_MAGNITUDE_BYTES
+    opt_plain, opt_paged = optimizer_state_bytes(numels, cfg.train.optimizer, p.lora)
+    opt_plain += optimizer_state_bytes([n_dora], cfg.train.optimizer, DORA_MAGNITUDE_BYTES)[0] if n_dora else 0
+    act = activation_bytes(shape, cfg, tokens)
+    est = {
+        "base_weights": float(base["quantized"] + base["other"]),
+        "kbit_upcast": float(base["upcast"]),
+        "lora_params": float(lora_bytes + (0 if p.kbit else n_lora * LORA_AUTOCAST_COPY_BYTES)),
+        "lora_grads": float(lora_bytes),
+        "optimizer_states": float(opt_plain),
+        "optimizer_states_paged": float(opt_paged),
+        "activations_saved": float(act["saved"]),
+        "activations_working": float(act["working"]),
+        "loss_head": float(loss_head_bytes(shape, cfg.quant, tokens, fused_lm_head)),
+        "cuda_overhead": float(CUDA_OVERHEAD_BYTES),
+    }
+    est["total"] = sum(est.values()) - min(est["activations_working"], est["loss_head"])
+    return est
+
+
+def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, gpu_gb: float) -> str:
+    """The table `train plan` prints: one row per component in GB, the total and the fit verdict."""
+    shape = model_shape(model_config)
+    q = cfg.quant
+    quant = q.mode if q.mode in ("int8", "none") else f"{q.mode}{' + double quant' if q.double_quant else ''}"
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules)
+    n_lora = lora_param_count(shape, cfg.lora)
+    lines = [
+        f"memory plan: {cfg.model.name_or_path} ({shape.arch}, {sum(shape.params.values()):,} params)",
+        f"  quant {quant}; LoRA r={cfg.lora.r} on {targets} ({n_lora:,} trainable); {cfg.train.optimizer}; "
+        f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
+        f"  micro-batch: {tokens:,} tokens"
+        + (f" ({cfg.train.batch_size} x {cfg.data.max_length}, every row at full length)"
+           if tokens == micro_batch_tokens(cfg) else " (override)"),
+        "",
+    ]
+    smaller = "loss_head" if est["loss_head"] <= est["activations_working"] else "activations_working"
+    width = max(len(v) for v in COMPONENTS.values()) + 2
+    lines.append(f"{'component':<{width}}{'GB':>8}")
+    for key, label in COMPONENTS.items():
+        if key == "kbit_upcast" and not est[key] or key == "optimizer_states_paged" and not est[key]:
+            continue
+        note = "  (not live at the peak: the other working set is larger)" if key == smaller else ""
+        lines.append(f"{label:<{width}}{est[key] / GB:>8.3f}{note}")
+    lines.append(f"{'total (predicted peak)':<{width}}{est['total'] / GB:>8.3f}")
+    headroom = gpu_gb - est["total"] / GB
+    verdict = "yes" if headroom >= 0 else "no"
+    lines += ["", f"fits on a {gpu_gb:g} GB GPU: {verdict} (headroom {headroom:.1f} GB)"]
+    return "\n".join(lines)
+
+
+def plan_main(config_path: str, overrides: list[str], gpu_gb: float | None, tokens: int | None = None) -> int:
+    """`python -m train plan`: load and validate the config, read config.json only, print the plan."""
+    from train.config import load_config
+    from train.model import load_model_config, resolve_model_path
+
+    if gpu_gb is None:
+        gpu_gb = DEFAULT_GPU_GB
+    if not gpu_gb > 0:
+        raise UserError(f"--gpu-gb must be > 0 (e.g. 80 for an H100), got {gpu_gb}")
+    if tokens is not None and tokens < 1:
+        raise UserError(f"--tokens must be >= 1, got {tokens}")
+    cfg = load_config(config_path, overrides)
+    model_config = load_model_config(resolve_model_path(cfg.model), cfg.model)
+    n = tokens if tokens is not None else micro_batch_tokens(cfg)
+    est = estimate(cfg, model_config, n)
+    print(format_plan(cfg, model_config, est, n, gpu_gb))
+    return 0
+
+
+def as_gb(est: dict[str, Any]) -> dict[str, float]:
+    """The same dict in GB (1e9 bytes), for reports and benchmarks."""
+    return {k: v / GB for k, v in est.items()}
