@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from conftest import small_config
 from train import adapter, evaluate
-from train.errors import Interrupted
+from train.errors import Interrupted, UserError
 from train.fit import fit
 from train.trainer import precision_context
 
@@ -36,8 +36,9 @@ def losses(run):
 def runs(tmp_path_factory):
     """One uninterrupted 6-step run, and one interrupted by SIGINT at step 3 then resumed to 6."""
     root = tmp_path_factory.mktemp("runs")
-    whole = fit(small_config(root / "whole"))
-    cut_cfg = small_config(root / "cut")
+    during = {"train": {"eval_every": 3}, "eval": {"during_training_limit": 4}}
+    whole = fit(small_config(root / "whole", **during))
+    cut_cfg = small_config(root / "cut", **during)
     with pytest.raises(Interrupted) as stopped:
         fit(cut_cfg, callbacks=[SignalAt(3)])
     resumed = fit(cut_cfg)
@@ -109,3 +110,37 @@ def test_eval_report_base_vs_adapter(runs):
     assert len(preds) == 12 and {"id", "prompt", "truth", "base_output", "adapter_output"} <= set(preds[0])
     for chart in saved["charts"]:
         assert open(chart, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_task_metric_logged_during_training(runs):
+    rows = [json.loads(x) for x in (runs["whole"].run / "metrics.jsonl").read_text().splitlines()]
+    task_rows = [r for r in rows if "eval_mae" in r]
+    assert sorted({r["step"] for r in task_rows}) == [3, 6]
+    assert all("eval_hit_rate" in r and "eval_loss" in {k for x in rows if x["step"] == r["step"] for k in x}
+               for r in task_rows)
+
+
+def test_merge_round_trips(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from train.merge import MAX_REL_DIFF, merge
+
+    out = tmp_path / "merged"
+    check = merge(str(runs["whole"].run), str(out))
+    assert check["max_rel_diff"] < MAX_REL_DIFF
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(UserError):
+        merge(str(runs["whole"].run), str(out))  # refuses to overwrite without --overwrite
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_generate_cli(runs, capsys):
+    from train.cli import main
+
+    prompt = "How much does this cost?\n\nLarge steel drill. Easy to clean.\n\nPrice is $"
+    assert main(["generate", str(runs["whole"].run), "--prompt", prompt, "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and len(out) > len(prompt)

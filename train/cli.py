@@ -28,6 +28,21 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="evaluate on this file instead of the run's eval data")
     ev.add_argument("--limit", type=int, help="evaluate at most N rows")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    mg = sub.add_parser("merge", help="merge the adapter into a bf16 copy of the base and verify it")
+    mg.add_argument("run", help="run directory (or adapter directory)")
+    mg.add_argument("--out", required=True, help="directory for the merged model")
+    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+
+    gen = sub.add_parser("generate", help="greedy generation with the adapter, for a quick look")
+    gen.add_argument("run", help="run directory (or adapter directory)")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens of the run")
+
+    pl = sub.add_parser("plan", help="predict peak GPU memory before loading any weights")
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    pl.add_argument("--gpu-gb", type=float, help="GPU memory to check the plan against (GB)")
     return p
 
 
@@ -51,6 +66,19 @@ def run(args: argparse.Namespace) -> int:
         from train.evaluate import evaluate_run
 
         evaluate_run(args.run, data=args.data, limit=args.limit, overrides=args.set)
+    elif args.command == "merge":
+        from train.merge import merge
+
+        merge(args.run, args.out, overwrite=args.overwrite)
+    elif args.command == "generate":
+        from train.evaluate import generate_text
+
+        for prompt, text in zip(args.prompt, generate_text(args.run, args.prompt, args.max_new_tokens)):
+            print(f"{prompt}{text}")
+    elif args.command == "plan":
+        from train.plan import plan_main
+
+        return plan_main(args.config, args.set, args.gpu_gb)
     return 0
 
 

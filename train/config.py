@@ -31,7 +31,7 @@ class ModelCfg:
     name_or_path: str = ""  # hub id, local directory, or "builtin:tiny-llama" (the offline demo model)
     trust_remote_code: bool = False  # running a repo's Python is opt-in, never implied
     revision: Optional[str] = None  # pin a hub commit for reproducibility; None = the default branch
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # sdpa: fast and always installed
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"  # always installed
 
 
 @dataclass
@@ -89,6 +89,8 @@ class TrainCfg:
     logging_steps: int = 1  # every step into metrics.jsonl: cheap and makes curves exact
     resume: str = "auto"  # auto | never | path/to/checkpoint-N
     bf16: Optional[bool] = None  # None = follow quant.compute_dtype (bf16 mixed precision when bfloat16)
+    packing: Literal["none", "padding_free"] = "none"  # padding_free: BFD-pack rows, no pad tokens computed
+    liger: bool = False  # Liger Triton kernels (RMSNorm, SwiGLU, RoPE) on GPU; ignored on CPU
 
 
 @dataclass
@@ -152,10 +154,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
+        if isinstance(e, _DuplicateKey):
+            raise UserError(f"{path}:{line} has a {e.problem}") from None
         raise UserError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: top level must be a mapping of sections (run:, model:, ...)")
     return raw
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -166,9 +174,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (YAML keeps only the last; merge them into one)",
-                    key_node.start_mark)
+                raise _DuplicateKey(None, None, f"duplicate key {key!r}; YAML would keep only the last one, "
+                                    "so merge the two into one", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -212,7 +219,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise UserError(f"{source}: section {name!r} must be a mapping of keys, got {type(value).__name__}")
+            raise UserError(f"{source}: section {name!r} must be a mapping of keys, got {type(value).__name__}; "
+                            f"indent its keys under {name}: (see configs/demo.yaml)")
         built[name] = _build_section(sections[name].default_factory, name, value, source)
     cfg = Config(**built)
     validate(cfg, source)

@@ -182,7 +182,8 @@ def check_messages(messages: Any, name: str, where: str) -> list[dict[str, str]]
         if m.get("role") not in ROLES:
             raise UserError(f"{where}: {name}[{i}] has role {m.get('role')!r}; use one of {sorted(ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"{where}: {name} has no assistant turn, so there is nothing to learn")
+        raise UserError(f"{where}: {name} has no assistant turn, so there is nothing to learn; "
+                        "add the assistant's reply or remove the row")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

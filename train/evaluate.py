@@ -116,6 +116,25 @@ def task_scores(model, tok, examples, cfg: Config) -> tuple[dict[str, Any], list
     return scores, outputs
 
 
+def training_scorer(cfg: Config, tok, split: data.Split | None):
+    """Task metric on the first eval.during_training_limit eval rows, as flat eval_* scalars."""
+    if cfg.eval.task == "none" or split is None:
+        return None
+    examples = eval_examples(split, tok, cfg)[: cfg.eval.during_training_limit]
+    truths_for_task(examples, cfg)  # bad truths fail now, before training, not at the first eval
+
+    def score(model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        with precision_context(cfg):
+            scores, _ = task_scores(model, tok, examples, cfg)
+        model.train(was_training)
+        return {f"eval_{k}": float(v) for k, v in scores.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+
+    return score
+
+
 @contextlib.contextmanager
 def adapter_off(model):
     with model.disable_adapter():
@@ -211,3 +230,19 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def generate_text(target: str, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+    """`train generate`: the adapter on its quantized base, greedy, for a quick look."""
+    adapter_dir = adapter_lib.find_adapter(target)
+    cfg = adapter_lib.load_config_of(adapter_dir)
+    model, tok, _ = adapter_lib.load(adapter_dir, cfg)
+    examples = []
+    for text in prompts:
+        if cfg.data.format == "messages":
+            ids = data._chat_ids(tok, [{"role": "user", "content": text}], True, "--prompt")
+        else:
+            ids = tok(text)["input_ids"]
+        examples.append({"prompt_ids": ids})
+    with precision_context(cfg):
+        return generate(model, tok, examples, max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.batch_size)

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from train import adapter, checkpoints, data, lora, model, trainer
+from train import adapter, checkpoints, data, evaluate, lora, model, trainer
 from train.config import Config, dump_config
 from train.errors import Interrupted
 
@@ -29,17 +29,19 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     run = Path(cfg.run.output_dir)
     main = is_main_process()
 
-    # 1. Run directory and resume point (before anything heavy: a bad dir fails in milliseconds)
+    # 1. Tokenizer and data (before anything is written or the weights load: bad rows fail fast)
+    path = model.resolve_model_path(cfg.model)
+    tok = model.load_tokenizer(path, cfg.model)
+    train_split, eval_split = data.load_splits(cfg, tok)
+    scorer = evaluate.training_scorer(cfg, tok, eval_split)  # checks eval truths parse for eval.task
+
+    # 2. Run directory and resume point
     if main:
         checkpoints.prepare_run_dir(run, cfg, overwrite)
     resume_from = start_or_resume(cfg, run, main)
     if main:
         dump_config(cfg, run / "config.yaml")
-
-    # 2. Tokenizer and data (before the weights: a malformed row fails fast)
-    path = model.resolve_model_path(cfg.model)
-    tok = model.load_tokenizer(path, cfg.model)
-    train_split, eval_split = data.load_splits(cfg, tok)
+    distributed_state().wait_for_everyone()  # other ranks read the run dir only once rank 0 has prepared it
 
     # 3. Model: quantized base -> k-bit prep -> LoRA
     base = model.load_base(cfg, path)
@@ -51,7 +53,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     eval_ds = eval_split.to_dataset() if eval_split else None
     with trainer.GracefulStop() as stop:
         sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_ds, run,
-                                    callbacks=[stop, *callbacks])
+                                    callbacks=[stop, *callbacks], task_scorer=scorer)
         result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.requested:
         raise Interrupted(stop.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"))
@@ -79,6 +81,12 @@ def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
 
 
 def is_main_process() -> bool:
+    return distributed_state().is_main_process
+
+
+def distributed_state():
+    """accelerate's process state; cpu=True on GPU-less hosts, else every gloo rank claims rank 0."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())

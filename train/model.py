@@ -63,8 +63,10 @@ def load_model_config(path: str, m: ModelCfg):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     except OSError as e:
-        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise UserError(f"model.name_or_path: cannot load {path!r}{offline}: {str(e).splitlines()[0]}") from None
+        offline = " (offline: HF_HUB_OFFLINE is set, so only cached models load)" if os.environ.get(
+            "HF_HUB_OFFLINE") == "1" else ""
+        raise UserError(f"model.name_or_path: cannot load {path!r}{offline}: {str(e).splitlines()[0]} "
+                        "Check the hub id, or give a local model directory") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(
@@ -176,6 +178,10 @@ def load_tokenizer(path: str, m: ModelCfg, padding_side: str = "right", quiet: b
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     except (OSError, ValueError) as e:
+        load_model_config(path, m)  # a problem with the model itself (custom code, offline, no config) comes first
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model.name_or_path: {path} needs custom code; review it, then set "
+                            "model.trust_remote_code: true") from None
         files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
         if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in files):
             raise UserError(f"model.name_or_path: {path} has no tokenizer files ({', '.join(files)}); "

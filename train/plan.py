@@ -47,7 +47,7 @@ GB = 1e9  # table unit: decimal GB, as in train/model.py's footprint report
 # --------------------------------------------------------------------------------------------
 # Calibration constants. Each is one named value so a measured peak can correct it.
 
-# Quantized base weights (bitsandbytes 0.4x-0.5x storage; see bitsandbytes/functional.py quantize_4bit)
+# Quantized base weights: what bitsandbytes allocates (bitsandbytes/functional.py quantize_4bit)
 NF4_BLOCKSIZE = 64  # 4-bit blocksize transformers uses (BitsAndBytesConfig exposes no other): one absmax per 64
 ABSMAX_BYTES = 4  # fp32 absmax per 4-bit block without double quant: 4/64 = 0.0625 B/param (0.5 bit)
 DQ_ABSMAX_BYTES = 1  # double quant: the per-64 absmax is stored as uint8 ...
@@ -88,8 +88,11 @@ ROPE_TENSORS = 2  # cos and sin: head_dim values per token each, in the residual
 INPUT_BYTES_PER_TOKEN = 3 * 8  # input_ids, attention_mask, labels: int64
 # Backward of one layer (on top of its saved tensors)
 BWD_MLP_GRAD_TENSORS = 3  # d(act*up), d(SiLU) and d(up) live together in the MLP backward
-BWD_RESIDUAL_GRAD_TENSORS = 2  # gradient of the layer output + the residual branch summed into it
-DEQUANT_BYTES = 2  # bnb dequantizes one 4-bit/8-bit weight to bf16 per matmul (largest Linear counts)
+BWD_RESIDUAL_GRAD_TENSORS = 1  # gradient of the layer output, held for the residual sum
+BWD_NONE_LORA_GRAD_BYTES = 4  # quant.mode=none: peft casts LoRA inputs to the fp32 adapter dtype, so the
+# down projection's input gradient also passes through an fp32 copy (4 * intermediate)
+DEQUANT_BYTES = 2  # bnb dequantizes one 4-bit weight to bf16 per matmul (largest Linear counts) ...
+DEQUANT_INT8_BYTES = 4  # ... int8's backward dequantizes CB to its (fp32, after the upcast) input dtype
 
 # Loss head
 FUSED_LM_HEAD = True  # TRL >= 1.16 SFTTrainer always patches a chunked lm_head: no [tokens, vocab] logits
@@ -111,7 +114,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1}
 
 COMPONENTS = {  # estimate() keys, in table order, with their labels
     "base_weights": "base weights as loaded",
-    "kbit_upcast": "fp32 upcast of non-quantized params (prepare_model_for_kbit_training)",
+    "kbit_upcast": "fp32 upcast of the rest (prepare_model_for_kbit_training)",
     "lora_params": "LoRA params",
     "lora_grads": "LoRA grads",
     "optimizer_states": "optimizer states",
@@ -180,6 +183,7 @@ def _model_shape(config_json: str, config_cls) -> ModelShape:
     try:
         with init_empty_weights():
             meta = AutoModelForCausalLM.from_config(model_config)
+        meta.tie_weights()  # from_config on meta leaves tied embeddings untied; from_pretrained ties them
     except (ValueError, KeyError, TypeError, ImportError) as e:
         raise UserError(f"model.name_or_path: cannot build {type(model_config).__name__} as a causal LM: "
                         f"{str(e).splitlines()[0]}") from None
@@ -400,32 +404,28 @@ def precision(quant: QuantCfg) -> Precision:
     return Precision(True, compute, max(compute, FP32_BYTES), LORA_KBIT_PARAM_BYTES)
 
 
-SHARED_INPUT_GROUPS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # Llama-family names
-
-
-def lora_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, prec: Precision) -> float:
+def lora_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg) -> float:
     """Per token per layer, what the LoRA branches save for the backward:
 
         sum over targeted Linear (in_features * (2 + mask) + 2 * r) / n_layers
         mask = 1 (bool dropout mask) when lora.dropout > 0, else 0
 
-    Each branch saves its own bf16 input copy (autocast casts per call). Exception: with dropout 0 and a
-    bf16 input (quant.mode=none), projections that read the same tensor (q/k/v, gate/up) share one.
+    Every branch saves its own bf16 copy of its input (each casts separately: autocast in kbit mode,
+    peft's cast to the fp32 adapter dtype + autocast for quant.mode=none), so nothing is shared.
     """
     mask = LORA_DROPOUT_MASK_BYTES if lora.dropout > 0 else 0
     targets = [l for l in lora_targets(shape, lora.target_modules) if l.name != shape.lm_head]
-    total = 0.0
-    shared_seen: set[tuple[str, int]] = set()
-    for l in targets:
-        parent, _, leaf = l.name.rpartition(".")
-        group = next((i for i, g in enumerate(SHARED_INPUT_GROUPS) if leaf in g), None)
-        shares = mask == 0 and not prec.kbit and group is not None
-        if not shares or (parent, group) not in shared_seen:
-            total += l.in_features * (LORA_INPUT_BYTES + mask)
-        if shares:
-            shared_seen.add((parent, group))
-        total += LORA_MID_BYTES * lora.r
+    total = sum(l.in_features * (LORA_INPUT_BYTES + mask) + LORA_MID_BYTES * lora.r for l in targets)
     return total / shape.n_layers
+
+
+def lora_freed_before_mlp_peak(shape: ModelShape, lora: LoraCfg) -> float:
+    """Per token per layer: the saved LoRA input of the down projection(s) (Linear reading `intermediate`
+    features), released by the time the MLP backward peaks: in_features * (2 + mask) / n_layers."""
+    mask = LORA_DROPOUT_MASK_BYTES if lora.dropout > 0 else 0
+    targets = [l for l in lora_targets(shape, lora.target_modules)
+               if l.name != shape.lm_head and l.in_features == shape.intermediate]
+    return sum(l.in_features * (LORA_INPUT_BYTES + mask) for l in targets) / shape.n_layers
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCfg) -> dict[str, float]:
@@ -447,7 +447,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCf
         "attention": ATTN_QKV_BYTES * (shape.q_dim + 2 * shape.kv_dim) + ATTN_OUT_BYTES * shape.q_dim
         + ATTN_LSE_BYTES * shape.n_heads,
         "mlp": MLP_SAVED_TENSORS * p.residual * i,
-        "lora": lora_saved_bytes_per_token(shape, lora, p),
+        "lora": lora_saved_bytes_per_token(shape, lora),
         "int8": 0.0,
     }
     if quant.mode == "int8" and INT8_SAVED_INPUTS:
@@ -458,17 +458,21 @@ def layer_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCf
 def backward_workspace_bytes_per_token(shape: ModelShape, quant: QuantCfg) -> float:
     """Gradient tensors live at once inside one layer's backward (MLP part, the largest), per token:
 
-        3 * R * intermediate + 2 * R * hidden
+        3 * R * intermediate + 1 * R * hidden        (+ 4 * intermediate for quant.mode=none)
     """
-    r = precision(quant).residual
-    return BWD_MLP_GRAD_TENSORS * r * shape.intermediate + BWD_RESIDUAL_GRAD_TENSORS * r * shape.hidden
+    p = precision(quant)
+    extra = 0 if p.kbit else BWD_NONE_LORA_GRAD_BYTES * shape.intermediate
+    return (BWD_MLP_GRAD_TENSORS * p.residual * shape.intermediate
+            + BWD_RESIDUAL_GRAD_TENSORS * p.residual * shape.hidden + extra)
 
 
 def dequant_workspace_bytes(shape: ModelShape, quant: QuantCfg) -> int:
-    """bitsandbytes matmuls dequantize the weight to bf16 first: 2 * max(in * out) over quantized Linear."""
+    """bitsandbytes matmuls dequantize one weight at a time: 2 * max(in * out) over quantized Linear
+    (bf16; 4 bytes for int8, whose backward dequantizes to its fp32 input dtype); 0 for quant.mode=none."""
     if quant.mode == "none":
         return 0
-    return DEQUANT_BYTES * max((l.in_features * l.out_features for l in shape.quantized_linears()), default=0)
+    per = DEQUANT_INT8_BYTES if quant.mode == "int8" else DEQUANT_BYTES
+    return per * max((l.in_features * l.out_features for l in shape.quantized_linears()), default=0)
 
 
 def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, float]:
@@ -476,11 +480,13 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
 
     With gradient checkpointing (transformers checkpoints each decoder layer, use_reentrant=False):
         saved   = tokens * (n_layers * R * hidden + rope + inputs)        one hidden state per layer
-        working = tokens * (layer_saved - alias + bwd) + dequant          the layer being recomputed
+        working = tokens * (layer_saved - alias - freed + bwd) + dequant  the layer being recomputed
         (alias = R * hidden in kbit mode: the input norm saves the checkpointed fp32 input itself)
     Without:
         saved   = tokens * (n_layers * layer_saved + rope + inputs)
-        working = tokens * bwd + dequant
+        working = tokens * (bwd - freed) + dequant
+    The peak is inside the MLP backward of the last layer, after the down projection's backward
+    released its saved LoRA input (freed = lora_freed_before_mlp_peak).
     layer_saved = sum(layer_saved_bytes_per_token), bwd = backward_workspace_bytes_per_token,
     rope = 2 * head_dim * R (cos, sin), inputs = 24 (int64 ids, mask, labels).
     """
@@ -488,6 +494,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     layer = sum(layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant).values())
     bwd = backward_workspace_bytes_per_token(shape, cfg.quant)
     shared = ROPE_TENSORS * shape.head_dim * p.residual + INPUT_BYTES_PER_TOKEN
+    bwd -= lora_freed_before_mlp_peak(shape, cfg.lora)
     dequant = dequant_workspace_bytes(shape, cfg.quant)
     if cfg.train.gradient_checkpointing:
         alias = p.residual * shape.hidden if p.residual == NORM_SAVED_BYTES else 0
@@ -499,7 +506,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
 def loss_head_bytes(shape: ModelShape, quant: QuantCfg, tokens: int, fused: bool = FUSED_LM_HEAD) -> float:
     """Peak of the final norm + lm_head + loss, forward and backward.
 
-    Both: final-norm input R * hidden and its output copy R * hidden saved, per token.
+    Both: the final norm's fp32 input (4 * hidden) and the head's copy of its output (R * hidden) saved.
     fused (TRL >= 1.16 SFTTrainer, no logits materialized):
         + 4 * hidden * tokens                                fp32 gradient of the hidden states
         + 2 * min(tokens, 4096) * 32768                      the bf16 logits tile buffer (full width even
@@ -513,7 +520,7 @@ def loss_head_bytes(shape: ModelShape, quant: QuantCfg, tokens: int, fused: bool
     """
     p = precision(quant)
     h, v = shape.hidden, shape.vocab
-    saved = tokens * 2 * p.residual * h
+    saved = tokens * (NORM_SAVED_BYTES + p.residual) * h
     casts = p.residual != p.compute  # fp32 lm_head / hidden are cast to bf16 for the matmul
     if not fused:
         return saved + tokens * v * (LOGITS_BYTES + LOGITS_FP32_BYTES + LOGITS_GRAD_BYTES) + (
@@ -538,8 +545,20 @@ def estimate(cfg: Config, model_config, tokens: int | None = None, *, fused_lm_h
              ) -> dict[str, float]:
     """Predicted bytes per component (keys of COMPONENTS) plus "total", the predicted peak.
 
+    base_weights           base_weight_bytes: quantized + other (as loaded)
+    kbit_upcast            base_weight_bytes: upcast (+2 B per non-quantized param in kbit mode)
+    lora_params            P * 2 (bf16, kbit) or P * (4 + 2) (quant.mode=none: fp32 + autocast bf16 copy),
+                           P = lora_param_count; DoRA magnitudes at 4 B
+    lora_grads             P * param bytes
+    optimizer_states(_paged)  optimizer_state_bytes (8 B/param 32-bit, ~2 B/param 8-bit)
+    activations_saved      activation_bytes: saved
+    activations_working    activation_bytes: working
+    loss_head              loss_head_bytes
+    cuda_overhead          CUDA_OVERHEAD_BYTES
     total = sum of all components - min(activations_working, loss_head): the two working sets happen at
     different moments of the backward, so only the larger one adds to the peak.
+    `tokens` defaults to batch_size * max_length (micro_batch_tokens); pass e.g. 2048/8192/16384 to
+    compare with measured peaks at fixed micro-batch sizes.
     """
     if tokens is None:
         tokens = micro_batch_tokens(cfg)
@@ -571,10 +590,17 @@ def estimate(cfg: Config, model_config, tokens: int | None = None, *, fused_lm_h
     return est
 
 
+def torch_allocated(est: dict[str, float]) -> float:
+    """The part of the total torch.cuda.max_memory_allocated() can see: total - paged optimizer states
+    (cudaMallocManaged) - the CUDA context/overhead constant. Compare measured allocator peaks with this."""
+    return est["total"] - est["optimizer_states_paged"] - est["cuda_overhead"]
+
+
 def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, gpu_gb: float) -> str:
     """The table `train plan` prints: one row per component in GB, the total and the fit verdict."""
     shape = model_shape(model_config)
     q = cfg.quant
+    base = base_weight_bytes(shape, q)
     quant = q.mode if q.mode in ("int8", "none") else f"{q.mode}{' + double quant' if q.double_quant else ''}"
     targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules)
     n_lora = lora_param_count(shape, cfg.lora)
@@ -593,12 +619,19 @@ def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, g
     for key, label in COMPONENTS.items():
         if key == "kbit_upcast" and not est[key] or key == "optimizer_states_paged" and not est[key]:
             continue
-        note = "  (not live at the peak: the other working set is larger)" if key == smaller else ""
+        note = "  (not at the peak: the other working set is larger)" if key == smaller else ""
+        if key == "base_weights" and base["quantized"]:
+            note = f"  ({q.mode} linears {base['quantized'] / GB:.3f} + {q.compute_dtype} rest {base['other'] / GB:.3f})"
         lines.append(f"{label:<{width}}{est[key] / GB:>8.3f}{note}")
     lines.append(f"{'total (predicted peak)':<{width}}{est['total'] / GB:>8.3f}")
     headroom = gpu_gb - est["total"] / GB
     verdict = "yes" if headroom >= 0 else "no"
-    lines += ["", f"fits on a {gpu_gb:g} GB GPU: {verdict} (headroom {headroom:.1f} GB)"]
+    lines += [
+        f"{'  of which torch.cuda.max_memory_allocated sees':<{width}}{torch_allocated(est) / GB:>8.3f}"
+        "  (no paged states, no CUDA context)",
+        "",
+        f"fits on a {gpu_gb:g} GB GPU: {verdict} (headroom {headroom:.1f} GB)",
+    ]
     return "\n".join(lines)
 
 

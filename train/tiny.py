@@ -66,7 +66,8 @@ def materialize(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
     try:
         build_tokenizer().save_pretrained(tmp)
-        build_model().save_pretrained(tmp)
+        # every rank of a distributed launch may build it; save_pretrained would skip ranks != 0
+        build_model().save_pretrained(tmp, is_main_process=True)
         os.replace(tmp, target)  # atomic: concurrent builders or a kill never leave half a model
     except OSError:
         if not (target / "config.json").is_file():

@@ -71,10 +71,14 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         run_name=cfg.log.run_name or run.name,
         seed=cfg.run.seed,
         max_length=cfg.data.max_length,
-        packing=False,
+        packing=t.packing == "padding_free",
+        packing_strategy="bfd",  # best-fit decreasing: whole rows, never split, position_ids reset per row
+        padding_free=t.packing == "padding_free",
+        use_liger_kernel=t.liger and torch.cuda.is_available(),
         dataset_num_proc=None,
         disable_tqdm=False,  # progress bar even when log_level is quiet
         log_level="warning",
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; True would slow each DDP step
     )
 
 
@@ -96,11 +100,18 @@ class MetricsFile(TrainerCallback):
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint so the file equals an uninterrupted run's."""
+    """On resume, drop rows logged after the checkpoint so the file equals an uninterrupted run's.
+    A torn last line (the process was killed mid-write) is dropped too."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
     checkpoints.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -172,18 +183,31 @@ def trainer_class():
         model loads before the optimizer is built, so casting here keeps optimizer state consistent.
         """
 
+        task_scorer = None  # callable(model) -> {"eval_mae": ...}: task metric logged with each eval
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             lora.match_training_dtypes(self.model, self.quant_mode)
 
+        def evaluate(self, *args, **kwargs):
+            """Loss from SFTTrainer, then the task metric (e.g. MAE) on a fixed eval subset, logged
+            beside it (metrics.jsonl, wandb, tensorboard): users see the task improve, not just loss."""
+            metrics = super().evaluate(*args, **kwargs)
+            if self.task_scorer is not None:
+                extra = self.task_scorer(self.model)
+                self.log(extra)
+                metrics.update(extra)
+            return metrics
+
     return QLoRATrainer
 
 
-def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbacks=()):
+def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbacks=(), task_scorer=None):
     setup_reporting(cfg)
     args = build_sft_config(cfg, run, eval_ds is not None)
     cls = trainer_class()
     cls.quant_mode = cfg.quant.mode
+    cls.task_scorer = staticmethod(task_scorer) if task_scorer else None
     trainer = cls(
         model=model,
         args=args,

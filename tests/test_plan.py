@@ -1,0 +1,279 @@
+"""Unit tests for train.plan: hand-computed parameter counts and byte formulas, monotonicity, a
+Llama-3.1-8B-shaped config on the meta device, and `plan_main` on a config-only model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from transformers import LlamaConfig
+
+from train import plan
+from train.config import Config, DataCfg, LoraCfg, ModelCfg, QuantCfg, TrainCfg
+from train.errors import UserError
+
+# hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 KV heads (kv_dim 32), vocab 256
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False, max_position_embeddings=512)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                max_position_embeddings=131072, rope_theta=500000.0)
+# (in_features, out_features) of one tiny decoder layer's Linear layers, by hand
+TINY_LAYER = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+              "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+
+
+def make_cfg(**sections) -> Config:
+    base = Config(model=ModelCfg(name_or_path="tiny"), data=DataCfg(train="train.jsonl", max_length=512),
+                  train=TrainCfg(batch_size=2), lora=LoraCfg(r=8))
+    return dataclasses.replace(base, **sections)
+
+
+def with_(cfg: Config, section: str, **values) -> Config:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LlamaConfig(**TINY)
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return LlamaConfig(**LLAMA_8B)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+def test_tiny_param_counts_per_module_type(tiny):
+    counts = plan.count_params_by_type(tiny)
+    per_layer_linear = sum(i * o for i, o in TINY_LAYER.values())  # 36864
+    assert per_layer_linear == 4096 + 2048 + 2048 + 4096 + 3 * 8192
+    assert counts == {
+        "embedding": 256 * 64,
+        "linear": 2 * per_layer_linear,
+        "linear_bias": 0,
+        "lm_head": 256 * 64,
+        "norm": 2 * 2 * 64 + 64,  # two RMSNorms per layer + the final norm
+        "other": 0,
+    }
+
+
+def test_tied_lm_head_counted_once(tiny):
+    tied = LlamaConfig(**{**TINY, "tie_word_embeddings": True})
+    counts = plan.count_params_by_type(tied)
+    assert counts["lm_head"] == 0 and counts["embedding"] == 256 * 64
+    assert sum(counts.values()) == sum(plan.count_params_by_type(tiny).values()) - 256 * 64
+
+
+def test_lm_head_is_not_quantized(tiny):
+    shape = plan.model_shape(tiny)
+    assert shape.lm_head == "lm_head"
+    assert len(shape.quantized_linears()) == 2 * 7
+    assert all(l.name != "lm_head" for l in shape.quantized_linears())
+
+
+def test_llama_8b_exact_param_count(llama8b):
+    counts = plan.count_params_by_type(llama8b)
+    assert counts["embedding"] == counts["lm_head"] == 128256 * 4096
+    assert counts["norm"] == (2 * 32 + 1) * 4096
+    assert sum(counts.values()) == 8_030_261_248  # Llama 3.1 8B
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_count_all_linear_by_hand(tiny):
+    r = 8
+    by_hand = 2 * sum(r * (i + o) for i, o in TINY_LAYER.values())  # 2 layers
+    assert by_hand == 2 * 8 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert plan.lora_param_count(plan.model_shape(tiny), LoraCfg(r=r)) == by_hand
+
+
+def test_lora_count_listed_and_regex_targets(tiny):
+    shape = plan.model_shape(tiny)
+    assert plan.lora_param_count(shape, LoraCfg(r=8, target_modules=["q_proj", "v_proj"])) == 2 * 8 * (128 + 96)
+    assert plan.lora_param_count(shape, LoraCfg(r=4, target_modules=r".*\.mlp\.down_proj")) == 2 * 4 * (128 + 64)
+    with pytest.raises(UserError, match="not found"):
+        plan.lora_param_count(shape, LoraCfg(target_modules=["qkv_proj"]))
+
+
+def test_llama_8b_lora_r16_all_linear(llama8b):
+    per_layer = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)
+    assert plan.lora_param_count(plan.model_shape(llama8b), LoraCfg(r=16)) == 32 * per_layer == 41_943_040
+
+
+def test_optimizer_state_bytes(tiny, llama8b):
+    numels = plan.lora_tensor_numels(plan.model_shape(tiny), LoraCfg(r=8))
+    n = sum(numels)
+    assert plan.optimizer_state_bytes(numels, "paged_adamw_32bit", 2) == (8 * n, 0)  # all < 1e5: not paged
+    assert plan.optimizer_state_bytes(numels, "adamw_torch", 2) == (4 * n, 0)  # bf16 exp_avg + exp_avg_sq
+    big = plan.lora_tensor_numels(plan.model_shape(llama8b), LoraCfg(r=16))
+    plain, paged = plan.optimizer_state_bytes(big, "paged_adamw_32bit", 2)
+    assert plain + paged == 8 * 41_943_040 and paged > 0  # the 229,376-element MLP tensors are paged
+    assert sum(plan.optimizer_state_bytes(big, "paged_adamw_8bit", 2)) < (plain + paged) / 3
+
+
+# ---------------------------------------------------------------- base weights
+
+
+def test_quantized_linear_bytes_by_hand():
+    n = 64 * 64  # 4096 params: 2048 packed bytes, 64 blocks of 64
+    assert plan.quantized_linear_bytes(64, 64, "nf4", double_quant=False) == 2048 + 4 * 64 + 64
+    assert plan.quantized_linear_bytes(64, 64, "nf4", double_quant=True) == 2048 + 64 + 4 * 1 + 1024 + 4 + 64
+    assert plan.quantized_linear_bytes(64, 64, "fp4", double_quant=False) == 2048 + 4 * 64 + 64
+    assert plan.quantized_linear_bytes(64, 64, "int8") == n + 4 * 64
+    assert plan.quantized_linear_bytes(64, 64, "none") == 2 * n
+
+
+def test_quant_constant_rates_match_bitsandbytes():
+    n = 4096 * 14336
+    packed = n // 2
+    no_dq = plan.quantized_linear_bytes(4096, 14336, "nf4", double_quant=False) - packed
+    dq = plan.quantized_linear_bytes(4096, 14336, "nf4", double_quant=True) - packed
+    assert no_dq / n == pytest.approx(0.0625, rel=1e-3)  # fp32 absmax per 64: 0.5 bit/param
+    assert dq * 8 / n == pytest.approx(0.127, abs=1e-3)  # 8-bit absmax per 64 + fp32 per 256 blocks
+
+
+def test_llama_8b_nf4_base_weights(llama8b):
+    cfg = make_cfg(quant=QuantCfg(mode="nf4", double_quant=True))
+    est = plan.estimate(cfg, llama8b, tokens=2048)
+    # as loaded: 6.98e9 linear params at ~0.516 B + 1.05e9 embedding/lm_head/norm params in bf16
+    assert 5e9 < est["base_weights"] < 6.5e9  # the course measured a 5.6 GB footprint (without quant constants)
+    rest = 2 * 128256 * 4096 + 65 * 4096
+    assert est["kbit_upcast"] == 2 * rest  # prepare_model_for_kbit_training: bf16 -> fp32
+
+
+def test_base_weight_ordering(llama8b):
+    cfg = make_cfg()
+    nf4 = plan.estimate(with_(cfg, "quant", mode="nf4", double_quant=False), llama8b, 2048)
+    nf4_dq = plan.estimate(with_(cfg, "quant", mode="nf4", double_quant=True), llama8b, 2048)
+    int8 = plan.estimate(with_(cfg, "quant", mode="int8"), llama8b, 2048)
+    none = plan.estimate(with_(cfg, "quant", mode="none"), llama8b, 2048)
+    assert nf4_dq["base_weights"] < nf4["base_weights"] < int8["base_weights"] < none["base_weights"]
+    assert none["base_weights"] == 2 * 8_030_261_248 and none["kbit_upcast"] == 0
+
+
+# ---------------------------------------------------------------- activations and the total
+
+
+def test_more_tokens_more_activation_memory(tiny, llama8b):
+    for model_config in (tiny, llama8b):
+        cfg = make_cfg()
+        small, large = plan.estimate(cfg, model_config, 2048), plan.estimate(cfg, model_config, 8192)
+        for key in ("activations_saved", "activations_working", "loss_head", "total"):
+            assert large[key] > small[key]
+        for key in ("base_weights", "lora_params", "optimizer_states"):
+            assert large[key] == small[key]
+
+
+def test_default_tokens_are_batch_times_max_length(tiny):
+    cfg = make_cfg()
+    assert plan.estimate(cfg, tiny) == plan.estimate(cfg, tiny, tokens=2 * 512)
+
+
+def test_checkpointing_off_needs_more_activation_memory(tiny, llama8b):
+    for model_config in (tiny, llama8b):
+        on = plan.estimate(make_cfg(), model_config, 4096)
+        off = plan.estimate(with_(make_cfg(), "train", gradient_checkpointing=False), model_config, 4096)
+        assert off["activations_saved"] + off["activations_working"] > on["activations_saved"] + on["activations_working"]
+        assert off["total"] > on["total"]
+
+
+def test_checkpointed_activations_by_hand(tiny):
+    tokens = 1000
+    act = plan.activation_bytes(plan.model_shape(tiny), make_cfg(), tokens)
+    # one fp32 hidden state per layer (kbit: the residual stream is fp32) + cos/sin (2 * 16 fp32) + int64 inputs
+    assert act["saved"] == tokens * (2 * 4 * 64 + 2 * 16 * 4 + 24)
+    per_layer = plan.layer_saved_bytes_per_token(plan.model_shape(tiny), LoraCfg(r=8), QuantCfg())
+    assert per_layer["norms"] == 2 * (4 * 64 + 4)
+    assert per_layer["attention"] == 2 * (64 + 2 * 32) + 2 * 64 + 4 * 4
+    assert per_layer["mlp"] == 3 * 4 * 128
+    # LoRA: bf16 input (2) + dropout mask (1) per in_feature, bf16 r-vector per branch
+    assert per_layer["lora"] == sum(3 * i + 2 * 8 for i, _ in TINY_LAYER.values())
+
+
+def test_fused_loss_head_is_far_smaller_than_full_logits(llama8b):
+    shape, q, tokens = plan.model_shape(llama8b), QuantCfg(), 16384
+    unfused = plan.loss_head_bytes(shape, q, tokens, fused=False)
+    h, v = 4096, 128256
+    assert unfused == tokens * (4 + 4) * h + tokens * v * (2 + 4 + 4) + 2 * v * h
+    assert plan.loss_head_bytes(shape, q, tokens, fused=True) < unfused / 10
+
+
+def test_total_counts_only_the_larger_working_set(tiny):
+    est = plan.estimate(make_cfg(), tiny, 4096)
+    parts = sum(est[k] for k in plan.COMPONENTS)
+    assert est["total"] == pytest.approx(parts - min(est["activations_working"], est["loss_head"]))
+    assert set(est) == set(plan.COMPONENTS) | {"total"}
+
+
+def test_llama_8b_predictions_are_plausible(llama8b):
+    cfg = make_cfg(lora=LoraCfg(r=16), train=TrainCfg(batch_size=1, optimizer="paged_adamw_32bit"))
+    totals = [plan.estimate(cfg, llama8b, t)["total"] / plan.GB for t in (2048, 8192, 16384)]
+    assert 9 < totals[0] < totals[1] < totals[2] < 40
+
+
+def test_bad_tokens_is_a_user_error(tiny):
+    with pytest.raises(UserError, match="tokens"):
+        plan.estimate(make_cfg(), tiny, tokens=0)
+
+
+# ---------------------------------------------------------------- plan_main
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    model_dir = tmp_path / "tiny-model"
+    LlamaConfig(**TINY).save_pretrained(model_dir)  # config.json only: no weights needed
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"model:\n  name_or_path: {model_dir}\n"
+        "data:\n  train: train.jsonl\n  max_length: 256\n"
+        "train:\n  batch_size: 2\n"
+        "lora:\n  r: 8\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_plan_main_prints_table(config_file, capsys):
+    assert plan.plan_main(str(config_file), [], 80) == 0
+    out = capsys.readouterr().out
+    for label in ("base weights as loaded", "LoRA params", "optimizer states", "activations kept across the step",
+                  "loss head", "CUDA context", "total (predicted peak)"):
+        assert label in out
+    assert "512 tokens (2 x 256" in out
+    assert "fits on a 80 GB GPU: yes (headroom" in out
+
+
+def test_plan_main_overrides_tokens_and_small_gpu(config_file, capsys):
+    assert plan.plan_main(str(config_file), ["train.gradient_checkpointing=false"], 0.001, tokens=16384) == 0
+    out = capsys.readouterr().out
+    assert "16,384 tokens (override)" in out and "gradient checkpointing off" in out
+    assert "fits on a 0.001 GB GPU: no" in out
+
+
+def test_plan_main_default_gpu(config_file, capsys):
+    assert plan.plan_main(str(config_file), [], None) == 0
+    assert f"fits on a {plan.DEFAULT_GPU_GB:g} GB GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpu_gb", "match"),
+    [
+        ([], 0, "gpu-gb"),
+        (["train.batch_size=0"], 80, "batch_size"),
+        (["lora.target_modules=[nope]"], 80, "not found"),
+        (["model.name_or_path=./missing-model-dir"], 80, "no config.json"),
+    ],
+)
+def test_plan_main_user_errors(config_file, overrides, gpu_gb, match):
+    with pytest.raises(UserError, match=match):
+        plan.plan_main(str(config_file), overrides, gpu_gb)
+
+
+def test_plan_main_missing_config(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        plan.plan_main(str(tmp_path / "nope.yaml"), [], 80)
