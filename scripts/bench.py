@@ -93,6 +93,10 @@ WAYS = {
                             sets=["train.packing=padding_free", "train.liger=true", "train.batch_size=16",
                                   "train.grad_accum=1"],
                             patches=["rows_padding_free", "varlen_attn"]),
+    "c-fast-offload": dict(kind="ours", desc="proposed fast path + activation offloading (TRL)",
+                           sets=["train.packing=padding_free", "train.liger=true", "train.batch_size=16",
+                                 "train.grad_accum=1"],
+                           patches=["bf16_prep", "rows_padding_free", "varlen_attn", "offload"]),
     "c-fast-nodrop": dict(kind="ours", desc="proposed fast path + lora.dropout=0",
                           sets=["train.packing=padding_free", "train.liger=true", "train.batch_size=16",
                                 "train.grad_accum=1", "lora.dropout=0.0"],
@@ -242,17 +246,27 @@ def write_our_config(work: Path, model_dir: Path, data_file: Path, ctx: dict) ->
 # Measuring (inside each way's process)
 
 
-def make_timer(warmup: int):
+def make_timer(warmup: int, steps: int, profile: bool = False):
     import torch
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
 
     class Timer(TrainerCallback):
-        """Step-end timestamps (after a device sync), tokens seen, losses, peak memory during training."""
+        """Step-end timestamps (after a device sync), tokens seen, losses, peak memory during training.
+        With profile, one extra step after the timed ones runs under torch.profiler (not timed)."""
 
         def __init__(self):
             self.marks, self.losses, self.peak_train = [], [], 0
+            self.profile_step = warmup + steps + 1 if profile else None
+            self.prof, self.profile = None, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.profile_step and state.global_step + 1 == self.profile_step:
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.prof_t0 = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kw):
             if cuda:
@@ -264,6 +278,11 @@ def make_timer(warmup: int):
             if cuda:
                 torch.cuda.synchronize()
             self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen))
+            if self.prof is not None and state.global_step == self.profile_step:
+                wall = time.perf_counter() - self.prof_t0
+                self.prof.__exit__(None, None, None)
+                self.profile = profile_summary(self.prof, wall)
+                self.prof = None
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -278,14 +297,46 @@ def make_timer(warmup: int):
         def summary(self) -> dict:
             if len(self.marks) <= warmup + 1:
                 return {"error": f"only {len(self.marks) - 1} steps ran"}
-            (_, t0, n0), (step, t1, n1) = self.marks[warmup], self.marks[-1]
+            (_, t0, n0), (step, t1, n1) = self.marks[warmup], self.marks[min(warmup + steps, len(self.marks) - 1)]
             step_s = [round(b[1] - a[1], 3) for a, b in zip(self.marks, self.marks[1:])]
-            return {"timed_steps": step - warmup, "timed_s": round(t1 - t0, 3), "timed_tokens": int(n1 - n0),
+            return {"profile": self.profile, "timed_steps": step - warmup, "timed_s": round(t1 - t0, 3),
+                    "timed_tokens": int(n1 - n0),
                     "tok_per_s": (n1 - n0) / (t1 - t0), "step_s": step_s, "losses": self.losses,
                     "peak_alloc_gb": self.peak_train / 1e9,
                     "peak_reserved_gb": getattr(self, "reserved", 0) / 1e9}
 
     return Timer()
+
+
+KERNEL_GROUPS = (  # first match wins: where the GPU time of one training step goes
+    ("attention", ("flash", "fmha", "attention", "_efficient_attention")),
+    ("bnb dequant", ("dequant", "kDequantize")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas", "wgmma", "ampere_")),
+    ("triton (liger etc.)", ("triton", "_kernel")),
+    ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled", "index", "copy", "cat")),
+)
+
+
+def profile_summary(prof, wall_s: float) -> dict:
+    """GPU time of the profiled step by kernel group, busy fraction, and the top kernels."""
+    groups: dict = {}
+    kernels = []
+    for evt in prof.key_averages():
+        if "CUDA" not in str(getattr(evt, "device_type", "")):  # kernels only: CPU ops would count them twice
+            continue
+        dev = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
+        if dev <= 0:
+            continue
+        name = evt.key
+        low = name.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k.lower() in low for k in keys)), "other")
+        groups[group] = groups.get(group, 0) + dev
+        kernels.append((dev, evt.count, name[:90], group))
+    total = sum(groups.values())
+    kernels.sort(reverse=True)
+    return {"wall_ms": round(wall_s * 1e3, 1), "gpu_busy_ms": round(total / 1e3, 1),
+            "groups_ms": {g: round(v / 1e3, 1) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top": [f"{d / 1e3:8.1f} ms x{c:<5d} [{g}] {n}" for d, c, n, g in kernels[:25]]}
 
 
 def count_batches(collate, log: list):
@@ -349,11 +400,11 @@ def run_trl(way: dict, ctx: dict) -> dict:
         gradient_checkpointing=True, optim="paged_adamw_32bit" if cuda else "adamw_torch",
         bf16=True, use_cpu=not cuda, max_length=ctx["max_length"],
         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=0.3,  # as ours
-        max_steps=ctx["warmup"] + ctx["steps"], logging_steps=1, save_strategy="no", report_to="none",
+        max_steps=ctx["warmup"] + ctx["steps"] + ctx["profile"], logging_steps=1, save_strategy="no", report_to="none",
         seed=42, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
         packing=way["packing"], use_liger_kernel=way["liger"] and cuda,
     )
-    timer = make_timer(ctx["warmup"])
+    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora,
                          callbacks=[timer])
     log: list = []
@@ -525,7 +576,24 @@ def pick_varlen_mode(run_varlen, run_loop) -> str:
     return "loop"
 
 
-PATCHES = {"bf16_prep": patch_bf16_prep, "rows_padding_free": patch_rows_padding_free}
+def patch_offload():
+    """TRL's activation offloading: tensors saved for backward (with checkpointing: each layer's input hidden
+    state) go to pinned CPU memory on a side stream during forward and come back during backward."""
+    import train.trainer as t
+
+    original = t.build_sft_config
+
+    def build_sft_config(cfg, run, has_eval):
+        import torch
+
+        args = original(cfg, run, has_eval)
+        args.activation_offloading = torch.cuda.is_available()  # CUDA streams and pinned memory: GPU only
+        return args
+
+    t.build_sft_config = build_sft_config
+
+
+PATCHES = {"bf16_prep": patch_bf16_prep, "rows_padding_free": patch_rows_padding_free, "offload": patch_offload}
 
 
 def run_ours(way: dict, ctx: dict) -> dict:
@@ -550,7 +618,7 @@ def run_ours(way: dict, ctx: dict) -> dict:
 
         config_mod.load_config = load_config
 
-    timer = make_timer(ctx["warmup"])
+    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"])
     log: list = []
     captured: dict = {}
     original_build = trainer_mod.build_trainer
@@ -564,7 +632,8 @@ def run_ours(way: dict, ctx: dict) -> dict:
     trainer_mod.build_trainer = build_trainer
     t0 = time.perf_counter()
     out_dir = Path(ctx["work"]) / "runs" / ctx["way"]
-    sets = [f"run.output_dir={out_dir}", *way.get("sets", [])]
+    sets = [f"run.output_dir={out_dir}", f"train.max_steps={ctx['warmup'] + ctx['steps'] + ctx['profile']}",
+            *way.get("sets", [])]
     argv = ["fit", ctx["config"], "--overwrite", *[x for s in sets for x in ("--set", s)]]
     rc = cli.main(argv)
     wall = time.perf_counter() - t0
@@ -659,6 +728,7 @@ def packing_check(trainer, ctx: dict, k: int = 8) -> dict:
 def child(way_name: str, ctx_file: Path) -> int:
     ctx = json.loads(ctx_file.read_text())
     ctx["way"] = way_name
+    ctx["profile"] = int(way_name in ctx.get("profile_ways", []))
     way = dict(WAYS[way_name])
     if "warmup" in way:
         ctx["warmup"] = way["warmup"]
@@ -727,10 +797,12 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny Llama, 3 steps")
     p.add_argument("--ways", default=None, help=f"comma-separated, from: {', '.join(WAYS)} (default {DEFAULT_WAYS})")
     p.add_argument("--work", default=None, help="model, data and run directories (default /tmp/qlora-bench)")
-    p.add_argument("--out", default=None, help="results directory (default WORK/results)")
+    p.add_argument("--out", default=None, help="per-way results directory (default WORK/results)")
+    p.add_argument("--report", default=None, help="also write results.json and table.md here after each way")
     p.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (default 2; tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 6; tiny 2)")
     p.add_argument("--rows", type=int, default=None, help="data rows (default 1500; tiny 300)")
+    p.add_argument("--profile", default="", help="comma-separated ways to profile one extra (untimed) step of")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting ways after this many seconds")
     p.add_argument("--child", nargs=2, metavar=("WAY", "CTX"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -763,10 +835,18 @@ def main(argv=None) -> int:
     print(f"[bench] model {model_dir} ({model_info}), data {data_stats}", flush=True)
     ctx = {"work": str(work), "out": str(out), "model_dir": str(model_dir), "ids_file": str(ids_file),
            "warmup": warmup, "steps": steps, "max_length": 256 if args.tiny else 2048,
-           "matmul_params": model_info["matmul_params"]}
+           "matmul_params": model_info["matmul_params"], "profile_ways": [w for w in args.profile.split(",") if w]}
     ctx["config"] = str(write_our_config(work, model_dir, data_file, ctx))
     ctx_file = work / "bench_ctx.json"
     ctx_file.write_text(json.dumps(ctx))
+
+    def report(meta, results) -> str:
+        text = table(results)
+        for d in {out, Path(args.report).resolve() if args.report else out}:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+            (d / "table.md").write_text(text + "\n")
+        return text
 
     results = []
     for way in ways:
@@ -777,6 +857,7 @@ def main(argv=None) -> int:
         (out / f"way-{way}.json").unlink(missing_ok=True)
         print(f"[bench] way {way}: {WAYS[way]['desc']}", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the log
         try:
             subprocess.run([sys.executable, __file__, "--child", way, str(ctx_file)], env=env, check=False,
                            timeout=left - 5 if left else None)
@@ -786,15 +867,13 @@ def main(argv=None) -> int:
         f = out / f"way-{way}.json"
         res = json.loads(f.read_text()) if f.is_file() else {"way": way, "error": "child wrote no result"}
         results.append(res)
-        (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+        report(meta, results)
         print(f"[bench] {way}: " + json.dumps({k: res.get(k) for k in (
             "tok_per_s", "peak_alloc_gb", "mfu", "losses", "seqs_per_step", "pad_fraction", "error")}), flush=True)
         if "check" in res:
             print(f"[bench] {way} check: " + json.dumps(res["check"]), flush=True)
     meta["total_s"] = round(time.perf_counter() - start, 1)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
-    text = table(results)
-    (out / "table.md").write_text(text + "\n")
+    text = report(meta, results)
     print(f"\n{meta['device']}; {json.dumps(meta['versions'])}\n{text}")
     return 0
 

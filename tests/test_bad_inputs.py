@@ -175,6 +175,19 @@ def test_duplicate_yaml_key(tmp_path, expect):
     expect(["fit", cfg], cfg, "has a duplicate key 'train'", "merge the two into one")
 
 
+def test_unhashable_yaml_key(tmp_path, expect):
+    cfg = write_cfg(tmp_path, "run:\n  seed: 1\n[a, b]: 1\n")
+    expect(["fit", cfg], cfg, "line 3 is not valid YAML", "found unhashable key", "fix the syntax")
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    """Not a bad input: `<<: *anchor` followed by an override of one of its keys is ordinary YAML."""
+    from train.config import read_yaml
+
+    path = write_cfg(tmp_path, "base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n")
+    assert read_yaml(Path(path))["other"] == {"x": 1, "y": 3}
+
+
 def test_top_level_not_mapping(tmp_path, expect):
     cfg = write_cfg(tmp_path, "- run\n- model\n")
     expect(["fit", cfg], cfg, "top level must be a mapping")
@@ -403,7 +416,8 @@ def test_lora_target_not_in_model(tmp_path, expect):
 def fake_checkpoint(path: Path, raw: dict, complete: bool = True) -> Path:
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (path / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        (path / name).write_bytes(b"\0" * 16)  # the files a complete checkpoint holds (checkpoints.NEEDED)
     if complete:
         (path / "COMPLETE").write_text("ok\n")
     return path
@@ -580,7 +594,7 @@ def test_api_keys_never_saved(trained_run):
 def test_eval_non_numeric_truth(trained_run, tmp_path, expect):
     """At eval time (after the weights load): --data with a non-numeric truth for eval.task=numeric."""
     bad = write_jsonl(tmp_path / "eval_bad.jsonl", [*ROWS[:2], {"text": "A lamp", "price": "ask us"}])
-    expect(["eval", str(trained_run), "--data", bad], "eval row 3", "'ask us' has no number", "eval.task: exact",
+    expect(["eval", str(trained_run), "--data", bad], "eval_bad.jsonl: row 3", "'ask us' has no number", "eval.task: exact",
            roots=(trained_run,), after_weights=True)
 
 

@@ -335,8 +335,6 @@ def test_separate_eval_file(tmp_path):
     assert sel["eval_source"] == str(ev)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: select_rows uses int(n * eval_fraction); 100 * 0.29 == 28.999... "
-                                       "so 28 rows are held out instead of 29")
 def test_eval_fraction_is_not_floored_by_float_error(tmp_path):
     sel = selection(tmp_path, n=100, eval_fraction=0.29)
     assert len(sel["eval_ids"]) == 29
@@ -385,8 +383,6 @@ def test_csv_ragged_line_is_named(tmp_path):
         read_rows(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _read_csv opens with encoding='utf-8', so an Excel 'CSV UTF-8' "
-                                       "file's BOM ends up in the first column name ('\\ufefftitle')")
 def test_csv_with_utf8_bom(tmp_path):
     path = tmp_path / "r.csv"
     path.write_bytes("\ufefftitle,price\nChair,12.6\n".encode("utf-8"))

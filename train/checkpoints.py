@@ -30,9 +30,14 @@ RESTORABLE = {
     "adapter weights": ("adapter_model.safetensors",),
     "optimizer state": ("optimizer.pt",),
     "LR scheduler": ("scheduler.pt",),
-    "RNG state": ("rng_state.pth",),
+    "RNG state": ("rng_state*.pth",),  # rng_state.pth, or one rng_state_<rank>.pth per DDP rank
     "data position": ("trainer_state.json",),
 }
+
+
+# What a resumable checkpoint must hold besides the marker (a kill while the Trainer rotates old
+# checkpoints away can leave a marked one half-deleted).
+NEEDED = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -55,9 +60,9 @@ def latest_complete(ckpt_dir: Path) -> Path | None:
     found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0),
                    key=checkpoint_step, reverse=True)
     for ckpt in found:
-        if (ckpt / MARKER).is_file():
+        if (ckpt / MARKER).is_file() and has_files(ckpt, NEEDED):
             return ckpt
-        log.warning("ignoring incomplete %s (no %s marker: the run was killed while saving it)", ckpt.name, MARKER)
+        log.warning("ignoring incomplete %s (the run was killed while saving or deleting it)", ckpt.name)
     return None
 
 
@@ -72,13 +77,17 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
     ours = [name for name in OUR_ARTIFACTS if (run / name).exists()]
     resumable = cfg.train.resume != "never" and latest_complete(run / "checkpoints") is not None
     others = [p.name for p in run.iterdir() if p.name not in OUR_ARTIFACTS] if run.is_dir() else []
-    if not overwrite and not (resumable or cfg.train.resume not in ("auto", "never")) and (ours or others):
+    restart = not overwrite and not resumable and killed_before_first_checkpoint(run, cfg)
+    if restart:
+        log.warning("%s: the previous attempt of this same run stopped before its first checkpoint; starting over",
+                    run)
+    elif not overwrite and not (resumable or cfg.train.resume not in ("auto", "never")) and (ours or others):
         what = "another run's files" if ours else f"files that are not ours ({', '.join(sorted(others)[:3])})"
         raise UserError(f"run.output_dir: {run} already holds {what}; pass --overwrite (removes only our "
                         "outputs), resume with train.resume=auto, or choose another run.output_dir")
     check_writable(run)
     preflight(cfg, run, overwrite)
-    if overwrite:
+    if overwrite or restart:
         for name in ours:
             target = run / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -89,6 +98,20 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"run.output_dir: cannot write to {run} ({e.strerror}); choose a writable directory")
+
+
+def killed_before_first_checkpoint(run: Path, cfg: Config) -> bool:
+    """Only our files, no adapter, and the saved config equals this one: the same run, killed early."""
+    saved = run / "config.yaml"
+    if cfg.train.resume != "auto" or not saved.is_file() or (run / "adapter").exists():
+        return False
+    if any(p.name not in OUR_ARTIFACTS and not p.name.startswith(".") for p in run.iterdir()):
+        return False
+    try:
+        before = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(before, dict) and before == cfg.to_dict()
 
 
 def check_writable(run: Path) -> None:
@@ -169,8 +192,12 @@ def check_resume(ckpt: Path, cfg: Config, quiet: bool = False) -> list[str]:
     return changed
 
 
+def has_files(ckpt: Path, patterns) -> bool:
+    return all(any(p.is_file() for p in ckpt.glob(pattern)) for pattern in patterns)
+
+
 def describe_restore(ckpt: Path) -> str:
-    present = [what for what, files in RESTORABLE.items() if all((ckpt / f).is_file() for f in files)]
+    present = [what for what, files in RESTORABLE.items() if has_files(ckpt, files)]
     missing = [what for what in RESTORABLE if what not in present]
     if missing:
         log.warning("%s lacks %s: those start fresh, so the run will not match an uninterrupted one",

@@ -53,6 +53,16 @@ def setup_logging(debug: bool) -> None:
         # bitsandbytes announces an optional CPU kernel package on every import; not actionable here
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        quiet_library_progress()
+
+
+def quiet_library_progress() -> None:
+    """Weight-loading and dataset-map bars add noise (and precede error lines); the training bar stays."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -172,7 +173,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are meant to be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader reports unhashable keys itself
             if key in seen:
                 raise _DuplicateKey(None, None, f"duplicate key {key!r}; YAML would keep only the last one, "
                                     "so merge the two into one", key_node.start_mark)
@@ -187,7 +192,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
-        value = text  # not YAML (e.g. "a: b"): keep the literal string
+        value = text  # not YAML: keep the literal string
+    if isinstance(value, dict):
+        value = text  # "{price}" or "Q: {text}" parse as YAML mappings; no key takes one, users mean text
     if isinstance(value, str) and _FLOAT_RE.match(value):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string; users mean a number
     return key.strip(), value
@@ -371,5 +378,9 @@ def template_fields(template: str) -> list[str]:
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    """Write the fully resolved config (what actually ran) as YAML."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the fully resolved config (what actually ran) as YAML, atomically (temp file + rename)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

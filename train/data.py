@@ -67,7 +67,7 @@ def _read_local(path: Path, key: str) -> list[dict[str, Any]]:
         return _read_jsonl(path)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8") or "[]")
+            data = json.loads(path.read_text(encoding="utf-8-sig") or "[]")
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON at line {e.lineno} ({e.msg}); use a list of objects or .jsonl")
         return data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else []
@@ -86,7 +86,7 @@ def _read_local(path: Path, key: str) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: drop an Excel BOM
         reader = csv.DictReader(f)
         for row in reader:
             if None in row or None in row.values():  # more / fewer cells than header columns
@@ -98,7 +98,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: drop a BOM written by Windows tools
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -337,7 +337,7 @@ def select_rows(cfg: Config) -> dict[str, Any]:
     elif d.eval_fraction > 0:
         order = list(range(len(train_rows)))
         random.Random(cfg.run.seed).shuffle(order)  # seeded: the same rows are held out on every resume and eval
-        held = set(order[: max(1, int(len(order) * d.eval_fraction))])
+        held = set(order[: max(1, round(len(order) * d.eval_fraction))])  # round: 100*0.29 is 28.999...
         if len(held) == len(train_rows):
             raise UserError(f"data.eval_fraction: holding out {len(held)} of the {len(train_rows)} rows of {d.train} "
                             "leaves none to train on; add rows, or give a separate data.eval file")

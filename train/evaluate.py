@@ -17,6 +17,7 @@ import torch
 
 from train import adapter as adapter_lib
 from train import checkpoints, data, metrics
+from train import model as model_lib
 from train.config import Config, from_dict, parse_override, set_dotted
 from train.errors import UserError
 from train.trainer import precision_context
@@ -39,7 +40,8 @@ def eval_examples(split: data.Split, tok, cfg: Config) -> list[dict[str, Any]]:
             prompt_ids, prompt_text, truth = enc.prompt_ids, ex["prompt"], ex["completion"]
         else:
             prompt_ids, prompt_text, truth = None, None, None
-        out.append({"id": row_id, "prompt_ids": prompt_ids, "prompt": prompt_text, "truth": truth, "enc": enc})
+        out.append({"id": row_id, "prompt_ids": prompt_ids, "prompt": prompt_text, "truth": truth, "enc": enc,
+                    "source": split.source})
     return out
 
 
@@ -103,7 +105,7 @@ def truths_for_task(examples: list[dict[str, Any]], cfg: Config) -> list[Any]:
     for e in examples:
         value = metrics.parse_number(e["truth"])
         if value is None:
-            raise UserError(f"eval row {e['id']}: truth {e['truth']!r} has no number; eval.task=numeric needs "
+            raise UserError(f"{e['source']}: row {e['id']}: truth {e['truth']!r} has no number; eval.task=numeric needs "
                             "numeric completions (or set eval.task: exact)")
         truths.append(value)
     return truths
@@ -166,12 +168,19 @@ def load_eval_split(cfg: Config, tok) -> data.Split:
 
 
 def evaluate_run(target: str, data: str | None = None, limit: int | None = None, overrides=()) -> dict[str, Any]:
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
     adapter_dir = adapter_lib.find_adapter(target)
     cfg = resolve_eval_config(adapter_dir, data, limit, overrides)
     run = adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir
-    model, tok, _ = adapter_lib.load(adapter_dir, cfg)
+    # base and eval rows first: a wrong base or bad data fails in milliseconds, before the weights load
+    adapter_lib.check_same_base(adapter_dir, model_lib.resolve_model_path(cfg.model))
+    tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     split = load_eval_split(cfg, tok)
     examples = eval_examples(split, tok, cfg)[: cfg.eval.limit or None]
+    if cfg.eval.task != "none":
+        truths_for_task(examples, cfg)
+    model, tok, _ = adapter_lib.load(adapter_dir, cfg)
     log.info("evaluating %d rows (%s), base vs base + adapter", len(examples), split.source)
     report: dict[str, Any] = {"rows": len(examples), "source": split.source, "task": cfg.eval.task,
                               "settings": {"max_new_tokens": cfg.eval.max_new_tokens, **thresholds(cfg)}}

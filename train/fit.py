@@ -61,11 +61,24 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     # 5. Save the adapter, tokenizer, config and model card
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
     if eval_split is not None:
-        metrics.update(sft.evaluate())
+        metrics.update(final_eval(sft, cfg))
     if main:
         adapter.save(sft.model, tok, cfg, run, path, metrics, train_split, eval_split)
         log.info("adapter saved to %s\n%s", run / "adapter", json.dumps(metrics, indent=1, default=str))
     return Fitted(run, sft.model, tok, metrics)
+
+
+def final_eval(sft, cfg: Config) -> dict[str, Any]:
+    """Eval metrics at the last step: reuse the periodic eval when it just ran there, else run one."""
+    step = sft.state.global_step
+    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        merged: dict[str, Any] = {}
+        for entry in sft.state.log_history:
+            if entry.get("step") == step and any(k.startswith("eval_") for k in entry):
+                merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+        if merged:
+            return merged
+    return sft.evaluate()
 
 
 def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:

@@ -66,8 +66,7 @@ def materialize(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
     try:
         build_tokenizer().save_pretrained(tmp)
-        # every rank of a distributed launch may build it; save_pretrained would skip ranks != 0
-        build_model().save_pretrained(tmp, is_main_process=True)
+        save_weights(build_model(), tmp)
         os.replace(tmp, target)  # atomic: concurrent builders or a kill never leave half a model
     except OSError:
         if not (target / "config.json").is_file():
@@ -75,6 +74,17 @@ def materialize(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save_weights(model, directory: Path) -> None:
+    """config.json + model.safetensors, written directly: under a distributed launch every rank may
+    build the model, and transformers' save_pretrained writes nothing on ranks other than 0."""
+    from safetensors.torch import save_file
+
+    model.config.to_json_file(directory / "config.json")
+    model.generation_config.to_json_file(directory / "generation_config.json")
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 def build_tokenizer():

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from train import checkpoints, lora
 from train.config import Config
@@ -115,6 +116,26 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     checkpoints.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
+class CompactProgress(ProgressCallback):
+    """The progress bar, plus one short line about 20 times a run and at every eval, instead of the
+    Trainer's raw dict every logging step (every step goes to metrics.jsonl anyway)."""
+
+    SHOWN = {"loss": "loss {:.4f}", "learning_rate": "lr {:.2e}", "grad_norm": "grad {:.3g}",
+             "eval_loss": "eval_loss {:.4f}", "eval_mae": "eval_mae {:.4g}", "eval_hit_rate": "eval_hits {:.0%}",
+             "eval_accuracy": "eval_acc {:.2%}"}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        every = max(1, state.max_steps // 20)
+        is_eval = any(k.startswith("eval_") for k in logs)
+        if not is_eval and "loss" in logs and state.global_step % every and state.global_step != 1:
+            return
+        parts = [fmt.format(logs[k]) for k, fmt in self.SHOWN.items() if isinstance(logs.get(k), (int, float))]
+        if parts:
+            self.training_bar.write(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts))
+
+
 class MarkComplete(TrainerCallback):
     """Marks a checkpoint complete once the Trainer has written all of it."""
 
@@ -216,4 +237,6 @@ def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbac
         processing_class=tok,
         callbacks=[MetricsFile(run / "metrics.jsonl"), MarkComplete(cfg), *callbacks],
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
     return trainer
