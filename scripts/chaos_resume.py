@@ -23,14 +23,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OVERRIDES = [  # the demo task, shrunk: 12 steps, a checkpoint every 2
-    "train.max_steps=12", "train.save_every=2", "train.save_total_limit=2", "train.eval_every=null",
+OVERRIDES = [  # the demo task, shrunk: a checkpoint every 2 steps, at most 2 kept
+    "train.save_every=2", "train.save_total_limit=2", "train.eval_every=null",
     "data.max_rows=64", "data.eval=null", "eval.task=none", "train.batch_size=4", "train.grad_accum=1",
 ]
+STEPS_OVERRIDE = [12]  # set from --steps
 
 
 def fit_cmd(run: Path) -> list[str]:
-    sets = [x for o in OVERRIDES + [f"run.output_dir={run}"] for x in ("--set", o)]
+    extra = [f"train.max_steps={STEPS_OVERRIDE[0]}", f"run.output_dir={run}"]
+    sets = [x for o in OVERRIDES + extra for x in ("--set", o)]
     return [sys.executable, "-m", "train", "fit", str(REPO / "configs/demo.yaml"), *sets]
 
 
@@ -48,10 +50,25 @@ def result(run: Path) -> tuple[dict[int, float], dict[str, list]]:
 
 
 def reference(root: Path) -> tuple[tuple, float]:
+    """The uninterrupted run; also how long its training phase lasts (first logged step to exit)."""
     run = root / "reference"
-    start = time.time()
-    subprocess.run(fit_cmd(run), env=env(), check=True, capture_output=True)
-    return result(run), time.time() - start
+    proc = subprocess.Popen(fit_cmd(run), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = wait_for_training(run, proc)
+    err = proc.communicate()[1].decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"reference run failed:\n{err[-2000:]}")
+    return result(run), time.time() - started
+
+
+def wait_for_training(run: Path, proc: subprocess.Popen) -> float:
+    """Block until the run logs a new step (past imports and loading), or exits; returns the time."""
+    metrics = run / "metrics.jsonl"
+    before = metrics.read_text().count("\n") if metrics.is_file() else 0
+    while proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") > before:
+            break
+        time.sleep(0.05)
+    return time.time()
 
 
 def trial(root: Path, i: int, duration: float, rng: random.Random, max_kills: int) -> tuple[bool, int]:
@@ -61,8 +78,9 @@ def trial(root: Path, i: int, duration: float, rng: random.Random, max_kills: in
     while True:
         proc = subprocess.Popen(fit_cmd(run), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < max_kills:
+            wait_for_training(run, proc)  # kill while training or saving, not during Python's start-up
             try:
-                proc.wait(timeout=rng.uniform(0.5, duration))
+                proc.wait(timeout=rng.uniform(0.0, duration))
             except subprocess.TimeoutExpired:
                 proc.kill()  # SIGKILL: no handler runs, no checkpoint is saved on the way out
                 proc.wait()
@@ -80,8 +98,10 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--kills", type=int, default=3, help="kills per trial before it may finish")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
     args = ap.parse_args()
+    STEPS_OVERRIDE[0] = args.steps
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="chaos-"))
     try:

@@ -285,4 +285,6 @@ def test_loss_curves(tmp_path: Path) -> None:
     _assert_png(charts.loss_curves(tmp_path / "loss.png", rows))
     _assert_png(charts.loss_curves(tmp_path / "only_loss.png", rows[:2]))
     _assert_png(charts.loss_curves(tmp_path / "empty.png", []))
-    assert charts._task_metric_keys(rows) == ["eval_hit_rate", "eval_mae"]
+    assert charts._task_metric_keys(rows) == ["eval_mae", "eval_hit_rate"]  # headline metrics, left then right
+    counters = [{"step": 1, "eval_n": 25, "eval_num_tokens": 9e5, "eval_entropy": 1.2, "eval_accuracy": 0.5}]
+    assert charts._task_metric_keys(counters) == ["eval_accuracy"]  # counters are never plotted

@@ -26,7 +26,6 @@ from train import metrics  # noqa: E402
 DPI = 110
 COLOURS = {"hit": "tab:green", "near": "tab:orange", "miss": "tab:red"}
 # Keys the Hugging Face Trainer logs with an "eval_" prefix that are timings, not task metrics.
-_NOT_TASK_METRICS = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_epoch"}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -153,10 +152,28 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+# The headline task metrics, in the units a user reads: an error or accuracy on the left axis,
+# a rate on the right. Counters (eval_n, eval_num_tokens, ...) are never plotted.
+_LEFT_METRICS = ("eval_mae", "eval_accuracy")
+_RIGHT_METRICS = ("eval_hit_rate",)
+
+
 def _task_metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-    keys = {k for r in rows for k, v in r.items()
-            if k.startswith("eval_") and k not in _NOT_TASK_METRICS and _is_number(v)}
-    return sorted(keys)
+    present = {k for r in rows for k, v in r.items() if _is_number(v)}
+    return [k for k in _LEFT_METRICS + _RIGHT_METRICS if k in present]
+
+
+def _task_panel(ax, rows: Sequence[dict[str, Any]], keys: list[str]) -> None:
+    ax.set_title("Task metric during training")
+    ax.set_xlabel("step")
+    right = ax.twinx() if any(k in _RIGHT_METRICS for k in keys) else None
+    lines = []
+    for key, colour in zip(keys, ("tab:red", "tab:green", "tab:blue")):
+        target = right if key in _RIGHT_METRICS else ax
+        steps, values = _series(rows, key)
+        lines += target.plot(steps, values, "o-", color=colour, label=key.removeprefix("eval_"), markersize=4)
+        target.set_ylabel(", ".join(k.removeprefix("eval_") for k in keys if (k in _RIGHT_METRICS) == (target is right)))
+    ax.legend(lines, [line.get_label() for line in lines], loc="best")
 
 
 def loss_curves(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -182,12 +199,6 @@ def loss_curves(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     else:
         _note(ax, "no loss values logged")
     if extra:
-        ax2 = axes[0][1]
-        ax2.set_title("Eval task metrics")
-        ax2.set_xlabel("step")
-        for key in extra:
-            steps, values = _series(rows, key)
-            ax2.plot(steps, values, "o-", label=key, markersize=4)
-        ax2.legend()
+        _task_panel(axes[0][1], rows, extra)
     fig.tight_layout()
     return _save(fig, path)
