@@ -144,3 +144,24 @@ def test_generate_cli(runs, capsys):
     assert main(["generate", str(runs["whole"].run), "--prompt", prompt, "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(prompt) and len(out) > len(prompt)
+
+
+def test_rerun_after_kill_between_last_checkpoint_and_adapter(runs, tmp_path):
+    """Killed after the final checkpoint, before the adapter: the rerun trains no extra step."""
+    import shutil
+
+    from train.config import from_dict
+
+    run = tmp_path / "whole"
+    shutil.copytree(runs["whole"].run, run)
+    shutil.rmtree(run / "adapter")
+    raw = runs["whole"].run.joinpath("config.yaml").read_text()
+    cfg = from_dict(__import__("yaml").safe_load(raw.replace(str(runs["whole"].run), str(run))))
+    again = fit(cfg)
+    assert losses(again.run) == losses(runs["whole"].run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-")) == \
+        sorted(p.name for p in (runs["whole"].run / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    a = load_file(runs["whole"].run / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -192,6 +192,17 @@ def check_resume(ckpt: Path, cfg: Config, quiet: bool = False) -> list[str]:
     return changed
 
 
+def finished(ckpt: Path, cfg: Config) -> bool:
+    """The checkpoint is the run's last step (killed after it, before the adapter was saved).
+
+    The Trainer would otherwise resume from it and still train one step past max_steps."""
+    import json
+
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
+    return done and cfg.train.max_steps in (None, state.get("max_steps"))
+
+
 def has_files(ckpt: Path, patterns) -> bool:
     return all(any(p.is_file() for p in ckpt.glob(pattern)) for pattern in patterns)
 

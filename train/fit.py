@@ -54,12 +54,15 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     with trainer.GracefulStop() as stop:
         sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_ds, run,
                                     callbacks=[stop, *callbacks], task_scorer=scorer)
-        result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from is not None and checkpoints.finished(resume_from, cfg):
+            metrics = trainer.restore_finished(sft, resume_from)
+        else:
+            result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
     if stop.requested:
         raise Interrupted(stop.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"))
 
     # 5. Save the adapter, tokenizer, config and model card
-    metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
     if eval_split is not None:
         metrics.update(final_eval(sft, cfg))
     if main:

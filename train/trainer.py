@@ -183,6 +183,17 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
 
+def restore_finished(sft, ckpt: Path) -> dict[str, Any]:
+    """Training already reached its last step in `ckpt`: load its adapter and state, train nothing."""
+    from transformers import TrainerState
+
+    log.info("%s is the last step of this run: training is complete, restoring it to save the adapter", ckpt.name)
+    sft._load_from_checkpoint(str(ckpt))  # our override keeps the LoRA weights in their training dtype
+    sft.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    losses = [e["loss"] for e in sft.state.log_history if "loss" in e]
+    return {"train_loss": sum(losses) / len(losses) if losses else None, "global_step": sft.state.global_step}
+
+
 def setup_reporting(cfg: Config) -> None:
     """wandb runs offline when no API key is configured, so a missing account never blocks training."""
     if "wandb" in cfg.log.report_to:
