@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """One-GPU throughput benchmark: the same QLoRA workload trained three ways, one table.
 
-    python scripts/bench.py                      # GPU: Llama-3.1-8B shape, ways a, b, c
+    python scripts/bench.py                      # GPU: Llama-3.1-8B shape, ways a, b, c, c-fast
     python scripts/bench.py --ways a,c,c-fast    # any subset / order (see WAYS below)
     python scripts/bench.py --tiny               # CPU smoke test: tiny Llama, 3 steps
+    python scripts/bench.py --profile c-fast     # + one extra step under torch.profiler (GPU time by kernel
+                                                 #   group, kernel launches, sync calls, top host ops)
+
+Results: WORK/results/results.json (everything) and table.md; --report DIR copies both there after
+each way. Numbers, method and findings: docs/benchmarks.md; predictions vs outcomes: docs/bench-notes.md.
 
 Workload (identical for every way): a Llama-3.1-8B-shaped model (hidden 4096, intermediate 14336,
 32 layers, 32 heads, 8 KV heads, vocab 128256) with random bf16 weights written to local disk
@@ -18,7 +23,8 @@ Ways:
   b        TRL's best flags: a + packing (BFD bins of 2048) + use_liger_kernel
   c        this project's default path: `python -m train fit` with our config, defaults untouched
   c-*      the project path with --set overrides, and (marked "proposed") with changes to train/
-           that are not merged yet, applied here by monkeypatching (see PATCHES and docs/benchmarks.md)
+           that are not merged yet, applied here by monkeypatching (see PATCHES and docs/benchmarks.md).
+           c-fast is the recommended fast path; once train/ makes it the default, way c is it.
 
 Each way runs in its own process (clean peak-memory numbers, no kernel patches leaking between
 ways). Timed: `--steps` optimizer steps after `--warmup` steps. Reported: non-padding tokens/s
@@ -114,7 +120,7 @@ WAYS = {
                                 "train.grad_accum=1", "lora.dropout=0.0"],
                           patches=["bf16_prep", "rows_padding_free", "varlen_attn"]),
 }
-DEFAULT_WAYS = "c-fast,a,b,c,c-fast-8x2,c-pf-liger"
+DEFAULT_WAYS = "a,b,c,c-fast"
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,8 +455,6 @@ def patch_bf16_prep():
     """train.model.prepare_for_kbit without peft's cast of every non-4-bit weight to fp32: with bf16 compute,
     embed_tokens and lm_head stay bf16 (2.1 GB less for an 8B) and the residual stream stays bf16
     (half-size checkpointed activations), which is what TRL's own QLoRA path does."""
-    import torch
-
     import train.model as m
 
     original = m.prepare_for_kbit
@@ -463,7 +467,6 @@ def patch_bf16_prep():
         return model
 
     m.prepare_for_kbit = prepare_for_kbit
-    return torch
 
 
 def patch_rows_padding_free():
@@ -588,7 +591,7 @@ def pick_varlen_mode(run_varlen, run_loop) -> str:
                 t.grad = None
             out = run_varlen(q, k, v, cu, max(lens), None, mode.split("-")[1])
             out.backward(do)
-            errs = [float((a.float() - b).norm() / b.norm()) for a, b in
+            errs = [float((a.detach().float() - b).norm() / b.norm()) for a, b in
                     ((out, ref), (q.grad, qf.grad), (k.grad, kf.grad), (v.grad, vf.grad))]
             tried[mode] = [round(e, 5) for e in errs]
             if max(errs) < 2e-2:

@@ -80,7 +80,7 @@ def trial(root: Path, i: int, duration: float, rng: random.Random, max_kills: in
         if kills < max_kills:
             wait_for_training(run, proc)  # kill while training or saving, not during Python's start-up
             try:
-                proc.wait(timeout=rng.uniform(0.0, duration))
+                proc.wait(timeout=rng.uniform(0.0, duration / 2))  # early enough to land before the end
             except subprocess.TimeoutExpired:
                 proc.kill()  # SIGKILL: no handler runs, no checkpoint is saved on the way out
                 proc.wait()
