@@ -161,7 +161,9 @@ def ensure_model(work: Path, tiny: bool) -> tuple[Path, dict]:
     target.mkdir(parents=True, exist_ok=True)
     cfg = model_config(tiny)
     cfg.save_pretrained(target)
-    tiny_mod.build_tokenizer().save_pretrained(target)
+    tok = tiny_mod.build_tokenizer()
+    tok.model_max_length = cfg.max_position_embeddings  # rows reach 2048 tokens; silence the 1024 warning
+    tok.save_pretrained(target)
     shapes = {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(SEED)

@@ -81,7 +81,9 @@ def meta_model(model_config):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(model_config)
+        meta = AutoModelForCausalLM.from_config(model_config)
+    meta.tie_weights()  # from_config leaves tied embeddings untied on meta: counts would double them
+    return meta
 
 
 def narrow_linear_layers(model_config, multiple: int = CPU_BNB_MULTIPLE) -> list[str]:
