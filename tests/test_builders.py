@@ -135,10 +135,27 @@ def test_sft_optimisation_fields(tmp_path):
     assert a.weight_decay == pytest.approx(0.01)
     assert a.max_grad_norm == pytest.approx(0.5)
     assert a.seed == 123
-    assert a.max_length == cfg.data.max_length
-    assert a.packing is False
     # warmup_ratio goes in as a fraction of the total steps: 3% of 100 steps is 3 warmup steps
     assert a.get_warmup_steps(100) == 3
+
+
+@pytest.mark.parametrize("mode, packing, padding_free, max_length", [
+    ("padding_free", False, True, None),  # the default: each micro-batch flattened, rows already cut by data.py
+    ("bfd", True, True, 96),              # rows packed into data.max_length bins
+    ("none", False, False, 96),           # padded to the longest row
+])
+def test_sft_packing_modes(tmp_path, mode, packing, padding_free, max_length):
+    _, a = sft(tmp_path, train={"packing": mode})
+    assert (a.packing, a.padding_free, a.max_length) == (packing, padding_free, max_length)
+    assert a.include_num_input_tokens_seen == ("non_padding" if mode == "none" else "all")
+
+
+def test_fast_path_is_the_default():
+    from train.config import ModelCfg, TrainCfg
+
+    t = TrainCfg()
+    assert (t.packing, t.liger, t.batch_size, t.grad_accum) == ("padding_free", True, 16, 1)
+    assert ModelCfg().attn_implementation == "auto"
 
 
 def test_sft_gradient_checkpointing_is_non_reentrant(tmp_path):

@@ -46,6 +46,9 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     # 3. Model: quantized base -> k-bit prep -> LoRA
     base = model.load_base(cfg, path)
     base = model.prepare_for_kbit(base, cfg)
+    # No KV cache for training/eval forwards: with one, transformers skips the block-diagonal mask of
+    # padding-free batches and rows attend to each other (generation keeps its own cache setting)
+    base.config.use_cache = False
     set_seed(cfg.run.seed)  # LoRA's A matrices are random: seed them, or resumed runs start elsewhere
     peft_model = lora.wrap(base, cfg.lora)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from train import tiny
+from train import attention, tiny
 from train.config import Config, ModelCfg, QuantCfg
 from train.errors import UserError
 
@@ -136,7 +136,7 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
         quantization_config=build_bnb_config(cfg.quant, skip),
         dtype=DTYPES[cfg.quant.compute_dtype],
         device_map=device_map(),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=attention.resolve(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )
@@ -203,15 +203,19 @@ def load_tokenizer(path: str, m: ModelCfg, padding_side: str = "right", quiet: b
 
 
 def prepare_for_kbit(model, cfg: Config):
-    """Freeze the base and cast norms to fp32 for stable 4-bit training.
+    """Freeze the base; with fp16/fp32 compute also cast the unquantized weights to fp32 (peft's prep).
+
+    With bf16 compute the embeddings, norms and lm_head stay bf16: peft's upcast to fp32 makes every
+    hidden state fp32, costing 6.3 GB and 42% of tokens/s on an 8B model (docs/benchmarks.md) for no
+    stability gain, since bf16 has fp32's range. TRL's own QLoRA path does not upcast either.
 
     Gradient checkpointing and input-grad hooks are NOT enabled here: the Trainer enables
     checkpointing from SFTConfig (use_reentrant=False) and TRL 1.x calls enable_input_require_grads
     itself, so doing it here too would double-prepare.
     """
-    if cfg.quant.mode == "none":
-        for p in model.parameters():
-            p.requires_grad_(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.quant.mode == "none" or cfg.quant.compute_dtype == "bfloat16":
         return model
     from peft import prepare_model_for_kbit_training
 

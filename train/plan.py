@@ -299,7 +299,8 @@ def base_weight_bytes(shape: ModelShape, quant: QuantCfg) -> dict[str, int]:
     quantized = sum(quantized_linear_bytes(l.in_features, l.out_features, quant.mode, quant.double_quant, storage)
                     for l in q_layers)
     rest = total - sum(l.in_features * l.out_features for l in q_layers)
-    return {"quantized": quantized, "other": rest * compute, "upcast": rest * max(0, FP32_BYTES - compute)}
+    upcast = rest * max(0, FP32_BYTES - compute) if upcasts(quant) else 0
+    return {"quantized": quantized, "other": rest * compute, "upcast": upcast}
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,11 +398,17 @@ class Precision:
     lora: int
 
 
+def upcasts(quant: QuantCfg) -> bool:
+    """Whether train/model.py prepare_for_kbit casts the unquantized weights to fp32 (not with bf16 compute)."""
+    return quant.mode != "none" and quant.compute_dtype != "bfloat16"
+
+
 def precision(quant: QuantCfg) -> Precision:
     compute = DTYPE_BYTES[quant.compute_dtype]
     if quant.mode == "none":
         return Precision(False, compute, compute, LORA_FULL_PARAM_BYTES)
-    return Precision(True, compute, max(compute, FP32_BYTES), LORA_KBIT_PARAM_BYTES)
+    residual = max(compute, FP32_BYTES) if upcasts(quant) else compute
+    return Precision(True, compute, residual, LORA_KBIT_PARAM_BYTES)
 
 
 def lora_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg) -> float:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +68,18 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         logging_steps=t.logging_steps,
-        include_num_input_tokens_seen="non_padding",  # tokens/s that counts real tokens only
+        # tokens/s that counts real tokens only (padding-free batches have none to exclude, and "all"
+        # avoids a device sync per step)
+        include_num_input_tokens_seen="all" if t.packing != "none" else "non_padding",
         report_to=cfg.log.report_to or "none",
         run_name=cfg.log.run_name or run.name,
         seed=cfg.run.seed,
-        max_length=cfg.data.max_length,
-        packing=t.packing == "padding_free",
-        packing_strategy="bfd",  # best-fit decreasing: whole rows, never split, position_ids reset per row
-        padding_free=t.packing == "padding_free",
+        # padding_free: TRL flattens each micro-batch's rows; data.py has already cut rows to
+        # data.max_length, and TRL refuses max_length without bin packing
+        max_length=None if t.packing == "padding_free" else cfg.data.max_length,
+        packing=t.packing == "bfd",
+        packing_strategy="bfd",  # best-fit decreasing: whole rows, never split, positions restart per row
+        padding_free=t.packing != "none",
         use_liger_kernel=t.liger and torch.cuda.is_available(),
         dataset_num_proc=None,
         disable_tqdm=False,  # progress bar even when log_level is quiet
@@ -88,11 +93,14 @@ class MetricsFile(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = path
+        self.t0 = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row: dict[str, Any] = {"step": state.global_step}
+        row: dict[str, Any] = {"step": state.global_step, "time_s": round(time.monotonic() - self.t0, 3)}
+        if torch.cuda.is_available():
+            row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         for key, value in logs.items():
             if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
                 row[METRIC_KEYS.get(key, key)] = value
