@@ -358,3 +358,19 @@ def test_ddp_two_process_cpu(tmp_path):
     n_rows = sum(1 for line in (REPO / cfg.data.train).read_text().splitlines() if line.strip())
     per_step = cfg.train.batch_size * cfg.train.grad_accum * 2
     assert train_rows[-1]["epoch"] == pytest.approx(steps * per_step / n_rows, abs=0.005)
+
+
+def test_several_gpus_in_one_process_is_a_clear_error(monkeypatch):
+    """Plain `python -m train fit` on a multi-GPU machine: say how to launch, before anything loads."""
+    import torch
+
+    from train import fit as fit_mod
+    from train.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(fit_mod, "distributed_state", lambda: type("S", (), {"num_processes": 1})())
+    with pytest.raises(UserError, match="accelerate launch .*CUDA_VISIBLE_DEVICES=0"):
+        fit_mod.check_launch()
+    monkeypatch.setattr(fit_mod, "distributed_state", lambda: type("S", (), {"num_processes": 2})())
+    fit_mod.check_launch()  # one process per GPU: fine

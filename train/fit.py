@@ -12,7 +12,7 @@ from transformers import set_seed
 
 from train import adapter, checkpoints, data, evaluate, lora, model, trainer
 from train.config import Config, dump_config
-from train.errors import Interrupted
+from train.errors import Interrupted, UserError
 
 log = logging.getLogger("train")
 
@@ -28,6 +28,7 @@ class Fitted:
 def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     run = Path(cfg.run.output_dir)
     main = is_main_process()
+    check_launch()
 
     # 1. Tokenizer and data (before anything is written or the weights load: bad rows fail fast)
     path = model.resolve_model_path(cfg.model)
@@ -97,6 +98,16 @@ def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
     if main:
         trainer.truncate_metrics(run / "metrics.jsonl", checkpoints.checkpoint_step(resume_from))
     return resume_from
+
+
+def check_launch() -> None:
+    """Several visible GPUs in one process would make Trainer use nn.DataParallel, which TRL refuses."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and distributed_state().num_processes == 1:
+        raise UserError(f"{gpus} GPUs are visible to one process; use them all with `accelerate launch "
+                        "--config_file configs/accelerate/ddp.yaml -m train fit ...`, or one with CUDA_VISIBLE_DEVICES=0")
 
 
 def is_main_process() -> bool:
