@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 
-from train import charts, metrics
+from train import charts
 from train.metrics import (
     category,
     choice_metrics,

@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from train import checkpoints, lora, model as model_lib
+from train import lora, model as model_lib
 from train.config import Config, dump_config, from_dict
 from train.errors import UserError
 
@@ -146,4 +145,3 @@ def load(adapter_dir: Path, cfg: Config):
     return peft_model, tok, path
 
 
-__all__ = ["save", "find_adapter", "load_config_of", "load", "checkpoints"]

@@ -244,13 +244,13 @@ def encode_messages(tok, messages: list[dict[str, str]], d: DataCfg, where: str)
     prompt) and through it: the tokens in between are the assistant's. This works with any chat
     template whose renderings are prefixes of each other, without {% generation %} markers.
     """
-    full = _chat_ids(tok, messages, False, where)
+    full = chat_ids(tok, messages, False, where)
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_chat_ids(tok, messages[:i], True, where)) if i else 0
-        end = len(_chat_ids(tok, messages[: i + 1], False, where))
+        start = len(chat_ids(tok, messages[:i], True, where)) if i else 0
+        end = len(chat_ids(tok, messages[: i + 1], False, where))
         labels[start:end] = full[start:end]
     if len(full) > d.max_length and d.truncation == "drop":
         return "longer than data.max_length (data.truncation=drop)"
@@ -260,7 +260,7 @@ def encode_messages(tok, messages: list[dict[str, str]], d: DataCfg, where: str)
     return Encoded(ids, labels, truncated=len(full) > d.max_length)
 
 
-def _chat_ids(tok, messages, add_generation_prompt: bool, where: str) -> list[int]:
+def chat_ids(tok, messages, add_generation_prompt: bool, where: str) -> list[int]:
     if not getattr(tok, "chat_template", None):
         raise UserError(f"{where}: data.format=messages needs a tokenizer with a chat template; this one has none")
     return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,

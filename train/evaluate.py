@@ -34,7 +34,7 @@ def eval_examples(split: data.Split, tok, cfg: Config) -> list[dict[str, Any]]:
     for ex, enc, row_id in zip(split.examples, split.encoded, split.row_ids):
         if "messages" in ex:
             last = max(i for i, m in enumerate(ex["messages"]) if m["role"] == "assistant")
-            prompt_ids = data._chat_ids(tok, ex["messages"][:last], True, split.source)
+            prompt_ids = data.chat_ids(tok, ex["messages"][:last], True, split.source)
             prompt_text, truth = tok.decode(prompt_ids), ex["messages"][last]["content"]
         elif "prompt" in ex:
             prompt_ids, prompt_text, truth = enc.prompt_ids, ex["prompt"], ex["completion"]
@@ -249,7 +249,7 @@ def generate_text(target: str, prompts: list[str], max_new_tokens: int | None = 
     examples = []
     for text in prompts:
         if cfg.data.format == "messages":
-            ids = data._chat_ids(tok, [{"role": "user", "content": text}], True, "--prompt")
+            ids = data.chat_ids(tok, [{"role": "user", "content": text}], True, "--prompt")
         else:
             ids = tok(text)["input_ids"]
         examples.append({"prompt_ids": ids})

@@ -176,14 +176,12 @@ def _model_shape(config_json: str, config_cls) -> ModelShape:
     import json
 
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from train.model import meta_model
 
     model_config = config_cls.from_dict(json.loads(config_json))
     try:
-        with init_empty_weights():
-            meta = AutoModelForCausalLM.from_config(model_config)
-        meta.tie_weights()  # from_config on meta leaves tied embeddings untied; from_pretrained ties them
+        meta = meta_model(model_config)  # meta device, tied embeddings tied (counted once)
     except (ValueError, KeyError, TypeError, ImportError) as e:
         raise UserError(f"model.name_or_path: cannot build {type(model_config).__name__} as a causal LM: "
                         f"{str(e).splitlines()[0]}") from None
