@@ -16,6 +16,7 @@ import torch
 log = logging.getLogger("train")
 
 NAME = "sdpa_varlen"
+_noted: list[bool] = []  # the CPU fallback notice is said once per process
 
 
 def available() -> bool:
@@ -65,7 +66,8 @@ def resolve(cfg) -> str:
 
             raise UserError("model.attn_implementation: sdpa_varlen needs a CUDA GPU and torch >= 2.10; use auto or sdpa")
         return register()
-    if want == "auto" and padding_free:
+    if want == "auto" and padding_free and not _noted:
+        _noted.append(True)
         log.info("attention: varlen kernel unavailable here (CPU or torch < 2.10); padding-free batches use sdpa "
                  "with a block-diagonal mask (correct, slower)")
     return "sdpa" if want == "auto" else want
