@@ -145,9 +145,20 @@ def test_sft_optimisation_fields(tmp_path):
     ("none", False, False, 96),           # padded to the longest row
 ])
 def test_sft_packing_modes(tmp_path, mode, packing, padding_free, max_length):
-    _, a = sft(tmp_path, train={"packing": mode})
+    _, a = sft(tmp_path, train={"packing": mode}, model={"attn_implementation": "sdpa"})  # explicit: kept
     assert (a.packing, a.padding_free, a.max_length) == (packing, padding_free, max_length)
     assert a.include_num_input_tokens_seen == ("non_padding" if mode == "none" else "all")
+
+
+def test_padding_free_default_falls_back_without_the_varlen_kernel(tmp_path, monkeypatch):
+    from train import attention
+
+    monkeypatch.setattr(attention, "available", lambda: False)  # CPU, or torch < 2.10
+    _, a = sft(tmp_path)
+    assert (a.padding_free, a.packing, a.max_length) == (False, False, 96)  # padded batches
+    monkeypatch.setattr(attention, "available", lambda: True)  # a GPU with the kernel
+    _, b = sft(tmp_path)
+    assert (b.padding_free, b.packing, b.max_length) == (True, False, None)
 
 
 def test_fast_path_is_the_default():

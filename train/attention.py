@@ -55,6 +55,15 @@ def register() -> str:
     return NAME
 
 
+def effective_packing(cfg) -> str:
+    """train.packing as run: without the varlen kernel (CPU, old torch), `auto` attention turns the
+    default padding_free into padded batches — sdpa's dense block-diagonal mask over a flattened batch
+    costs (rows x length)^2, far more than padding. Explicit choices are kept."""
+    if cfg.train.packing == "padding_free" and cfg.model.attn_implementation == "auto" and not available():
+        return "none"
+    return cfg.train.packing
+
+
 def resolve(cfg) -> str:
     """model.attn_implementation as passed to from_pretrained; "auto" picks varlen for padding-free
     training on a GPU that has it, else sdpa (with a one-line notice when the fast path is off)."""
@@ -68,6 +77,6 @@ def resolve(cfg) -> str:
         return register()
     if want == "auto" and padding_free and not _noted:
         _noted.append(True)
-        log.info("attention: varlen kernel unavailable here (CPU or torch < 2.10); padding-free batches use sdpa "
-                 "with a block-diagonal mask (correct, slower)")
+        log.info("attention: no varlen kernel here (CPU or torch < 2.10): padded batches and sdpa instead of "
+                 "the padding-free fast path")
     return "sdpa" if want == "auto" else want

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from train import checkpoints, lora
+from train import attention, checkpoints, lora
 from train.config import Config
 
 log = logging.getLogger("train")
@@ -44,6 +44,7 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
     from trl import SFTConfig
 
     t = cfg.train
+    packing = attention.effective_packing(cfg)
     eval_steps = t.eval_every if has_eval and t.eval_every else None
     return SFTConfig(
         output_dir=str(run / "checkpoints"),
@@ -70,16 +71,16 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         logging_steps=t.logging_steps,
         # tokens/s that counts real tokens only (padding-free batches have none to exclude, and "all"
         # avoids a device sync per step)
-        include_num_input_tokens_seen="all" if t.packing != "none" else "non_padding",
+        include_num_input_tokens_seen="all" if packing != "none" else "non_padding",
         report_to=cfg.log.report_to or "none",
         run_name=cfg.log.run_name or run.name,
         seed=cfg.run.seed,
         # padding_free: TRL flattens each micro-batch's rows; data.py has already cut rows to
         # data.max_length, and TRL refuses max_length without bin packing
-        max_length=None if t.packing == "padding_free" else cfg.data.max_length,
-        packing=t.packing == "bfd",
+        max_length=None if packing == "padding_free" else cfg.data.max_length,
+        packing=packing == "bfd",
         packing_strategy="bfd",  # best-fit decreasing: whole rows, never split, positions restart per row
-        padding_free=t.packing != "none",
+        padding_free=packing != "none",
         use_liger_kernel=t.liger and torch.cuda.is_available(),
         dataset_num_proc=None,
         disable_tqdm=False,  # progress bar even when log_level is quiet
