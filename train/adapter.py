@@ -131,13 +131,15 @@ def check_same_base(adapter_dir: Path, base_path: str) -> None:
                         "set model.name_or_path to the base it was trained on")
 
 
-def load(adapter_dir: Path, cfg: Config):
-    """Base quantized exactly as in training + the adapter, with training's dtypes. Returns (model, tok, path)."""
+def load(adapter_dir: Path, cfg: Config, tok=None):
+    """Base quantized exactly as in training + the adapter, with training's dtypes. Returns (model, tok, path).
+    `tok`: the adapter's tokenizer when the caller has already loaded it."""
     from peft import PeftModel
 
     path = model_lib.resolve_model_path(cfg.model)
     check_same_base(adapter_dir, path)
-    tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
+    if tok is None:
+        tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     base = model_lib.prepare_for_kbit(model_lib.load_base(cfg, path), cfg)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     lora.match_training_dtypes(peft_model, cfg.quant.mode)

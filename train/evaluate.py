@@ -153,9 +153,7 @@ def resolve_eval_config(adapter_dir: Path, data_path: str | None, limit: int | N
         set_dotted(raw, *parse_override(item))
     if data_path:
         raw["data"].update({"eval": data_path, "eval_fraction": 0.0})
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit must be >= 1, got {limit}")
+    if limit is not None:  # evaluate_run has checked it is >= 1
         raw["eval"]["limit"] = limit
     return from_dict(raw, source=f"{adapter_dir / 'config.yaml'}")
 
@@ -180,7 +178,7 @@ def evaluate_run(target: str, data: str | None = None, limit: int | None = None,
     examples = eval_examples(split, tok, cfg)[: cfg.eval.limit or None]
     if cfg.eval.task != "none":
         truths_for_task(examples, cfg)
-    model, tok, _ = adapter_lib.load(adapter_dir, cfg)
+    model, tok, _ = adapter_lib.load(adapter_dir, cfg, tok)
     log.info("evaluating %d rows (%s), base vs base + adapter", len(examples), split.source)
     report: dict[str, Any] = {"rows": len(examples), "source": split.source, "task": cfg.eval.task,
                               "settings": {"max_new_tokens": cfg.eval.max_new_tokens, **thresholds(cfg)}}
