@@ -194,8 +194,15 @@ def test_checkpointed_activations_by_hand(tiny):
     assert per_layer["mlp"] == 3 * 2 * 128
     fp16 = plan.layer_saved_bytes_per_token(plan.model_shape(tiny), LoraCfg(r=8), QuantCfg(compute_dtype="float16"))
     assert fp16["mlp"] == 3 * 4 * 128  # fp16 compute keeps peft's fp32 upcast: fp32 residual stream
-    # LoRA: bf16 input (2) + dropout mask (1) per in_feature, bf16 r-vector per branch
-    assert per_layer["lora"] == sum(3 * i + 2 * 8 for i, _ in TINY_LAYER.values())
+    # LoRA (dropout 0.05, lean dropout): only the bf16 r-vector per branch; x is the base layer's
+    assert per_layer["lora"] == sum(2 * 8 for _ in TINY_LAYER.values())
+    # DoRA keeps peft's dropout: bf16 output (2) + bool mask (1) per in_feature
+    dora = plan.layer_saved_bytes_per_token(plan.model_shape(tiny), LoraCfg(r=8, use_dora=True), QuantCfg())
+    assert dora["lora"] == sum(3 * i + 2 * 8 for i, _ in TINY_LAYER.values())
+    # fp16 compute without dropout: autocast copies the fp32 input of each branch to fp16 (2 per in_feature)
+    fp16_nodrop = plan.layer_saved_bytes_per_token(plan.model_shape(tiny), LoraCfg(r=8, dropout=0.0),
+                                                   QuantCfg(compute_dtype="float16"))
+    assert fp16_nodrop["lora"] == sum(2 * i + 2 * 8 for i, _ in TINY_LAYER.values())
 
 
 def test_fused_loss_head_is_far_smaller_than_full_logits(llama8b):

@@ -409,28 +409,41 @@ def precision(quant: QuantCfg) -> Precision:
     return Precision(True, compute, residual, LORA_KBIT_PARAM_BYTES)
 
 
-def lora_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg) -> float:
-    """Per token per layer, what the LoRA branches save for the backward:
+def lora_input_copy_bytes(lora: LoraCfg, quant: QuantCfg) -> float:
+    """Per in_feature of a targeted Linear, what its LoRA branch saves beyond the input x that the
+    frozen base layer keeps anyway:
 
-        sum over targeted Linear (in_features * (2 + mask) + 2 * r) / n_layers
-        mask = 1 (bool dropout mask) when lora.dropout > 0, else 0
-
-    Every branch saves its own bf16 copy of its input (each casts separately: autocast in kbit mode,
-    peft's cast to the fp32 adapter dtype + autocast for quant.mode=none), so nothing is shared.
+        k-bit, plain LoRA, dropout > 0   0      train.lora's lean dropout keeps x and an RNG state only
+        k-bit, dropout == 0              0      lora_A saves x itself; 2 when autocast must copy an fp32
+                                                input (the fp32 residual of fp16/fp32 compute)
+        DoRA, or quant.mode=none         2 + 1  peft's own dropout: bf16 output + bool mask (2 without dropout)
     """
     mask = LORA_DROPOUT_MASK_BYTES if lora.dropout > 0 else 0
+    if quant.mode == "none" or lora.use_dora:
+        return LORA_INPUT_BYTES + mask
+    if lora.dropout > 0:
+        return 0.0
+    return LORA_INPUT_BYTES if upcasts(quant) else 0.0
+
+
+def lora_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCfg) -> float:
+    """Per token per layer, what the LoRA branches save for the backward:
+
+        sum over targeted Linear (in_features * lora_input_copy_bytes + 2 * r) / n_layers
+    """
+    copy = lora_input_copy_bytes(lora, quant)
     targets = [l for l in lora_targets(shape, lora.target_modules) if l.name != shape.lm_head]
-    total = sum(l.in_features * (LORA_INPUT_BYTES + mask) + LORA_MID_BYTES * lora.r for l in targets)
+    total = sum(l.in_features * copy + LORA_MID_BYTES * lora.r for l in targets)
     return total / shape.n_layers
 
 
-def lora_freed_before_mlp_peak(shape: ModelShape, lora: LoraCfg) -> float:
-    """Per token per layer: the saved LoRA input of the down projection(s) (Linear reading `intermediate`
-    features), released by the time the MLP backward peaks: in_features * (2 + mask) / n_layers."""
-    mask = LORA_DROPOUT_MASK_BYTES if lora.dropout > 0 else 0
+def lora_freed_before_mlp_peak(shape: ModelShape, lora: LoraCfg, quant: QuantCfg) -> float:
+    """Per token per layer: the saved LoRA input copy of the down projection(s) (Linear reading
+    `intermediate` features), released by the time the MLP backward peaks."""
+    copy = lora_input_copy_bytes(lora, quant)
     targets = [l for l in lora_targets(shape, lora.target_modules)
                if l.name != shape.lm_head and l.in_features == shape.intermediate]
-    return sum(l.in_features * (LORA_INPUT_BYTES + mask) for l in targets) / shape.n_layers
+    return sum(l.in_features * copy for l in targets) / shape.n_layers
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCfg) -> dict[str, float]:
@@ -441,7 +454,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCf
                                                                bf16 q, k, v, output; fp32 logsumexp per head
         mlp       = 3 * R * intermediate                       SiLU input, SiLU output, up (R = residual bytes:
                                                                4 in kbit mode, 2 for quant.mode=none)
-        lora      = lora_saved_bytes_per_token(...)            ~ 3 * sum(in_features of targeted Linear)
+        lora      = lora_saved_bytes_per_token(...)            2 * r per branch (+ input copies, see there)
         int8      = 2 * R * hidden + 2 * q_dim + R * intermediate   (quant.mode=int8 only: MatMul8bitLt
                                                                saves each matmul input)
     """
@@ -452,7 +465,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, lora: LoraCfg, quant: QuantCf
         "attention": ATTN_QKV_BYTES * (shape.q_dim + 2 * shape.kv_dim) + ATTN_OUT_BYTES * shape.q_dim
         + ATTN_LSE_BYTES * shape.n_heads,
         "mlp": MLP_SAVED_TENSORS * p.residual * i,
-        "lora": lora_saved_bytes_per_token(shape, lora),
+        "lora": lora_saved_bytes_per_token(shape, lora, quant),
         "int8": 0.0,
     }
     if quant.mode == "int8" and INT8_SAVED_INPUTS:
@@ -483,7 +496,7 @@ def dequant_workspace_bytes(shape: ModelShape, quant: QuantCfg) -> int:
 def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, float]:
     """{"saved", "working"}: activations kept across the step, and one layer's recompute + backward.
 
-    With gradient checkpointing (transformers checkpoints each decoder layer, use_reentrant=False):
+    With gradient checkpointing (transformers checkpoints each decoder layer):
         saved   = tokens * (n_layers * R * hidden + rope + inputs)        one hidden state per layer
         working = tokens * (layer_saved - alias - freed + bwd) + dequant  the layer being recomputed
         (alias = R * hidden in kbit mode: the input norm saves the checkpointed fp32 input itself)
@@ -499,7 +512,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     layer = sum(layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant).values())
     bwd = backward_workspace_bytes_per_token(shape, cfg.quant)
     shared = ROPE_TENSORS * shape.head_dim * p.residual + INPUT_BYTES_PER_TOKEN
-    bwd -= lora_freed_before_mlp_peak(shape, cfg.lora)
+    bwd -= lora_freed_before_mlp_peak(shape, cfg.lora, cfg.quant)
     dequant = dequant_workspace_bytes(shape, cfg.quant)
     if cfg.train.gradient_checkpointing:
         alias = p.residual * shape.hidden if p.residual == NORM_SAVED_BYTES else 0
