@@ -169,10 +169,10 @@ def test_fast_path_is_the_default():
     assert ModelCfg().attn_implementation == "auto"
 
 
-def test_sft_gradient_checkpointing_is_non_reentrant(tmp_path):
+def test_sft_gradient_checkpointing_is_reentrant(tmp_path):
     _, a = sft(tmp_path)
     assert a.gradient_checkpointing is True
-    assert a.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert a.gradient_checkpointing_kwargs == {"use_reentrant": True}
     _, off = sft(tmp_path, train={"gradient_checkpointing": False})
     assert off.gradient_checkpointing is False
 

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from train import attention, checkpoints, lora
+from train import attention, checkpoints, lora, sampler
 from train.config import Config
 
 log = logging.getLogger("train")
@@ -60,7 +60,10 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant breaks with frozen 4-bit inputs
+        # reentrant: the first forward runs under no_grad, so no autograd graph or saved-tensor hooks are built
+        # for it: +7% tokens/s on the host-bound fast path (docs/benchmarks.md). TRL makes the frozen base's
+        # inputs require grad so gradients still reach LoRA; PEFT + ZeRO-3 needs reentrant anyway
+        gradient_checkpointing_kwargs={"use_reentrant": True},
         bf16=use_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),  # transformers 5 refuses bf16 on CPU unless told
         save_strategy="steps",
@@ -86,6 +89,10 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         disable_tqdm=False,  # progress bar even when log_level is quiet
         log_level="warning",
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; True would slow each DDP step
+        # each optimizer step's rows (the same set as a random sampler's) are split so that every rank and
+        # accumulation step gets about the same tokens: under DDP a step lasts as long as its slowest rank
+        # (train/sampler.py)
+        train_sampling_strategy="batch_rebalance",
     )
 
 
@@ -226,9 +233,14 @@ def trainer_class():
 
         task_scorer = None  # callable(model) -> {"eval_mae": ...}: task metric logged with each eval
 
+        def _get_train_sampler(self, train_dataset=None):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return sampler.rebalance_for(super()._get_train_sampler(train_dataset), self.args.padding_free, seed)
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-            lora.match_training_dtypes(self.model, self.quant_mode)
+            if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # they keep fp32 master weights
+                lora.match_training_dtypes(self.model, self.quant_mode)
 
         def evaluate(self, *args, **kwargs):
             """Loss from SFTTrainer, then the task metric (e.g. MAE) on a fixed eval subset, logged
