@@ -370,7 +370,34 @@ def test_several_gpus_in_one_process_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(fit_mod, "distributed_state", lambda: type("S", (), {"num_processes": 1})())
+    from train.config import Config
+
     with pytest.raises(UserError, match="accelerate launch .*CUDA_VISIBLE_DEVICES=0"):
-        fit_mod.check_launch()
+        fit_mod.check_launch(Config())
     monkeypatch.setattr(fit_mod, "distributed_state", lambda: type("S", (), {"num_processes": 2})())
-    fit_mod.check_launch()  # one process per GPU: fine
+    fit_mod.check_launch(Config())  # one process per GPU: fine
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_needs_bf16_storage_and_loads_without_device_map(monkeypatch, env):
+    """FSDP / ZeRO-3 flatten one dtype per unit: uint8-packed 4-bit weights are refused before any load,
+    and the base loads without a device_map (transformers refuses one under ZeRO-3)."""
+    from train import fit as fit_mod
+    from train import model as model_mod
+    from train.config import Config
+    from train.errors import UserError
+
+    monkeypatch.setenv(env, "true")
+    with pytest.raises(UserError, match="quant.storage_dtype: .*set quant.storage_dtype: bfloat16"):
+        fit_mod.check_launch(Config())
+    cfg = Config()
+    cfg.quant.storage_dtype = "bfloat16"
+    fit_mod.check_launch(cfg)
+    cfg.quant.mode = "none"
+    cfg.quant.storage_dtype = None
+    fit_mod.check_launch(cfg)  # nothing packed to shard
+    monkeypatch.setattr(model_mod.torch.cuda, "is_available", lambda: True)
+    assert model_mod.device_map() is None
+    monkeypatch.setenv(env, "false")
+    monkeypatch.setattr("accelerate.PartialState", lambda: type("S", (), {"local_process_index": 1})())
+    assert model_mod.device_map() == {"": 1}

@@ -465,6 +465,26 @@ def test_output_dir_not_writable(tmp_path, expect):
         locked.chmod(0o700)
 
 
+@pytest.mark.parametrize("layout, resumable", [
+    (["adapter_model.safetensors", "optimizer.pt"], True),  # one GPU, DDP
+    (["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp"], True),  # FSDP, sharded state dict
+    (["adapter_model.safetensors", "optimizer.bin"], True),  # FSDP, full state dict
+    (["adapter_model.safetensors", "global_step4/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], True),  # ZeRO-3
+    (["adapter_model.safetensors"], False),  # the optimizer state is gone: not resumable
+    (["pytorch_model_fsdp_0/", "optimizer_0/__0_0.distcp"], False),  # an empty shard directory
+])
+def test_checkpoint_layouts_of_every_launcher(tmp_path, layout, resumable):
+    from train import checkpoints
+
+    ckpt = tmp_path / "checkpoints/checkpoint-4"
+    ckpt.mkdir(parents=True)
+    for name in [*layout, "scheduler.pt", "trainer_state.json", "COMPLETE"]:
+        (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
+        if not name.endswith("/"):
+            (ckpt / name).write_bytes(b"\0")
+    assert (checkpoints.latest_complete(tmp_path / "checkpoints") == ckpt) == resumable
+
+
 def test_resume_checkpoint_missing(tmp_path, expect):
     raw = _set(demo_raw(tmp_path), "train", resume=str(tmp_path / "old/checkpoint-40"))
     expect(fit_args(tmp_path, raw), "train.resume", "checkpoint-40 is not a checkpoint directory",

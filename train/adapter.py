@@ -20,11 +20,13 @@ log = logging.getLogger("train")
 META = "training_meta.json"
 
 
-def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[str, Any], train_split, eval_split):
-    """Write RUN/adapter/ via a temporary directory and a rename: a kill never leaves half an adapter."""
+def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[str, Any], train_split, eval_split,
+         state_dict: dict[str, Any] | None = None):
+    """Write RUN/adapter/ via a temporary directory and a rename: a kill never leaves half an adapter.
+    `state_dict`: full tensors gathered from FSDP/ZeRO-3 shards (peft keeps the adapter's keys)."""
     final, tmp = run / "adapter", run / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
+    peft_model.save_pretrained(tmp, state_dict=state_dict)
     tok.save_pretrained(tmp)
     dump_config(cfg, tmp / "config.yaml")
     meta = {

@@ -26,9 +26,12 @@ OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "metrics.jsonl", "config.yaml
 # Keys whose change makes a checkpoint unusable (the saved tensors would not fit the new model).
 STRUCTURAL = ("model.name_or_path", "quant.mode", "lora.r", "lora.target_modules", "lora.use_dora",
               "lora.modules_to_save", "data.format")
+# "a|b": either file; FSDP (sharded state dict) and DeepSpeed write their own layouts
+ADAPTER_FILES = "adapter_model.safetensors|pytorch_model_fsdp_0/*"
+OPTIMIZER_FILES = "optimizer.pt|optimizer.bin|optimizer_0/*|global_step*/*optim_states.pt"
 RESTORABLE = {
-    "adapter weights": ("adapter_model.safetensors",),
-    "optimizer state": ("optimizer.pt",),
+    "adapter weights": (ADAPTER_FILES,),
+    "optimizer state": (OPTIMIZER_FILES,),
     "LR scheduler": ("scheduler.pt",),
     "RNG state": ("rng_state*.pth",),  # rng_state.pth, or one rng_state_<rank>.pth per DDP rank
     "data position": ("trainer_state.json",),
@@ -37,7 +40,7 @@ RESTORABLE = {
 
 # What a resumable checkpoint must hold besides the marker (a kill while the Trainer rotates old
 # checkpoints away can leave a marked one half-deleted).
-NEEDED = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+NEEDED = (ADAPTER_FILES, "trainer_state.json", OPTIMIZER_FILES, "scheduler.pt")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -204,7 +207,8 @@ def finished(ckpt: Path, cfg: Config) -> bool:
 
 
 def has_files(ckpt: Path, patterns) -> bool:
-    return all(any(p.is_file() for p in ckpt.glob(pattern)) for pattern in patterns)
+    """Every pattern matches a file; a pattern "a|b" matches if either glob does."""
+    return all(any(p.is_file() for alt in pattern.split("|") for p in ckpt.glob(alt)) for pattern in patterns)
 
 
 def describe_restore(ckpt: Path) -> str:

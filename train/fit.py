@@ -28,13 +28,19 @@ class Fitted:
 def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     run = Path(cfg.run.output_dir)
     main = is_main_process()
-    check_launch()
+    check_launch(cfg)
 
     # 1. Tokenizer and data (before anything is written or the weights load: bad rows fail fast)
     path = model.resolve_model_path(cfg.model)
     tok = model.load_tokenizer(path, cfg.model)
     train_split, eval_split = data.load_splits(cfg, tok)
     scorer = evaluate.training_scorer(cfg, tok, eval_split)  # checks eval truths parse for eval.task
+    if scorer is not None and model.sharded_launch():
+        # generation on a sharded model runs on every rank in lockstep, one layer gather per token: slow,
+        # and ranks stopping at different lengths would hang. The loss is still evaluated.
+        log.info("%s: the task metric is computed after training (python -m train eval), not during it",
+                 model.sharded_launch())
+        scorer = None
 
     # 2. Run directory and resume point
     if main:
@@ -69,10 +75,23 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     # 5. Save the adapter, tokenizer, config and model card
     if eval_split is not None:
         metrics.update(final_eval(sft, cfg))
+    state = gather_adapter_state(sft)  # every rank takes part under FSDP / ZeRO-3
     if main:
-        adapter.save(sft.model, tok, cfg, run, path, metrics, train_split, eval_split)
+        adapter.save(sft.accelerator.unwrap_model(sft.model), tok, cfg, run, path, metrics, train_split, eval_split,
+                     state_dict=state)
         log.info("adapter saved to %s\n%s", run / "adapter", json.dumps(metrics, indent=1, default=str))
+    distributed_state().wait_for_everyone()
     return Fitted(run, sft.model, tok, metrics)
+
+
+def gather_adapter_state(sft) -> dict[str, Any] | None:
+    """FSDP and ZeRO-3 keep each weight in shards across ranks: gather full tensors for the adapter file
+    (a collective: every rank calls it). None where each rank holds the whole model (one GPU, DDP)."""
+    if sft.is_deepspeed_enabled and sft.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
+        return sft.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    if sft.is_fsdp_enabled:
+        return sft.accelerator.get_state_dict(sft.model_wrapped)
+    return None
 
 
 def final_eval(sft, cfg: Config) -> dict[str, Any]:
@@ -100,14 +119,20 @@ def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
     return resume_from
 
 
-def check_launch() -> None:
-    """Several visible GPUs in one process would make Trainer use nn.DataParallel, which TRL refuses."""
+def check_launch(cfg: Config) -> None:
+    """Several visible GPUs in one process would make Trainer use nn.DataParallel, which TRL refuses.
+    FSDP and ZeRO-3 shard only floating-point tensors of one dtype: the packed 4-bit weights must be
+    stored as bf16, like the rest of the model."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > 1 and distributed_state().num_processes == 1:
         raise UserError(f"{gpus} GPUs are visible to one process; use them all with `accelerate launch "
                         "--config_file configs/accelerate/ddp.yaml -m train fit ...`, or one with CUDA_VISIBLE_DEVICES=0")
+    sharded, q = model.sharded_launch(), cfg.quant
+    if sharded and q.mode != "none" and (q.storage_dtype != "bfloat16" or q.compute_dtype != "bfloat16"):
+        raise UserError(f"quant.storage_dtype: {sharded} shards only bf16 tensors here; set "
+                        "quant.storage_dtype: bfloat16 and quant.compute_dtype: bfloat16 (or launch with ddp.yaml)")
 
 
 def is_main_process() -> bool:

@@ -107,9 +107,19 @@ def count_params(model_config) -> int:
     return sum(p.numel() for p in meta_model(model_config).parameters())
 
 
+def sharded_launch() -> str | None:
+    """"fsdp" or "deepspeed" when `accelerate launch` shards the model across processes, else None."""
+    for name, env in (("fsdp", "ACCELERATE_USE_FSDP"), ("deepspeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(env, "false").lower() in ("1", "true"):
+            return name
+    return None
+
+
 def device_map() -> dict[str, Any] | None:
-    """Each process loads the whole base on its own GPU (never "auto": that splits it across ranks' GPUs)."""
-    if torch.cuda.is_available():
+    """Each process loads the whole base on its own GPU (never "auto": that splits it across ranks' GPUs).
+    Under FSDP/DeepSpeed: None (transformers refuses a device_map with ZeRO-3; bitsandbytes then loads
+    onto the process's current GPU, and FSDP/ZeRO-3 shard it when the Trainer wraps the model)."""
+    if torch.cuda.is_available() and sharded_launch() is None:
         from accelerate import PartialState
 
         return {"": PartialState().local_process_index}
@@ -210,7 +220,7 @@ def prepare_for_kbit(model, cfg: Config):
     stability gain, since bf16 has fp32's range. TRL's own QLoRA path does not upcast either.
 
     Gradient checkpointing and input-grad hooks are NOT enabled here: the Trainer enables
-    checkpointing from SFTConfig (use_reentrant=False) and TRL 1.x calls enable_input_require_grads
+    checkpointing from SFTConfig (use_reentrant=True) and TRL 1.x calls enable_input_require_grads
     itself, so doing it here too would double-prepare.
     """
     for p in model.parameters():
