@@ -6,6 +6,8 @@
     python scripts/bench.py --tiny               # CPU smoke test: tiny Llama, 3 steps
     python scripts/bench.py --profile c-fast     # + one extra step under torch.profiler (GPU time by kernel
                                                  #   group, kernel launches, sync calls, top host ops)
+    python scripts/bench.py --plan-check         # memory planner (train/plan.py) vs measured peaks: way c at
+                                                 #   micro-batches of 4x512, 16x512, 16x1024 tokens (2k/8k/16k)
 
 Results: WORK/results/results.json (everything) and table.md; --report DIR copies both there after
 each way. Numbers, method and findings: docs/benchmarks.md; predictions vs outcomes: docs/bench-notes.md.
@@ -34,6 +36,13 @@ training, MFU = tokens/s x 6 x N_matmul / 790e12 (N_matmul: every Linear weight 
 frozen 4-bit base needs no weight gradients; attention-score FLOPs and LoRA FLOPs not counted),
 and the loss of the first steps. Ways c* also run a per-sequence loss check: the same 8 rows
 through the trained model alone, padded (way a's batching) and packed (the way's batching).
+
+--plan-check (alone, or after --ways): way c's pipeline, defaults untouched except train.batch_size = B,
+on rows of exactly L tokens, so every micro-batch is exactly B*L tokens; 3 optimizer steps per setting,
+each in its own process. Compared: the measured training peak (the same max_memory_allocated as above)
+and train.plan.torch_allocated(train.plan.estimate(cfg, config.json, tokens=B*L)), cfg loaded by
+train.config.load_config with the same file and --set overrides the run used. Pass: every setting
+within PLAN_TOLERANCE (15%). On CPU (--tiny) there is no CUDA peak: predictions only, measured n/a.
 """
 
 from __future__ import annotations
@@ -121,6 +130,12 @@ WAYS = {
                           patches=["bf16_prep", "rows_padding_free", "varlen_attn"]),
 }
 DEFAULT_WAYS = "a,b,c,c-fast"
+
+# --plan-check settings, "BxL": B rows per micro-batch of exactly L tokens (micro-batch tokens 2k / 8k / 16k)
+PLAN_SETTINGS = "4x512,16x512,16x1024"
+PLAN_SETTINGS_TINY = "4x32,16x32,16x64"  # the same shapes scaled down: CPU minutes, every code path
+PLAN_TOLERANCE = 0.15  # the issue's bar: |predicted - measured| / measured within 15% at every setting
+PLAN_WARMUP, PLAN_STEPS = 1, 2  # 3 optimizer steps: the peak is reached in step 1's backward already
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,11 +241,10 @@ def ensure_data(work: Path, tiny: bool, rows: int) -> tuple[Path, Path, dict]:
     rng = np.random.default_rng(SEED)
     sigma = 1.0
     lengths = np.clip(np.rint(rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, rows)), lo, cap).astype(int)
-    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
     tok = tiny_mod.build_tokenizer()
     texts, ids = [], []
     for n in lengths:
-        text = letters[rng.integers(0, len(letters), n - 2)].tobytes().decode()
+        text = random_letters(rng, n - 2)
         texts.append(text)
         ids.append(tok(text)["input_ids"] + [tok.eos_token_id])  # exactly what train/data.py encode_text does
         assert len(ids[-1]) == n, (len(ids[-1]), n)
@@ -243,6 +257,40 @@ def ensure_data(work: Path, tiny: bool, rows: int) -> tuple[Path, Path, dict]:
              "sigma": sigma, "cap": cap}
     stamp.write_text(json.dumps(stats))
     return target / "train.jsonl", target / "ids.json", stats
+
+
+def random_letters(rng, n: int) -> str:
+    """n random ASCII letters: one byte-level token each (BOS and EOS make a row n + 2 tokens)."""
+    import numpy as np
+
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
+    return letters[rng.integers(0, len(letters), n)].tobytes().decode()
+
+
+def ensure_fixed_data(work: Path, length: int, rows: int) -> Path:
+    """Rows of exactly `length` tokens for --plan-check: a micro-batch of B rows is then exactly B*length tokens
+    whatever the batching (padding-free, or padded on CPU: equal rows need no pad), so the planner is asked
+    about the very token count the run trains on."""
+    import numpy as np
+
+    from train import tiny as tiny_mod
+
+    target = work / f"data-fixed-{length}x{rows}" / "train.jsonl"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SEED + length)
+    tok = tiny_mod.build_tokenizer()
+    lines = []
+    for _ in range(rows):
+        text = random_letters(rng, length - 2)
+        n = len(tok(text)["input_ids"]) + 1  # + EOS, which train/data.py encode_text appends
+        assert n == length, (n, length)
+        lines.append(json.dumps({"text": text}))
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, target)  # a cut-short file is never mistaken for a finished one
+    return target
 
 
 def write_our_config(work: Path, model_dir: Path, data_file: Path, ctx: dict) -> Path:
@@ -655,7 +703,11 @@ def run_ours(way: dict, ctx: dict) -> dict:
     for p in patches:
         if p in PATCHES:
             PATCHES[p]()
-    if "varlen_attn" in patches:
+    import torch
+
+    # the bench's own varlen registration predates train/attention.py, which owns the name now and falls
+    # back to padded batches without CUDA; on CPU (--tiny) leave it to train/attention.py
+    if "varlen_attn" in patches and torch.cuda.is_available():
         name = register_varlen_attention()
         original_load = config_mod.load_config
 
@@ -679,10 +731,7 @@ def run_ours(way: dict, ctx: dict) -> dict:
 
     trainer_mod.build_trainer = build_trainer
     t0 = time.perf_counter()
-    out_dir = Path(ctx["work"]) / "runs" / ctx["way"]
-    sets = [f"run.output_dir={out_dir}", f"train.max_steps={ctx['warmup'] + ctx['steps'] + ctx['profile']}",
-            *way.get("sets", [])]
-    argv = ["fit", ctx["config"], "--overwrite", *[x for s in sets for x in ("--set", s)]]
+    argv = ["fit", ctx["config"], "--overwrite", *[x for s in our_sets(way, ctx) for x in ("--set", s)]]
     rc = cli.main(argv)
     wall = time.perf_counter() - t0
     if rc != 0 or "trainer" not in captured:
@@ -694,11 +743,20 @@ def run_ours(way: dict, ctx: dict) -> dict:
     res["attn"] = cfg.model.attn_implementation
     res["varlen"] = dict(VARLEN_INFO)
     res["embed_dtype"] = str(tr.model.get_input_embeddings().weight.dtype)
+    if not way.get("check", True):  # plan-check runs: memory only, and ids_file is not their data
+        return res
     try:
         res["check"] = packing_check(tr, ctx)
     except Exception as e:  # noqa: BLE001 - the timing result stands on its own; say why the check failed
         res["check"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return res
+
+
+def our_sets(way: dict, ctx: dict) -> list[str]:
+    """The --set overrides ways c* pass to `python -m train fit`; --plan-check loads its config with these too."""
+    out_dir = Path(ctx["work"]) / "runs" / ctx["way"]
+    return [f"run.output_dir={out_dir}", f"train.max_steps={ctx['warmup'] + ctx['steps'] + ctx['profile']}",
+            *way.get("sets", [])]
 
 
 def packing_check(trainer, ctx: dict, k: int = 8) -> dict:
@@ -773,13 +831,16 @@ def packing_check(trainer, ctx: dict, k: int = 8) -> dict:
     return out
 
 
+def way_ctx(ctx: dict, name: str) -> tuple[dict, dict]:
+    """A way's definition (WAYS, or a --plan-check setting) and the context its process runs with."""
+    way = dict(WAYS[name]) if name in WAYS else dict(ctx["plan_ways"][name])
+    ctx = {**ctx, "way": name, "profile": int(name in ctx.get("profile_ways", []))}
+    ctx.update({k: way[k] for k in ("warmup", "steps") if k in way})
+    return way, ctx
+
+
 def child(way_name: str, ctx_file: Path) -> int:
-    ctx = json.loads(ctx_file.read_text())
-    ctx["way"] = way_name
-    ctx["profile"] = int(way_name in ctx.get("profile_ways", []))
-    way = dict(WAYS[way_name])
-    if "warmup" in way:
-        ctx["warmup"] = way["warmup"]
+    way, ctx = way_ctx(json.loads(ctx_file.read_text()), way_name)
     out = Path(ctx["out"]) / f"way-{way_name}.json"
     t0 = time.perf_counter()
     try:
@@ -840,6 +901,140 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+# --------------------------------------------------------------------------------------------
+# --plan-check: train/plan.py's predicted peak against the measured one
+
+
+def parse_plan_settings(spec: str) -> list[tuple[int, int]]:
+    """"BxL" items (B rows of exactly L tokens), or token counts N: rows of 512 tokens up to N = 8192,
+    else 1024 (2048 -> 4x512, 8192 -> 16x512, 16384 -> 16x1024). Raises ValueError."""
+    out = []
+    for item in (x.strip().lower() for x in spec.split(",") if x.strip()):
+        if "x" in item:
+            b, length = (int(v) for v in item.split("x"))
+        else:
+            n = int(item)
+            length = 512 if n <= 8192 else 1024
+            b, rem = divmod(n, length)
+            if rem:
+                raise ValueError(f"{n} tokens is not a whole number of {length}-token rows; give it as BxL")
+        if b < 1 or length < 3:  # a row is BOS + at least one letter + EOS
+            raise ValueError(f"{item}: need at least 1 row of at least 3 tokens")
+        out.append((b, length))
+    return out
+
+
+def plan_ways(settings: list[tuple[int, int]], work: Path) -> dict:
+    """Way c (our config, no patches) per setting: B rows per micro-batch, one micro-batch per step, rows of
+    exactly L tokens; data.max_length = L, so no row is cut and the planner's default tokens equal B*L too."""
+    ways = {}
+    for b, length in settings:
+        data = ensure_fixed_data(work, length, max(64, 4 * b))  # >= 3 steps of B rows, shuffled as usual
+        ways[f"plan-{b}x{length}"] = dict(
+            kind="ours", desc=f"plan check: way c, {b} rows x {length} tokens = {b * length:,} tokens per micro-batch",
+            sets=[f"train.batch_size={b}", "train.grad_accum=1", f"data.train={data}", f"data.max_length={length}"],
+            rows=b, row_tokens=length, tokens=b * length, warmup=PLAN_WARMUP, steps=PLAN_STEPS, check=False)
+    return ways
+
+
+def plan_prediction(ctx: dict, name: str) -> dict:
+    """The planner's view of the run `name` makes: the same YAML and --set overrides (our_sets) through
+    train.config.load_config, as `python -m train fit` loads them, the model's config.json, tokens = B*L."""
+    from train import plan
+    from train.config import load_config
+    from train.model import load_model_config, resolve_model_path
+
+    way, wctx = way_ctx(ctx, name)
+    cfg = load_config(wctx["config"], our_sets(way, wctx))
+    model_config = load_model_config(resolve_model_path(cfg.model), cfg.model)
+    est = plan.estimate(cfg, model_config, tokens=way["tokens"])
+    return {"predicted_gb": plan.torch_allocated(est) / plan.GB, "total_gb": est["total"] / plan.GB,
+            "cfg_tokens": plan.micro_batch_tokens(cfg),
+            "components_gb": {k: round(v, 6) for k, v in plan.as_gb(est).items()}}
+
+
+def plan_row(name: str, way: dict, pred: dict, res: dict, cuda: bool) -> dict:
+    """One setting: measured training peak vs predicted torch-visible peak. Measured is n/a without CUDA, and
+    the comparison is void if the run's largest micro-batch was not exactly B*L tokens."""
+    measured = res.get("peak_alloc_gb") if cuda else None
+    predicted = pred.get("predicted_gb")
+    seen = res.get("tokens_per_microbatch_max")
+    row = {"setting": name, "rows": way["rows"], "row_tokens": way["row_tokens"], "tokens": way["tokens"],
+           "tokens_seen_max": seen, "measured_gb": measured, "predicted_gb": predicted, "rel_err": None,
+           "pass": None, "error": pred.get("error") or res.get("error")}
+    if seen is not None and seen != way["tokens"]:
+        row["error"] = f"micro-batch had {seen} tokens, not {way['tokens']}: comparison void"
+    elif measured and predicted is not None:
+        row["rel_err"] = (predicted - measured) / measured
+        row["pass"] = abs(row["rel_err"]) <= PLAN_TOLERANCE
+    return {**row, "plan": pred, "run": res}
+
+
+def plan_verdict(rows: list[dict]) -> str:
+    """PASS: every setting measured and within tolerance, at least three of them (the issue's bar). FAIL names
+    the settings outside it or without a result (error, skipped); n/a when there is no CUDA peak to compare."""
+    bad = [r["setting"] for r in rows if r["error"] or r["pass"] is False]
+    if bad:
+        return f"FAIL: {', '.join(bad)}: not within {PLAN_TOLERANCE:.0%}, or no result"
+    if any(r["pass"] is None for r in rows):
+        return "n/a (no CUDA peak measured here: predictions only)"
+    if len(rows) < 3:
+        return f"FAIL: all within {PLAN_TOLERANCE:.0%}, but only {len(rows)} settings (the bar is at least 3)"
+    return f"PASS: {len(rows)} settings within {PLAN_TOLERANCE:.0%}"
+
+
+def plan_table(rows: list[dict]) -> str:
+    out = [f"Plan check (train/plan.py torch_allocated vs max_memory_allocated; tolerance {PLAN_TOLERANCE:.0%})", "",
+           "| setting | micro-batch tokens | seen | measured peak GB | predicted GB | error | within |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        meas = "n/a" if r["measured_gb"] is None else f"{r['measured_gb']:.3f}"
+        pred = "error" if r["predicted_gb"] is None else f"{r['predicted_gb']:.3f}"
+        err = "" if r["rel_err"] is None else f"{100 * r['rel_err']:+.1f}%"
+        seen = "" if r["tokens_seen_max"] is None else f"{r['tokens_seen_max']:,}"
+        within = r["error"][:100] if r["error"] else ("n/a" if r["pass"] is None else ("yes" if r["pass"] else "NO"))
+        out.append(f"| {r['setting']} | {r['tokens']:,} | {seen} | {meas} | {pred} | {err} |"
+                   f" {within} |")
+    return "\n".join(out + ["", plan_verdict(rows)])
+
+
+def run_plan_check(ctx: dict, ctx_file: Path, cuda: bool, budget_left, rows: list, report) -> None:
+    """Each setting: the prediction (here: config.json only, no GPU), then the run in its own process (clean
+    peak); appends to `rows` and calls report() after each, so a cut-short run still leaves its table."""
+    for name, way in ctx["plan_ways"].items():
+        try:
+            pred = plan_prediction(ctx, name)
+        except Exception as e:  # noqa: BLE001 - still measure; the row says why there is no prediction
+            pred = {"error": f"plan: {type(e).__name__}: {str(e)[:300]}"}
+        print(f"[bench] {name}: predicted torch-visible peak {pred.get('predicted_gb', float('nan')):.3f} GB"
+              f" {pred.get('error', '')}", flush=True)
+        left = budget_left()
+        if left is not None and left < 45:
+            res = {"way": name, "error": f"skipped: {left:.0f}s of budget left"}
+        else:
+            res = run_child(name, way["desc"], ctx_file, Path(ctx["out"]), left)
+        rows.append(plan_row(name, way, pred, res, cuda))
+        report()
+        r = rows[-1]
+        print(f"[bench] {name}: " + json.dumps({k: r[k] for k in (
+            "tokens_seen_max", "measured_gb", "predicted_gb", "rel_err", "pass", "error")}), flush=True)
+
+
+def run_child(name: str, desc: str, ctx_file: Path, out: Path, left: float | None) -> dict:
+    """One way in its own process (clean peak memory, no patches leaking); its result JSON, or why none."""
+    (out / f"way-{name}.json").unlink(missing_ok=True)
+    print(f"[bench] way {name}: {desc}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the log
+    try:
+        subprocess.run([sys.executable, __file__, "--child", name, str(ctx_file)], env=env, check=False,
+                       timeout=left - 5 if left else None)
+    except subprocess.TimeoutExpired:
+        return {"way": name, "error": "timed out (budget)"}
+    f = out / f"way-{name}.json"
+    return json.loads(f.read_text()) if f.is_file() else {"way": name, "error": "child wrote no result"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny Llama, 3 steps")
@@ -852,16 +1047,26 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=None, help="data rows (default 1500; tiny 300)")
     p.add_argument("--profile", default="", help="comma-separated ways to profile one extra (untimed) step of")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting ways after this many seconds")
+    p.add_argument("--plan-check", action="store_true",
+                   help="validate train/plan.py against measured peaks (way c at fixed micro-batch sizes);\n"
+                        "runs only this unless --ways is given too")
+    p.add_argument("--plan-tokens", default=None,
+                   help=f"--plan-check settings: BxL (B rows of L tokens) or token counts\n"
+                        f"(default {PLAN_SETTINGS}; tiny {PLAN_SETTINGS_TINY})")
     p.add_argument("--child", nargs=2, metavar=("WAY", "CTX"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args.child[0], Path(args.child[1]))
 
     start = time.perf_counter()
-    ways = (args.ways or DEFAULT_WAYS).split(",")
+    ways = args.ways.split(",") if args.ways else ([] if args.plan_check else DEFAULT_WAYS.split(","))
     unknown = [w for w in ways if w not in WAYS]
     if unknown:
         p.error(f"unknown way(s) {unknown}; choose from {', '.join(WAYS)}")
+    try:
+        settings = parse_plan_settings(args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS))
+    except ValueError as e:
+        p.error(f"--plan-tokens: {e}")
     work = Path(args.work or "/tmp/qlora-bench").resolve()
     out = Path(args.out).resolve() if args.out else work / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -874,7 +1079,8 @@ def main(argv=None) -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "tiny": args.tiny,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "warmup": warmup, "steps": steps, "command": " ".join(["python", *sys.argv])}
+            "warmup": warmup, "steps": steps, "command": " ".join(["python", *sys.argv]),
+            "plan_check": [f"{b}x{n}" for b, n in settings] if args.plan_check else None}
     t0 = time.perf_counter()
     model_dir, model_info = ensure_model(work, args.tiny)
     meta["model"] = {**model_info, "ensure_s": round(time.perf_counter() - t0, 1)}
@@ -885,43 +1091,42 @@ def main(argv=None) -> int:
            "warmup": warmup, "steps": steps, "max_length": 256 if args.tiny else 2048,
            "matmul_params": model_info["matmul_params"], "profile_ways": [w for w in args.profile.split(",") if w]}
     ctx["config"] = str(write_our_config(work, model_dir, data_file, ctx))
+    ctx["plan_ways"] = plan_ways(settings, work) if args.plan_check else {}
     ctx_file = work / "bench_ctx.json"
     ctx_file.write_text(json.dumps(ctx))
+    results: list = []
+    plan_rows: list = []
 
-    def report(meta, results) -> str:
-        text = table(results)
+    def report(meta) -> str:
+        text = "\n\n".join(([table(results)] if results else []) + ([plan_table(plan_rows)] if plan_rows else []))
+        doc = {"meta": meta, "results": results}
+        if args.plan_check:
+            doc["plan_check"] = {"tolerance": PLAN_TOLERANCE, "verdict": plan_verdict(plan_rows), "settings": plan_rows}
         for d in {out, Path(args.report).resolve() if args.report else out}:
             d.mkdir(parents=True, exist_ok=True)
-            (d / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+            (d / "results.json").write_text(json.dumps(doc, indent=1, default=str))
             (d / "table.md").write_text(text + "\n")
         return text
 
-    results = []
+    def budget_left() -> float | None:
+        return None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+
     for way in ways:
-        left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+        left = budget_left()
         if left is not None and left < 45:
             results.append({"way": way, "error": f"skipped: {left:.0f}s of budget left"})
             continue
-        (out / f"way-{way}.json").unlink(missing_ok=True)
-        print(f"[bench] way {way}: {WAYS[way]['desc']}", flush=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        env.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the log
-        try:
-            subprocess.run([sys.executable, __file__, "--child", way, str(ctx_file)], env=env, check=False,
-                           timeout=left - 5 if left else None)
-        except subprocess.TimeoutExpired:
-            results.append({"way": way, "error": "timed out (budget)"})
-            continue
-        f = out / f"way-{way}.json"
-        res = json.loads(f.read_text()) if f.is_file() else {"way": way, "error": "child wrote no result"}
+        res = run_child(way, WAYS[way]["desc"], ctx_file, out, left)
         results.append(res)
-        report(meta, results)
+        report(meta)
         print(f"[bench] {way}: " + json.dumps({k: res.get(k) for k in (
             "tok_per_s", "peak_alloc_gb", "mfu", "losses", "seqs_per_step", "pad_fraction", "error")}), flush=True)
         if "check" in res:
             print(f"[bench] {way} check: " + json.dumps(res["check"]), flush=True)
+    if args.plan_check:
+        run_plan_check(ctx, ctx_file, torch.cuda.is_available(), budget_left, plan_rows, lambda: report(meta))
     meta["total_s"] = round(time.perf_counter() - start, 1)
-    text = report(meta, results)
+    text = report(meta)
     print(f"\n{meta['device']}; {json.dumps(meta['versions'])}\n{text}")
     return 0
 
