@@ -108,8 +108,8 @@ class _DropoutLinear(torch.autograd.Function):
         grad_w = (flat.t() @ dropped.reshape(-1, x.shape[-1]).to(flat.dtype)).to(weight.dtype)
         del dropped
         grad_x = None
-        if ctx.needs_input_grad[0]:  # (grad @ W) * mask / (1 - p): scale folded into the matmul
-            grad_x = torch.addmm(flat.new_zeros(()), flat, weight.to(flat.dtype), beta=0, alpha=1 / (1 - ctx.p))
+        if ctx.needs_input_grad[0]:  # (grad @ W) * mask / (1 - p): the scale goes into the small W
+            grad_x = flat @ (weight.to(flat.dtype) * (1 / (1 - ctx.p)))
             grad_x = grad_x.mul_(mask.reshape(grad_x.shape)).reshape(x.shape).to(x.dtype)
         return grad_x, grad_w, None
 
