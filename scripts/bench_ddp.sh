@@ -5,7 +5,7 @@
 #   bash scripts/bench_ddp.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-/tmp/qb-ddp-out}; mkdir -p "$out"
-python3 scripts/bench.py --work /tmp/qb --report "$out" --warmup 2 --steps 6 --ways c
+CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py --work /tmp/qb --report "$out" --warmup 2 --steps 6 --ways c
 accelerate launch --config_file configs/accelerate/ddp.yaml -m train fit /tmp/qb/bench_c.yaml \
   --set run.output_dir=/tmp/qb/runs/ddp --set train.max_steps=8 --overwrite 2>&1 | grep -E "^\[train\]|error" || true
 cp /tmp/qb/runs/ddp/metrics.jsonl "$out/ddp_metrics.jsonl"
