@@ -376,3 +376,17 @@ def test_shipped_config_loads_and_validates(path):
 def test_set_template_stays_a_string(override, key, expected):
     cfg = load_config(DEMO, [override])
     assert getattr(cfg.data, key) == expected
+
+
+def test_an_adapter_without_tensors_is_never_published(tmp_path):
+    """FSDP/ZeRO-3 shards that were not gathered save as an empty adapter: refuse it, keep the old one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from train.adapter import check_saved
+
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="without any LoRA tensors"):
+        check_saved(tmp_path)
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "adapter_model.safetensors"))
+    check_saved(tmp_path)

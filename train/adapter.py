@@ -27,6 +27,7 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
     final, tmp = run / "adapter", run / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(tmp, state_dict=state_dict)
+    check_saved(tmp)
     tok.save_pretrained(tmp)
     dump_config(cfg, tmp / "config.yaml")
     meta = {
@@ -45,6 +46,16 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_saved(path: Path) -> None:
+    """An adapter file without tensors would load silently as the bare base model: refuse to publish it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        if not any(True for _ in f.keys()):
+            raise RuntimeError(f"{path}: the adapter was saved without any LoRA tensors (sharded weights not "
+                               "gathered?); the previous adapter, if any, is left in place")
 
 
 def versions() -> dict[str, str]:

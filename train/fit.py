@@ -85,12 +85,22 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
 
 
 def gather_adapter_state(sft) -> dict[str, Any] | None:
-    """FSDP and ZeRO-3 keep each weight in shards across ranks: gather full tensors for the adapter file
-    (a collective: every rank calls it). None where each rank holds the whole model (one GPU, DDP)."""
+    """FSDP and ZeRO-3 keep each weight in shards across ranks: gather the LoRA tensors for the adapter
+    file (collectives: every rank calls this; rank 0 gets the tensors). None where each rank holds the
+    whole model (one GPU, DDP): peft then reads the model itself."""
     if sft.is_deepspeed_enabled and sft.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
         return sft.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
     if sft.is_fsdp_enabled:
-        return sft.accelerator.get_state_dict(sft.model_wrapped)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # summon_full_params unshards the flat parameters into the original ones (on rank 0's CPU), so the
+        # LoRA tensors can be read by name; FSDP's wrapper modules add a prefix to every name
+        peft_model = sft.accelerator.unwrap_model(sft.model)
+        with FSDP.summon_full_params(sft.model, writeback=False, rank0_only=True, offload_to_cpu=True):
+            if not is_main_process():
+                return None
+            return {name.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                    for name, p in peft_model.named_parameters() if "lora_" in name}
     return None
 
 
