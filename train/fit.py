@@ -91,16 +91,19 @@ def gather_adapter_state(sft) -> dict[str, Any] | None:
     if sft.is_deepspeed_enabled and sft.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
         return sft.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
     if sft.is_fsdp_enabled:
+        import torch
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        # summon_full_params unshards the flat parameters into the original ones (on rank 0's CPU), so the
-        # LoRA tensors can be read by name; FSDP's wrapper modules add a prefix to every name
+        # summon_full_params unshards the flat parameters (on rank 0's CPU) and points each module's weight at
+        # its full view; those views are plain tensors, not Parameters, so read them module by module.
+        # FSDP's wrapper modules add a prefix to every name.
         peft_model = sft.accelerator.unwrap_model(sft.model)
         with FSDP.summon_full_params(sft.model, writeback=False, rank0_only=True, offload_to_cpu=True):
             if not is_main_process():
                 return None
-            return {name.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
-                    for name, p in peft_model.named_parameters() if "lora_" in name}
+            return {f"{name.replace('_fsdp_wrapped_module.', '')}.weight": mod.weight.detach().clone()
+                    for name, mod in peft_model.named_modules()
+                    if (".lora_A." in name or ".lora_B." in name) and isinstance(getattr(mod, "weight", None), torch.Tensor)}
     return None
 
 
