@@ -390,3 +390,29 @@ def test_an_adapter_without_tensors_is_never_published(tmp_path):
         check_saved(tmp_path)
     save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "adapter_model.safetensors"))
     check_saved(tmp_path)
+
+
+def test_gathered_adapter_is_written_as_peft_writes_it(tmp_path):
+    """FSDP/ZeRO-3 adapters go through our writer (peft's save drops FSDP-prefixed names): same files,
+    keys and tensors as peft's own save_pretrained, and peft loads it back."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.adapter import save_gathered
+
+    def tiny():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "peft")
+    gathered = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    save_gathered(model, gathered, tmp_path / "ours")
+    theirs, ours = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "ours"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    reloaded = PeftModel.from_pretrained(tiny(), tmp_path / "ours")
+    ids = torch.arange(10)[None]
+    assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

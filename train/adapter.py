@@ -26,7 +26,10 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
     `state_dict`: full tensors gathered from FSDP/ZeRO-3 shards (peft keeps the adapter's keys)."""
     final, tmp = run / "adapter", run / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, state_dict=state_dict)
+    if state_dict is None:
+        peft_model.save_pretrained(tmp)
+    else:
+        save_gathered(peft_model, state_dict, tmp)
     check_saved(tmp)
     tok.save_pretrained(tmp)
     dump_config(cfg, tmp / "config.yaml")
@@ -46,6 +49,24 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_gathered(peft_model, state_dict: dict[str, Any], path: Path) -> None:
+    """Write tensors gathered from FSDP/ZeRO-3 shards in peft's adapter format (keys without the adapter name,
+    adapter_config.json in inference mode). peft's own save_pretrained picks adapter tensors by the model's
+    module names, which FSDP prefixes with _fsdp_wrapped_module, so it would keep none of them."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    name = peft_model.active_adapter
+    tensors = {k.replace(f".{name}.", "."): v.detach().cpu().contiguous()
+               for k, v in state_dict.items() if "lora_" in k and f".{name}." in k}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[name])
+    config.inference_mode = True
+    config.save_pretrained(str(path))
 
 
 def check_saved(path: Path) -> None:

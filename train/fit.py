@@ -102,9 +102,10 @@ def gather_adapter_state(sft) -> dict[str, Any] | None:
         with FSDP.summon_full_params(sft.model, writeback=False, rank0_only=True, offload_to_cpu=True):
             if not is_main_process():
                 return None
-            return {f"{name.replace('_fsdp_wrapped_module.', '')}.weight": mod.weight.detach().clone()
-                    for name, mod in peft_model.named_modules()
-                    if (".lora_A." in name or ".lora_B." in name) and isinstance(getattr(mod, "weight", None), torch.Tensor)}
+            state = {f"{name.replace('_fsdp_wrapped_module.', '').replace('._fsdp_wrapped_module', '')}.weight":
+                     mod.weight.detach().clone() for name, mod in peft_model.named_modules()
+                     if (".lora_A." in name or ".lora_B." in name) and isinstance(getattr(mod, "weight", None), torch.Tensor)}
+            return state
     return None
 
 
