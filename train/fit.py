@@ -129,6 +129,10 @@ def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
         return None
     checkpoints.check_resume(resume_from, cfg)
     log.info(checkpoints.describe_restore(resume_from))
+    if model.sharded_launch() and main:
+        log.warning("%s resume restores the sharded weights and optimizer state (tested on 2 GPUs), but unlike one "
+                    "GPU and DDP it is not yet tested to reproduce an uninterrupted run step for step",
+                    model.sharded_launch())
     if main:
         trainer.truncate_metrics(run / "metrics.jsonl", checkpoints.checkpoint_step(resume_from))
     return resume_from
