@@ -34,13 +34,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     path = model.resolve_model_path(cfg.model)
     tok = model.load_tokenizer(path, cfg.model)
     train_split, eval_split = data.load_splits(cfg, tok)
-    scorer = evaluate.training_scorer(cfg, tok, eval_split)  # checks eval truths parse for eval.task
-    if scorer is not None and model.sharded_launch():
-        # generation on a sharded model runs on every rank in lockstep, one layer gather per token: slow,
-        # and ranks stopping at different lengths would hang. The loss is still evaluated.
-        log.info("%s: the task metric is computed after training (python -m train eval), not during it",
-                 model.sharded_launch())
-        scorer = None
+    scorer = task_scorer(cfg, tok, eval_split)
 
     # 2. Run directory and resume point
     if main:
@@ -85,6 +79,18 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     return Fitted(run, sft.model, tok, metrics)
 
 
+def task_scorer(cfg: Config, tok, eval_split):
+    """The task metric logged with each eval (this also checks the eval truths parse for eval.task).
+    Not under FSDP/ZeRO-3: sharded generation gathers every layer per token on all ranks in lockstep,
+    and ranks that stop at different lengths would hang. The loss is still evaluated there."""
+    scorer = evaluate.training_scorer(cfg, tok, eval_split)
+    if scorer is not None and model.sharded_launch():
+        log.info("%s: the task metric is computed after training (python -m train eval), not during it",
+                 model.sharded_launch())
+        return None
+    return scorer
+
+
 def gather_adapter_state(sft) -> dict[str, Any] | None:
     """FSDP and ZeRO-3 keep each weight in shards across ranks: gather the LoRA tensors for the adapter
     file (collectives: every rank calls this; rank 0 gets the tensors). None where each rank holds the
@@ -97,7 +103,8 @@ def gather_adapter_state(sft) -> dict[str, Any] | None:
 
         # summon_full_params unshards the flat parameters (on rank 0's CPU) and points each module's weight at
         # its full view; those views are plain tensors, not Parameters, so read them module by module.
-        # FSDP's wrapper modules add a prefix to every name.
+        # FSDP's wrapper modules add a prefix to every name (and expose the weight of the module they
+        # wrap too: both map to the same clean key).
         peft_model = sft.accelerator.unwrap_model(sft.model)
         with FSDP.summon_full_params(sft.model, writeback=False, rank0_only=True, offload_to_cpu=True):
             if not is_main_process():
