@@ -223,7 +223,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Data: caught by the preflight in checkpoints.prepare_run_dir, before the run dir or the weights
+# Data: caught when fit loads every row (step 1), before the run dir is touched or the weights load
 
 
 ROWS = [{"text": f"Item {i}. Ships in two days.", "price": 10.0 + i} for i in range(6)]

@@ -69,11 +69,12 @@ def latest_complete(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
+def prepare_run_dir(run: Path, cfg: Config, overwrite: bool, data_checked: bool = False) -> None:
     """Refuse to mix two runs' files; never delete anything that is not ours.
 
     Everything that can reject this run (directory, resume point, model, data) is checked first,
     so a refused run leaves the disk exactly as it was: nothing created, nothing removed.
+    `data_checked`: the caller has already loaded the tokenizer and every data row (fit does).
     """
     if run.exists() and not run.is_dir():
         raise UserError(f"run.output_dir: {run} is a file; choose a directory path")
@@ -89,7 +90,7 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
         raise UserError(f"run.output_dir: {run} already holds {what}; pass --overwrite (removes only our "
                         "outputs), resume with train.resume=auto, or choose another run.output_dir")
     check_writable(run)
-    preflight(cfg, run, overwrite)
+    preflight(cfg, run, overwrite, data_checked)
     if overwrite or restart:
         for name in ours:
             target = run / name
@@ -128,9 +129,10 @@ def check_writable(run: Path) -> None:
         raise UserError(f"run.output_dir: cannot write to {existing} (permission denied); choose a writable directory")
 
 
-def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
+def preflight(cfg: Config, run: Path, overwrite: bool = False, data_checked: bool = False) -> None:
     """Every cheap check of what `fit` will use, in its order, with no weights loaded and nothing written:
-    resume point, model path and config, lora.target_modules, tokenizer, data rows."""
+    resume point, model path and config, lora.target_modules, tokenizer and data rows (unless the
+    caller already loaded them)."""
     from train import data, lora, model
 
     if not (overwrite and cfg.train.resume == "auto"):  # --overwrite removes the old checkpoints
@@ -141,7 +143,8 @@ def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
     model_config = model.load_model_config(path, cfg.model)
     if isinstance(cfg.lora.target_modules, list):
         lora.check_targets(model.meta_model(model_config), cfg.lora)
-    data.check_data(cfg, model.load_tokenizer(path, cfg.model, quiet=True))
+    if not data_checked:
+        data.check_data(cfg, model.load_tokenizer(path, cfg.model, quiet=True))
 
 
 def resume_point(cfg: Config, run: Path) -> Path | None:

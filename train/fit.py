@@ -38,7 +38,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
 
     # 2. Run directory and resume point
     if main:
-        checkpoints.prepare_run_dir(run, cfg, overwrite)
+        checkpoints.prepare_run_dir(run, cfg, overwrite, data_checked=True)  # step 1 loaded every row
     distributed_state().wait_for_everyone()  # others look for checkpoints once rank 0 has cleared (--overwrite) the dir
     resume_from = start_or_resume(cfg, run, main)
     if main:
