@@ -401,3 +401,54 @@ def test_sharded_launch_needs_bf16_storage_and_loads_without_device_map(monkeypa
     monkeypatch.setenv(env, "false")
     monkeypatch.setattr("accelerate.PartialState", lambda: type("S", (), {"local_process_index": 1})())
     assert model_mod.device_map() == {"": 1}
+
+
+def _ddp_fit(run, steps, extra=()):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACC / "ddp.yaml"),
+           "--main_process_port", "0", "-m", "train", "fit", "configs/demo.yaml",
+           "--set", f"run.output_dir={run}", "--set", f"train.max_steps={steps}", "--set", "train.save_every=2",
+           "--set", "train.eval_every=null", "--set", "lora.dropout=0.1", *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_ddp_resume_equals_an_uninterrupted_run(tmp_path):
+    """2 gloo processes: a run that lost its last checkpoint and its adapter resumes from checkpoint-4 on
+    both ranks (per-rank RNG, data position through the token-balanced sampler, optimizer) and logs the
+    same losses and saves the same adapter as the run that never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _ddp_fit(whole, 6, ["--overwrite"])
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(resumed / "adapter")
+    log = _ddp_fit(resumed, 6)
+    assert "resuming from" in log and "checkpoint-4" in log
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert sorted(losses(resumed)) == list(range(1, 7))
+    for step in (5, 6):
+        assert losses(resumed)[step] == pytest.approx(losses(whole)[step], rel=1e-5)
+    a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch_allclose(a[k], b[k]) for k in a)
+    # the DDP adapter is a normal one: `train eval` reloads it onto the quantized base and scores it
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "train", "eval", str(resumed), "--limit", "8"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads((resumed / "eval" / "report.json").read_text())
+    assert report["rows"] == 8 and report["adapter"]["loss"] < report["base"]["loss"]
+
+
+def torch_allclose(x, y):
+    import torch
+
+    return torch.allclose(x.float(), y.float(), atol=1e-6, rtol=1e-5)
