@@ -42,7 +42,7 @@ def test_tiny_tokenizer_is_one_token_per_character(tiny_tok):
 
 def test_prompt_completion_labels_only_completion_and_eos(tiny_tok):
     prompt, completion = "How much?\n\nA chair.\n\nPrice is $", "42.00"
-    enc = encode_prompt_completion(tiny_tok, prompt, completion, cfg(max_length=128))
+    enc = encode_prompt_completion(tiny_tok, prompt, completion, cfg(max_length=128), reserve=len(completion) + 1)
     n_prompt = 1 + len(prompt)  # BOS + one token per character
     assert len(enc.input_ids) == len(enc.labels) == n_prompt + len(completion) + 1
     assert enc.input_ids[0] == tiny_tok.bos_token_id
@@ -58,7 +58,7 @@ def test_prompt_completion_labels_only_completion_and_eos(tiny_tok):
 
 def test_prompt_completion_exactly_max_length_is_not_truncated(tiny_tok):
     prompt, completion = "p" * 20, "c" * 10
-    enc = encode_prompt_completion(tiny_tok, prompt, completion, cfg(max_length=1 + 20 + 10 + 1))
+    enc = encode_prompt_completion(tiny_tok, prompt, completion, cfg(max_length=1 + 20 + 10 + 1), reserve=11)
     assert len(enc.input_ids) == 32
     assert enc.truncated is False
     assert tiny_tok.decode(labelled(enc)) == completion + tiny_tok.eos_token
@@ -69,7 +69,8 @@ LONG_PROMPT = "How much does this cost?\n\n" + "A very long product description.
 
 def test_prompt_middle_keeps_head_question_and_whole_completion(tiny_tok):
     completion = "123.00"
-    enc = encode_prompt_completion(tiny_tok, LONG_PROMPT, completion, cfg(max_length=64, truncation="prompt_middle"))
+    enc = encode_prompt_completion(tiny_tok, LONG_PROMPT, completion, cfg(max_length=64, truncation="prompt_middle"),
+                                   reserve=len(completion) + 1)
     assert len(enc.input_ids) == len(enc.labels) == 64
     assert enc.truncated is True
     assert tiny_tok.decode(labelled(enc)) == completion + tiny_tok.eos_token  # the answer is never cut
@@ -84,7 +85,7 @@ def test_prompt_middle_keeps_head_question_and_whole_completion(tiny_tok):
 
 def test_keep_start_cuts_the_end(tiny_tok):
     prompt, completion = "p" * 58, "123.00"  # BOS + 58 + 6 + EOS = 66 > 64
-    enc = encode_prompt_completion(tiny_tok, prompt, completion, cfg(max_length=64, truncation="keep_start"))
+    enc = encode_prompt_completion(tiny_tok, prompt, completion, cfg(max_length=64, truncation="keep_start"), reserve=7)
     full = tiny_tok(prompt)["input_ids"] + ids_of(tiny_tok, completion) + [tiny_tok.eos_token_id]
     assert enc.input_ids == full[:64]
     assert enc.truncated is True
@@ -93,20 +94,56 @@ def test_keep_start_cuts_the_end(tiny_tok):
 
 
 def test_keep_start_drops_a_row_whose_prompt_fills_max_length(tiny_tok):
-    why = encode_prompt_completion(tiny_tok, LONG_PROMPT, "1.00", cfg(max_length=64, truncation="keep_start"))
+    why = encode_prompt_completion(tiny_tok, LONG_PROMPT, "1.00", cfg(max_length=64, truncation="keep_start"), reserve=5)
     assert isinstance(why, str) and "max_length" in why
 
 
 def test_drop_returns_a_reason(tiny_tok):
-    why = encode_prompt_completion(tiny_tok, LONG_PROMPT, "123.00", cfg(max_length=64, truncation="drop"))
+    why = encode_prompt_completion(tiny_tok, LONG_PROMPT, "123.00", cfg(max_length=64, truncation="drop"), reserve=7)
     assert why == "longer than data.max_length (data.truncation=drop)"
-    kept = encode_prompt_completion(tiny_tok, "short", "1.00", cfg(max_length=64, truncation="drop"))
+    kept = encode_prompt_completion(tiny_tok, "short", "1.00", cfg(max_length=64, truncation="drop"), reserve=5)
     assert not isinstance(kept, str) and kept.truncated is False
+
+
+def test_a_cut_prompt_never_reveals_its_answers_length(tiny_tok):
+    """Regression: prompts were cut to fit their own completion, so a cut prompt's length told the model
+    the price's digit count (stories260K 'learned' exact price bands from it). Same prompt, answers of
+    different lengths, one shared reserve: identical prompt tokens."""
+    d = cfg(max_length=64, truncation="prompt_middle")
+    cut = [encode_prompt_completion(tiny_tok, LONG_PROMPT, c, d, reserve=8) for c in ("1.00", "12.00", "123.00")]
+    assert cut[0].prompt_ids == cut[1].prompt_ids == cut[2].prompt_ids
+    assert len(cut[0].prompt_ids) == 64 - 8 and all(e.truncated for e in cut)
+    assert [tiny_tok.decode(labelled(e)) for e in cut] == [c + tiny_tok.eos_token for c in ("1.00", "12.00", "123.00")]
+
+
+def test_split_reserves_its_longest_completion(tiny_tok):
+    rows = [{"prompt": LONG_PROMPT, "completion": c} for c in ("1.00", "123.00", "12.00")]
+    split = build_split("train", "rows.jsonl", rows, tiny_tok, cfg(max_length=64))
+    assert split.reserve == len("123.00") + 1
+    assert len({len(e.prompt_ids) for e in split.encoded}) == 1  # every cut prompt has the same length
+    small = build_split("train", "rows.jsonl", rows, tiny_tok, cfg(max_length=64, completion_budget=5))
+    assert small.reserve == 5 and small.encoded[1].truncated  # "123.00" + EOS loses its end, the prompt does not shrink
+    assert len(small.encoded[1].input_ids) == 64 and len(small.encoded[1].prompt_ids) == 64 - 5
+    capped = build_split("train", "rows.jsonl", [*rows, {"prompt": "Q", "completion": "x" * 50}], tiny_tok,
+                         cfg(max_length=64))
+    assert capped.reserve == 32  # one long answer does not squeeze every prompt below half of max_length
+
+
+def test_eval_rows_are_cut_with_the_training_reserve_which_the_config_records(tiny_tok, tmp_path):
+    from conftest import small_config
+
+    from train.data import load_splits
+
+    cfg_ = small_config(tmp_path / "run", data={"max_length": 48})
+    train_split, eval_split = load_splits(cfg_, tiny_tok)
+    assert cfg_.data.completion_budget == train_split.reserve == eval_split.reserve > 1
+    assert train_split.truncated and eval_split.truncated  # the demo prompts do not fit 48 tokens
+    assert {len(e.prompt_ids) for e in eval_split.encoded if e.truncated} == {48 - train_split.reserve}
 
 
 @pytest.mark.parametrize("truncation", ["prompt_middle", "drop"])
 def test_completion_longer_than_max_length_is_dropped(tiny_tok, truncation):
-    why = encode_prompt_completion(tiny_tok, "Q", "x" * 80, cfg(max_length=64, truncation=truncation))
+    why = encode_prompt_completion(tiny_tok, "Q", "x" * 80, cfg(max_length=64, truncation=truncation), reserve=32)
     assert isinstance(why, str) and "max_length" in why
 
 

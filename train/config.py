@@ -69,6 +69,9 @@ class DataCfg:
     messages_field: str = "messages"  # column holding [{role, content}, ...] for format=messages
     max_length: int = 1024  # tokens per example; longer rows are cut as data.truncation says
     truncation: Literal["prompt_middle", "keep_start", "drop"] = "prompt_middle"  # never cut the answer
+    # tokens every cut prompt leaves for its completion; None = the longest training completion. The same for
+    # every row, so a cut prompt's length never reveals its own answer's length
+    completion_budget: Optional[int] = None
     max_rows: Optional[int] = None  # cap rows read from train (quick experiments); None = all
 
 
@@ -332,6 +335,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.train.max_grad_norm > 0, "train.max_grad_norm", "must be > 0", cfg.train.max_grad_norm)
     need(cfg.train.logging_steps >= 1, "train.logging_steps", "must be >= 1", cfg.train.logging_steps)
     need(cfg.data.max_length >= 8, "data.max_length", "must be >= 8 tokens", cfg.data.max_length)
+    budget = cfg.data.completion_budget
+    need(budget is None or 1 <= budget < cfg.data.max_length, "data.completion_budget",
+         "must be >= 1 and below data.max_length (or null: the longest training completion)", budget)
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", cfg.data.eval_fraction)
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", cfg.eval.max_new_tokens)

@@ -210,23 +210,43 @@ def encode_prompt(tok, prompt: str, budget: int, truncation: str) -> tuple[list[
     return ids[:budget], True
 
 
-def encode_prompt_completion(tok, prompt: str, completion: str, d: DataCfg) -> Encoded | str:
-    """Tokens and labels (completion + EOS only); a string is the reason the row is dropped."""
-    comp = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    budget = d.max_length - len(comp)
+def completion_ids(tok, completion: str) -> list[int]:
+    return tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def encode_prompt_completion(tok, prompt: str, completion: str, d: DataCfg, reserve: int) -> Encoded | str:
+    """Tokens and labels (completion + EOS only); a string is the reason the row is dropped.
+
+    A prompt longer than max_length - `reserve` is cut to exactly that, whatever this row's completion:
+    `reserve` is the same for every row (data.completion_budget). Cutting each prompt to fit its own
+    completion would make the prompt's length tell the model how long the answer is (a price's digit
+    count): a model that learns this scores well on the eval and fails on real, uncut prompts.
+    """
+    comp = completion_ids(tok, completion)
     full_prompt_len = len(tok(prompt)["input_ids"])
-    if full_prompt_len > budget and d.truncation == "drop":
+    if full_prompt_len + len(comp) > d.max_length and d.truncation == "drop":
         return "longer than data.max_length (data.truncation=drop)"
-    if budget < 1 and d.truncation != "keep_start":
-        return "completion alone fills data.max_length"
     if d.truncation == "keep_start":
         ids = (tok(prompt)["input_ids"] + comp)[: d.max_length]
         labels = ([IGNORE] * full_prompt_len + comp)[: d.max_length]
         if all(x == IGNORE for x in labels):
             return "prompt alone fills data.max_length, no completion tokens left"
         return Encoded(ids, labels, ids[:full_prompt_len], truncated=full_prompt_len + len(comp) > d.max_length)
-    p, cut = encode_prompt(tok, prompt, budget, d.truncation)
-    return Encoded(p + comp, [IGNORE] * len(p) + comp, p, truncated=cut)
+    if len(comp) >= d.max_length:
+        return "completion alone fills data.max_length"
+    p, cut = encode_prompt(tok, prompt, d.max_length - reserve, d.truncation)
+    ids, labels = (p + comp)[: d.max_length], ([IGNORE] * len(p) + comp)[: d.max_length]
+    return Encoded(ids, labels, p, truncated=cut or len(p) + len(comp) > d.max_length)
+
+
+def resolve_reserve(tok, examples: list[dict[str, Any]], d: DataCfg) -> int:
+    """Tokens every cut prompt leaves for its completion: data.completion_budget, or the longest
+    completion (+ EOS) among `examples`, so none of them is cut, but at most half of data.max_length,
+    so one very long answer cannot squeeze every prompt (a longer answer loses its end instead)."""
+    if d.completion_budget is not None:
+        return d.completion_budget
+    longest = max((len(completion_ids(tok, ex["completion"])) for ex in examples if "completion" in ex), default=1)
+    return min(longest, d.max_length // 2)
 
 
 def encode_text(tok, text: str, d: DataCfg) -> Encoded | str:
@@ -267,9 +287,9 @@ def chat_ids(tok, messages, add_generation_prompt: bool, where: str) -> list[int
                                    return_dict=False)
 
 
-def encode(tok, example: dict[str, Any], d: DataCfg, where: str) -> Encoded | str:
+def encode(tok, example: dict[str, Any], d: DataCfg, where: str, reserve: int) -> Encoded | str:
     if "prompt" in example:
-        return encode_prompt_completion(tok, example["prompt"], example["completion"], d)
+        return encode_prompt_completion(tok, example["prompt"], example["completion"], d, reserve)
     if "messages" in example:
         return encode_messages(tok, example["messages"], d, where)
     return encode_text(tok, example["text"], d)
@@ -290,6 +310,7 @@ class Split:
     row_ids: list[int] = field(default_factory=list)  # 1-based source row of each kept example
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    reserve: int = 0  # tokens each cut prompt left for its completion (resolve_reserve)
 
     def to_dataset(self):
         import datasets
@@ -307,11 +328,11 @@ class Split:
 def build_split(name: str, source: str, rows: list[dict[str, Any]], tok, d: DataCfg,
                 row_numbers: list[int] | None = None) -> Split:
     split = Split(name, source)
-    for k, row in enumerate(rows):
-        n = row_numbers[k] if row_numbers else k + 1
-        where = f"{source}: row {n}"
-        example = to_example(row, d, where)
-        enc = encode(tok, example, d, where)
+    numbers = row_numbers or list(range(1, len(rows) + 1))
+    examples = [to_example(row, d, f"{source}: row {n}") for row, n in zip(rows, numbers)]
+    split.reserve = resolve_reserve(tok, examples, d)
+    for row, n, example in zip(rows, numbers, examples):
+        enc = encode(tok, example, d, f"{source}: row {n}", split.reserve)
         if isinstance(enc, str):
             split.dropped[enc] = split.dropped.get(enc, 0) + 1
             continue
@@ -349,11 +370,17 @@ def select_rows(cfg: Config) -> dict[str, Any]:
 
 
 def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Split | None]:
-    """Tokenized train and eval splits (eval is None when none is configured)."""
+    """Tokenized train and eval splits (eval is None when none is configured).
+
+    Resolves data.completion_budget in `cfg` (None -> the longest training completion), so eval rows
+    are cut exactly like training rows, and the run's config.yaml records it for `train eval`.
+    """
     sel = select_rows(cfg)
     train_split = evals = None
     if train:
         train_split = build_split("train", cfg.data.train, sel["train"], tok, cfg.data, sel["train_ids"])
+        if cfg.data.format in ("prompt_completion", "alpaca"):
+            cfg.data.completion_budget = train_split.reserve
         log.info(train_split.summary())
     if sel["eval"] is not None:
         evals = build_split("eval", sel["eval_source"], sel["eval"], tok, cfg.data, sel["eval_ids"])
@@ -379,7 +406,8 @@ def check_data(cfg: Config, tok, train: bool = True) -> None:
         splits.append(("eval", sel["eval_source"], sel["eval"], sel["eval_ids"]))
     for name, source, rows, ids in splits:
         examples = [to_example(row, cfg.data, f"{source}: row {n}") for row, n in zip(rows, ids)]
-        if all(isinstance(encode(tok, ex, cfg.data, f"{source}: row {n}"), str) for ex, n in zip(examples, ids)):
+        reserve = resolve_reserve(tok, examples, cfg.data)
+        if all(isinstance(encode(tok, ex, cfg.data, f"{source}: row {n}", reserve), str) for ex, n in zip(examples, ids)):
             build_split(name, source, rows, tok, cfg.data, ids)  # raises, with the drop counts per reason
         if name == "eval" and cfg.eval.task == "numeric":
             check_numeric_truths(examples, ids, source)
