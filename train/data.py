@@ -311,6 +311,7 @@ class Split:
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     reserve: int = 0  # tokens each cut prompt left for its completion (resolve_reserve)
+    cuts_prompts: bool = False  # prompt_completion rows under data.truncation=prompt_middle
 
     def to_dataset(self):
         import datasets
@@ -321,8 +322,9 @@ class Split:
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
+        cut = f" (prompts cut to leave {self.reserve} tokens for the answer)" if self.truncated and self.cuts_prompts else ""
         return (f"{self.name}: {len(self.encoded)} rows from {self.source}; "
-                f"{self.truncated} truncated to data.max_length; dropped: {drops}")
+                f"{self.truncated} truncated to data.max_length{cut}; dropped: {drops}")
 
 
 def build_split(name: str, source: str, rows: list[dict[str, Any]], tok, d: DataCfg,
@@ -331,6 +333,7 @@ def build_split(name: str, source: str, rows: list[dict[str, Any]], tok, d: Data
     numbers = row_numbers or list(range(1, len(rows) + 1))
     examples = [to_example(row, d, f"{source}: row {n}") for row, n in zip(rows, numbers)]
     split.reserve = resolve_reserve(tok, examples, d)
+    split.cuts_prompts = d.truncation == "prompt_middle" and any("completion" in ex for ex in examples)
     for row, n, example in zip(rows, numbers, examples):
         enc = encode(tok, example, d, f"{source}: row {n}", split.reserve)
         if isinstance(enc, str):
