@@ -404,10 +404,12 @@ def test_sharded_launch_needs_bf16_storage_and_loads_without_device_map(monkeypa
 
 
 def _ddp_fit(run, steps, extra=()):
+    """2 gloo ranks on 64 demo rows, 4 rows x accumulation 2 per rank: 16 rows a step, 4 steps an epoch."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACC / "ddp.yaml"),
            "--main_process_port", "0", "-m", "train", "fit", "configs/demo.yaml",
            "--set", f"run.output_dir={run}", "--set", f"train.max_steps={steps}", "--set", "train.save_every=2",
-           "--set", "train.eval_every=null", "--set", "lora.dropout=0.1", *extra]
+           "--set", "train.eval_every=null", "--set", "lora.dropout=0.1", "--set", "data.max_rows=64",
+           "--set", "train.batch_size=4", "--set", "train.grad_accum=2", *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -415,28 +417,30 @@ def _ddp_fit(run, steps, extra=()):
 
 
 def test_ddp_resume_equals_an_uninterrupted_run(tmp_path):
-    """2 gloo processes: a run that lost its last checkpoint and its adapter resumes from checkpoint-4 on
-    both ranks (per-rank RNG, data position through the token-balanced sampler, optimizer) and logs the
-    same losses and saves the same adapter as the run that never stopped."""
+    """2 gloo processes: a run that lost its last checkpoint and its adapter resumes from checkpoint-6 —
+    in the middle of its second epoch — on both ranks (per-rank RNG, data position and epoch through the
+    token-balanced sampler, optimizer) and logs the same losses and saves the same adapter as the run
+    that never stopped."""
     import shutil
 
     from safetensors.torch import load_file
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    _ddp_fit(whole, 6, ["--overwrite"])
+    _ddp_fit(whole, 8, ["--overwrite"])
     shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-8")
     shutil.rmtree(resumed / "adapter")
-    log = _ddp_fit(resumed, 6)
-    assert "resuming from" in log and "checkpoint-4" in log
+    log = _ddp_fit(resumed, 8)
+    assert "resuming from" in log and "checkpoint-6" in log
 
     def losses(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+        return {r["step"]: r for r in rows if "loss" in r}
 
-    assert sorted(losses(resumed)) == list(range(1, 7))
-    for step in (5, 6):
-        assert losses(resumed)[step] == pytest.approx(losses(whole)[step], rel=1e-5)
+    assert sorted(losses(resumed)) == list(range(1, 9))
+    assert 1 < losses(whole)[7]["epoch"] < 2  # step 7 is inside the second epoch
+    for step in (7, 8):
+        assert losses(resumed)[step]["loss"] == pytest.approx(losses(whole)[step]["loss"], rel=1e-5)
     a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (whole, resumed))
     assert a.keys() == b.keys() and all(torch_allclose(a[k], b[k]) for k in a)
     # the DDP adapter is a normal one: `train eval` reloads it onto the quantized base and scores it

@@ -235,7 +235,16 @@ def trainer_class():
 
         def _get_train_sampler(self, train_dataset=None):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return sampler.rebalance_for(super()._get_train_sampler(train_dataset), self.args.padding_free, seed)
+            self.balanced = sampler.rebalance_for(super()._get_train_sampler(train_dataset), self.args.padding_free, seed)
+            return self.balanced
+
+        def _run_epoch(self, model, epoch, *args, **kwargs):
+            """transformers' set_epoch does not reach a batch sampler behind accelerate's SkipBatchSampler (a
+            resume in the middle of an epoch, several ranks): a resume in epoch >= 1 replayed epoch 0's rows.
+            Set the epoch on the sampler itself (tests/test_accelerate_configs.py resumes in epoch 1)."""
+            if hasattr(getattr(self, "balanced", None), "set_epoch"):
+                self.balanced.set_epoch(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
