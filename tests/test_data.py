@@ -98,6 +98,17 @@ def test_keep_start_drops_a_row_whose_prompt_fills_max_length(tiny_tok):
     assert isinstance(why, str) and "max_length" in why
 
 
+def test_drop_keeps_or_drops_on_the_prompt_alone_and_never_cuts_it(tiny_tok):
+    """Under drop, whether a row stays must not depend on its own answer, and a kept prompt is never cut."""
+    d = cfg(max_length=64, truncation="drop")
+    prompt = "p" * 50  # BOS + 50 tokens: fits the 64 - 10 room
+    short, long_ = (encode_prompt_completion(tiny_tok, prompt, c, d, reserve=10) for c in ("1", "x" * 20))
+    assert short.prompt_ids == long_.prompt_ids == tiny_tok(prompt)["input_ids"] and not short.truncated
+    assert long_.truncated and len(long_.input_ids) == 64  # its answer lost its end, the prompt nothing
+    too_long = "p" * 60  # BOS + 60 > 64 - 10, whatever the answer
+    assert all(isinstance(encode_prompt_completion(tiny_tok, too_long, c, d, reserve=10), str) for c in ("1", "12"))
+
+
 def test_drop_returns_a_reason(tiny_tok):
     why = encode_prompt_completion(tiny_tok, LONG_PROMPT, "123.00", cfg(max_length=64, truncation="drop"), reserve=7)
     assert why == "longer than data.max_length (data.truncation=drop)"
@@ -298,7 +309,8 @@ def test_build_split_counts_each_reason_separately(tiny_tok):
     split = build_split("train", "rows.jsonl", ROWS, tiny_tok, d)
     assert split.row_ids == [1]
     assert split.truncated == 0
-    assert split.dropped == {"longer than data.max_length (data.truncation=drop)": 3}
+    assert split.dropped == {"longer than data.max_length (data.truncation=drop)": 1,
+                             "completion alone fills data.max_length": 2}
 
 
 def test_build_split_all_dropped_is_a_user_error(tiny_tok):

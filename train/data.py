@@ -224,16 +224,20 @@ def encode_prompt_completion(tok, prompt: str, completion: str, d: DataCfg, rese
     """
     comp = completion_ids(tok, completion)
     full_prompt_len = len(tok(prompt)["input_ids"])
-    if full_prompt_len + len(comp) > d.max_length and d.truncation == "drop":
-        return "longer than data.max_length (data.truncation=drop)"
+    if len(comp) >= d.max_length and d.truncation != "keep_start":
+        return "completion alone fills data.max_length"
+    if d.truncation == "drop":  # decided on the prompt alone, against the same room as every other row
+        if full_prompt_len > d.max_length - reserve:
+            return "longer than data.max_length (data.truncation=drop)"
+        p = tok(prompt)["input_ids"]
+        ids, labels = (p + comp)[: d.max_length], ([IGNORE] * len(p) + comp)[: d.max_length]
+        return Encoded(ids, labels, p, truncated=len(p) + len(comp) > d.max_length)
     if d.truncation == "keep_start":
         ids = (tok(prompt)["input_ids"] + comp)[: d.max_length]
         labels = ([IGNORE] * full_prompt_len + comp)[: d.max_length]
         if all(x == IGNORE for x in labels):
             return "prompt alone fills data.max_length, no completion tokens left"
         return Encoded(ids, labels, ids[:full_prompt_len], truncated=full_prompt_len + len(comp) > d.max_length)
-    if len(comp) >= d.max_length:
-        return "completion alone fills data.max_length"
     p, cut = encode_prompt(tok, prompt, d.max_length - reserve, d.truncation)
     ids, labels = (p + comp)[: d.max_length], ([IGNORE] * len(p) + comp)[: d.max_length]
     return Encoded(ids, labels, p, truncated=cut or len(p) + len(comp) > d.max_length)
