@@ -396,6 +396,13 @@ def test_sharded_launch_needs_bf16_storage_and_loads_without_device_map(monkeypa
     cfg.quant.mode = "none"
     cfg.quant.storage_dtype = None
     fit_mod.check_launch(cfg)  # nothing packed to shard
+    cfg.lora.use_dora = True
+    if env == "ACCELERATE_USE_FSDP":  # its adapter save gathers plain LoRA A/B only
+        with pytest.raises(UserError, match="lora.use_dora: the FSDP adapter save"):
+            fit_mod.check_launch(cfg)
+    else:
+        fit_mod.check_launch(cfg)  # ZeRO-3's save goes through peft, which handles DoRA
+    cfg.lora.use_dora = False
     monkeypatch.setattr(model_mod.torch.cuda, "is_available", lambda: True)
     assert model_mod.device_map() is None
     monkeypatch.setenv(env, "false")

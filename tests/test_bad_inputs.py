@@ -467,11 +467,13 @@ def test_output_dir_not_writable(tmp_path, expect):
 
 @pytest.mark.parametrize("layout, resumable", [
     (["adapter_model.safetensors", "optimizer.pt"], True),  # one GPU, DDP
-    (["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp"], True),  # FSDP, sharded state dict
+    (["pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/.metadata", "optimizer_0/__0_0.distcp",
+      "optimizer_0/.metadata"], True),  # FSDP, sharded state dict
     (["adapter_model.safetensors", "optimizer.bin"], True),  # FSDP, full state dict
     (["adapter_model.safetensors", "global_step4/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], True),  # ZeRO-3
     (["adapter_model.safetensors"], False),  # the optimizer state is gone: not resumable
-    (["pytorch_model_fsdp_0/", "optimizer_0/__0_0.distcp"], False),  # an empty shard directory
+    (["pytorch_model_fsdp_0/", "optimizer_0/__0_0.distcp", "optimizer_0/.metadata"], False),  # no model shards
+    (["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp", "optimizer_0/.metadata"], False),  # torn
 ])
 def test_checkpoint_layouts_of_every_launcher(tmp_path, layout, resumable):
     from train import checkpoints

@@ -21,15 +21,15 @@ META = "training_meta.json"
 
 
 def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[str, Any], train_split, eval_split,
-         state_dict: dict[str, Any] | None = None):
+         state_dict: dict[str, Any] | None = None, fsdp: bool = False):
     """Write RUN/adapter/ via a temporary directory and a rename: a kill never leaves half an adapter.
-    `state_dict`: full tensors gathered from FSDP/ZeRO-3 shards (peft keeps the adapter's keys)."""
+    `state_dict`: full tensors gathered from ZeRO-3 or (`fsdp`) FSDP shards."""
     final, tmp = run / "adapter", run / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if state_dict is None:
-        peft_model.save_pretrained(tmp)
-    else:
+    if fsdp:
         save_gathered(peft_model, state_dict, tmp)
+    else:
+        peft_model.save_pretrained(tmp, state_dict=state_dict)  # peft selects the adapter's keys itself
     check_saved(tmp)
     tok.save_pretrained(tmp)
     dump_config(cfg, tmp / "config.yaml")
@@ -52,9 +52,10 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
 
 
 def save_gathered(peft_model, state_dict: dict[str, Any], path: Path) -> None:
-    """Write tensors gathered from FSDP/ZeRO-3 shards in peft's adapter format (keys without the adapter name,
-    adapter_config.json in inference mode). peft's own save_pretrained picks adapter tensors by the model's
-    module names, which FSDP prefixes with _fsdp_wrapped_module, so it would keep none of them."""
+    """Write LoRA A/B tensors gathered from FSDP shards in peft's adapter format (keys without the adapter
+    name, adapter_config.json in inference mode). peft's own save_pretrained picks adapter tensors by the
+    model's module names, which FSDP prefixes with _fsdp_wrapped_module, so it would keep none of them.
+    Plain LoRA only: fit refuses DoRA and modules_to_save under FSDP."""
     import copy
 
     from safetensors.torch import save_file

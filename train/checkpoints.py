@@ -27,8 +27,9 @@ OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "metrics.jsonl", "config.yaml
 STRUCTURAL = ("model.name_or_path", "quant.mode", "lora.r", "lora.target_modules", "lora.use_dora",
               "lora.modules_to_save", "data.format")
 # "a|b": either file; FSDP (sharded state dict) and DeepSpeed write their own layouts
-ADAPTER_FILES = "adapter_model.safetensors|pytorch_model_fsdp_0/*"
-OPTIMIZER_FILES = "optimizer.pt|optimizer.bin|optimizer_0/*|global_step*/*optim_states.pt"
+# (torch's distributed checkpoint writes a sharded directory's .metadata last: it marks the shards complete)
+ADAPTER_FILES = "adapter_model.safetensors|pytorch_model_fsdp_0/.metadata"
+OPTIMIZER_FILES = "optimizer.pt|optimizer.bin|optimizer_0/.metadata|global_step*/*optim_states.pt"
 RESTORABLE = {
     "adapter weights": (ADAPTER_FILES,),
     "optimizer state": (OPTIMIZER_FILES,),

@@ -390,6 +390,9 @@ def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Spl
             cfg.data.completion_budget = train_split.reserve
         log.info(train_split.summary())
     if sel["eval"] is not None:
+        if not train and cfg.data.completion_budget is None and cfg.data.format in ("prompt_completion", "alpaca"):
+            log.warning("this run's config has no data.completion_budget (trained before it existed): cut eval "
+                        "prompts leave room for the longest eval answer, which may differ from training")
         evals = build_split("eval", sel["eval_source"], sel["eval"], tok, cfg.data, sel["eval_ids"])
         log.info(evals.summary())
     return train_split, evals

@@ -73,7 +73,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     state = gather_adapter_state(sft)  # every rank takes part under FSDP / ZeRO-3
     if main:
         adapter.save(sft.accelerator.unwrap_model(sft.model), tok, cfg, run, path, metrics, train_split, eval_split,
-                     state_dict=state)
+                     state_dict=state, fsdp=sft.is_fsdp_enabled)
         log.info("adapter saved to %s\n%s", run / "adapter", json.dumps(metrics, indent=1, default=str))
     distributed_state().wait_for_everyone()
     return Fitted(run, sft.model, tok, metrics)
@@ -102,9 +102,8 @@ def gather_adapter_state(sft) -> dict[str, Any] | None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         # summon_full_params unshards the flat parameters (on rank 0's CPU) and points each module's weight at
-        # its full view; those views are plain tensors, not Parameters, so read them module by module.
-        # FSDP's wrapper modules add a prefix to every name (and expose the weight of the module they
-        # wrap too: both map to the same clean key).
+        # its full view; read each LoRA A/B weight by module name. FSDP's wrapper modules add a prefix to every
+        # name (and expose the weight of the module they wrap too: both map to the same clean key).
         peft_model = sft.accelerator.unwrap_model(sft.model)
         with FSDP.summon_full_params(sft.model, writeback=False, rank0_only=True, offload_to_cpu=True):
             if not is_main_process():
@@ -148,7 +147,7 @@ def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
 def check_launch(cfg: Config) -> None:
     """Several visible GPUs in one process would make Trainer use nn.DataParallel, which TRL refuses.
     FSDP and ZeRO-3 shard only floating-point tensors of one dtype: the packed 4-bit weights must be
-    stored as bf16, like the rest of the model."""
+    stored as bf16, like the rest of the model. The FSDP adapter save handles plain LoRA only."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -159,6 +158,10 @@ def check_launch(cfg: Config) -> None:
     if sharded and q.mode != "none" and (q.storage_dtype != "bfloat16" or q.compute_dtype != "bfloat16"):
         raise UserError(f"quant.storage_dtype: {sharded} shards only bf16 tensors here; set "
                         "quant.storage_dtype: bfloat16 and quant.compute_dtype: bfloat16 (or launch with ddp.yaml)")
+    if sharded == "fsdp" and (cfg.lora.use_dora or cfg.lora.modules_to_save):
+        key = "lora.use_dora" if cfg.lora.use_dora else "lora.modules_to_save"
+        raise UserError(f"{key}: the FSDP adapter save gathers plain LoRA A/B weights only (untested beyond "
+                        "them); launch with ddp.yaml or deepspeed_zero3.yaml, or drop it")
 
 
 def is_main_process() -> bool:
