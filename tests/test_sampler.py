@@ -56,3 +56,29 @@ def test_ranks_get_balanced_tokens():
         assert len(per_rank[0][s]) == len(per_rank[1][s]) == rows  # train.batch_size rows per micro-batch
     # slowest rank's tokens over the mean: random halves ~1.17, balanced under 1.01
     assert np.mean(rebalanced) < 1.01 and np.mean(random) > 1.1
+
+
+def test_each_epoch_reshuffles_on_one_process(tmp_path, tiny_tok):
+    """Regression: on one process transformers' set_epoch never reached the batch sampler, so every epoch
+    replayed epoch 0's rows in the same order. Train 2 epochs for real and record the rows of each step."""
+    cfg = small_config(tmp_path / "run", run={"seed": 7},
+                       train={"batch_size": 3, "grad_accum": 2, "max_steps": 10, "save_every": 1000})
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=tiny_tok.vocab_size))
+    ids = [[3 + i] * (5 + (i * 7) % 20) for i in range(30)]  # row i is made of token 3 + i
+    ds = Dataset.from_dict({"input_ids": ids, "completion_mask": [[1] * len(r) for r in ids]})
+    sft = trainer.build_trainer(cfg, lora.wrap(base, cfg.lora), tiny_tok, ds, None, tmp_path / "run")
+    seen = []
+    collate = sft.data_collator
+
+    def recording(rows):
+        seen.extend(int(r["input_ids"][0]) - 3 for r in rows)
+        return collate(rows)
+
+    sft.data_collator = recording
+    sft.train()
+    epoch0, epoch1 = seen[:30], seen[30:60]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(30))  # each epoch sees every row once
+    assert epoch0 != epoch1  # ... in a new order
+    assert epoch1 == [i for mb in (sft.balanced.set_epoch(1) or iter(sft.balanced)) for i in mb]
