@@ -199,15 +199,12 @@ class Encoded:
     truncated: bool = False
 
 
-def encode_prompt(tok, prompt: str, budget: int, truncation: str) -> tuple[list[int], bool]:
-    """Prompt tokens fitting `budget`; prompt_middle keeps the head and the last quarter (the question)."""
-    ids = tok(prompt)["input_ids"]
+def cut_prompt(ids: list[int], budget: int) -> tuple[list[int], bool]:
+    """Prompt tokens fitting `budget`: the head and the last quarter (the question) are kept, the middle goes."""
     if len(ids) <= budget:
         return ids, False
-    if truncation == "prompt_middle":
-        tail = min(budget // 4, 64)
-        return ids[: budget - tail] + (ids[-tail:] if tail else []), True
-    return ids[:budget], True
+    tail = min(budget // 4, 64)
+    return ids[: budget - tail] + (ids[-tail:] if tail else []), True
 
 
 def completion_ids(tok, completion: str) -> list[int]:
@@ -217,28 +214,24 @@ def completion_ids(tok, completion: str) -> list[int]:
 def encode_prompt_completion(tok, prompt: str, completion: str, d: DataCfg, reserve: int) -> Encoded | str:
     """Tokens and labels (completion + EOS only); a string is the reason the row is dropped.
 
-    A prompt longer than max_length - `reserve` is cut to exactly that, whatever this row's completion:
-    `reserve` is the same for every row (data.completion_budget). Cutting each prompt to fit its own
-    completion would make the prompt's length tell the model how long the answer is (a price's digit
-    count): a model that learns this scores well on the eval and fails on real, uncut prompts.
+    A prompt longer than max_length - `reserve` is cut to exactly that (prompt_middle) or its row dropped
+    (drop), whatever this row's completion: `reserve` is the same for every row (data.completion_budget).
+    Cutting each prompt to fit its own completion would make the prompt's length tell the model how long
+    the answer is (a price's digit count): a model that learns this scores well on the eval and fails on
+    real, uncut prompts.
     """
     comp = completion_ids(tok, completion)
-    full_prompt_len = len(tok(prompt)["input_ids"])
-    if len(comp) >= d.max_length and d.truncation != "keep_start":
-        return "completion alone fills data.max_length"
-    if d.truncation == "drop":  # decided on the prompt alone, against the same room as every other row
-        if full_prompt_len > d.max_length - reserve:
-            return "longer than data.max_length (data.truncation=drop)"
-        p = tok(prompt)["input_ids"]
-        ids, labels = (p + comp)[: d.max_length], ([IGNORE] * len(p) + comp)[: d.max_length]
-        return Encoded(ids, labels, p, truncated=len(p) + len(comp) > d.max_length)
+    full = tok(prompt)["input_ids"]
     if d.truncation == "keep_start":
-        ids = (tok(prompt)["input_ids"] + comp)[: d.max_length]
-        labels = ([IGNORE] * full_prompt_len + comp)[: d.max_length]
+        ids, labels = (full + comp)[: d.max_length], ([IGNORE] * len(full) + comp)[: d.max_length]
         if all(x == IGNORE for x in labels):
             return "prompt alone fills data.max_length, no completion tokens left"
-        return Encoded(ids, labels, ids[:full_prompt_len], truncated=full_prompt_len + len(comp) > d.max_length)
-    p, cut = encode_prompt(tok, prompt, d.max_length - reserve, d.truncation)
+        return Encoded(ids, labels, ids[: len(full)], truncated=len(full) + len(comp) > d.max_length)
+    if len(comp) >= d.max_length:
+        return "completion alone fills data.max_length"
+    if d.truncation == "drop" and len(full) > d.max_length - reserve:
+        return "longer than data.max_length (data.truncation=drop)"
+    p, cut = cut_prompt(full, d.max_length - reserve)  # under drop the prompt already fits: never cut
     ids, labels = (p + comp)[: d.max_length], ([IGNORE] * len(p) + comp)[: d.max_length]
     return Encoded(ids, labels, p, truncated=cut or len(p) + len(comp) > d.max_length)
 
@@ -384,13 +377,14 @@ def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Spl
     """
     sel = select_rows(cfg)
     train_split = evals = None
+    has_answers = cfg.data.format in ("prompt_completion", "alpaca")  # the formats whose prompts get cut
     if train:
         train_split = build_split("train", cfg.data.train, sel["train"], tok, cfg.data, sel["train_ids"])
-        if cfg.data.format in ("prompt_completion", "alpaca"):
+        if has_answers:
             cfg.data.completion_budget = train_split.reserve
         log.info(train_split.summary())
     if sel["eval"] is not None:
-        if not train and cfg.data.completion_budget is None and cfg.data.format in ("prompt_completion", "alpaca"):
+        if not train and cfg.data.completion_budget is None and has_answers:
             log.warning("this run's config has no data.completion_budget (trained before it existed): cut eval "
                         "prompts leave room for the longest eval answer, which may differ from training")
         evals = build_split("eval", sel["eval_source"], sel["eval"], tok, cfg.data, sel["eval_ids"])
