@@ -129,6 +129,15 @@ WAYS = {
                                 "train.grad_accum=1", "lora.dropout=0.0"],
                           patches=["bf16_prep", "rows_padding_free", "varlen_attn"]),
 }
+# Session 3: the LoRA layer and the optimizer step, attributed against today's default (c)
+WAYS.update({
+    "c-peft": dict(kind="ours", desc="ours with lora.kernel=peft (peft's own LoRA modules and dropout)",
+                   sets=["lora.kernel=peft"]),
+    "c-lean": dict(kind="ours", desc="ours with the lean dropout but peft's LoRA forward (session 2's default)",
+                   sets=[], patches=["lean_only"]),
+    "c-nosync": dict(kind="ours", desc="ours, bitsandbytes' optimizer without its per-parameter device sync",
+                     sets=[], patches=["optim_nosync"]),
+})
 DEFAULT_WAYS = "a,b,c,c-fast"
 
 # --plan-check settings, "BxL": B rows per micro-batch of exactly L tokens (micro-batch tokens 2k / 8k / 16k)
@@ -688,7 +697,22 @@ def patch_lean():
     t.build_sft_config = build_sft_config
 
 
-PATCHES = {"bf16_prep": patch_bf16_prep, "rows_padding_free": patch_rows_padding_free, "offload": patch_offload,
+def patch_lean_only():
+    """lora.kernel=fused without the fused 4-bit LoRA forward: only the lean dropout (session 2's default)."""
+    import train.fused_lora as f
+
+    f.install = lambda peft_model: 0
+
+
+def patch_optim_nosync():
+    """Measurement only: bitsandbytes 0.50's Optimizer8bit.step calls torch.cuda.synchronize() after every
+    parameter (448 LoRA tensors here). Everything runs on one stream, so the order holds without them."""
+    import bitsandbytes.optim.optimizer as o
+
+    o.sync_gpu = lambda t: None
+
+
+PATCHES = {"lean_only": patch_lean_only, "optim_nosync": patch_optim_nosync, "bf16_prep": patch_bf16_prep, "rows_padding_free": patch_rows_padding_free, "offload": patch_offload,
            "lean": patch_lean}
 
 
@@ -749,7 +773,62 @@ def run_ours(way: dict, ctx: dict) -> dict:
         res["check"] = packing_check(tr, ctx)
     except Exception as e:  # noqa: BLE001 - the timing result stands on its own; say why the check failed
         res["check"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if way.get("layer_check", ctx["way"] == "c"):
+        try:
+            res["fused_layers"] = fused_layer_check(tr.model, res.get("tokens_per_microbatch_max", 64))
+        except Exception as e:  # noqa: BLE001
+            res["fused_layers"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return res
+
+
+def fused_layer_check(model, tokens: int) -> dict:
+    """One trained 4-bit LoRA layer of each shape, training mode, dropout on: the fused forward
+    (train/fused_lora.py) against peft's own, same input, same RNG seed. Reports the largest
+    differences (output, input gradient, LoRA gradients, relative to the reference's largest value)
+    and the forward + backward time of each, so the GPU path is checked, not only the CPU tests'."""
+    import torch
+
+    from train import fused_lora
+
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, fused_lora.FusedLinear4bit):
+            layers.setdefault((m.in_features, m.out_features), (name, m))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = {}
+    for (n_in, n_out), (name, layer) in layers.items():
+        was = layer.training
+        layer.train()
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(1, tokens, n_in, generator=g, device=dev, dtype=torch.bfloat16)
+        dy = torch.randn(1, tokens, n_out, generator=g, device=dev, dtype=torch.bfloat16)
+        runs = {}
+        for label, cls in (("peft", fused_lora.PeftLinear4bit), ("fused", fused_lora.FusedLinear4bit)):
+            layer.__class__ = cls
+            for rep in range(4):  # the last of 4 is timed: the first ones warm up kernels and allocator
+                layer.zero_grad(set_to_none=True)
+                xi = x.clone().requires_grad_(True)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                torch.manual_seed(11)
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    y = layer(xi)
+                y.backward(dy)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) * 1e3
+            a = layer.lora_A[layer.active_adapters[0]].weight.grad
+            b = layer.lora_B[layer.active_adapters[0]].weight.grad
+            runs[label] = ([y.detach().float(), xi.grad.float(), a.float(), b.float()], ms)
+        layer.__class__ = fused_lora.FusedLinear4bit
+        layer.train(was)
+        rel = {k: float((f - r).abs().max() / r.abs().max().clamp_min(1e-12)) for k, r, f in
+               zip(("out", "grad_x", "grad_A", "grad_B"), runs["peft"][0], runs["fused"][0])}
+        out[f"{n_in}->{n_out}"] = {"layer": name, "tokens": tokens, "max_rel_diff": rel,
+                                   "ms_peft": round(runs["peft"][1], 3), "ms_fused": round(runs["fused"][1], 3)}
+    model.zero_grad(set_to_none=True)
+    return out
 
 
 def our_sets(way: dict, ctx: dict) -> list[str]:

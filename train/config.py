@@ -53,6 +53,9 @@ class LoraCfg:
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r); helps only at large r
     use_dora: bool = False  # weight-decomposed LoRA; slower, sometimes better at low r
     modules_to_save: Optional[list[str]] = None  # extra modules trained in full (e.g. lm_head for new tokens)
+    # fused: each 4-bit layer and its adapter run as one autograd Function with the memory-lean dropout
+    # (train/fused_lora.py, same math and adapter files, faster); peft: peft's own modules, for comparison
+    kernel: Literal["fused", "peft"] = "fused"
 
 
 @dataclass

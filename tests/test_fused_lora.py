@@ -1,0 +1,120 @@
+"""The fused QLoRA linear (train/fused_lora.py) computes what peft's LoRA-over-Linear4bit computes,
+gradients included, on the real 4-bit CPU path of bitsandbytes, and hands everything else to peft."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import small_config
+from train import fused_lora, lora, model
+
+
+def _peft_4bit(tmp_path, compute_dtype="float32", dropout=0.2, kernel="fused", **lora_cfg):
+    cfg = small_config(tmp_path / "run", quant={"compute_dtype": compute_dtype},
+                       lora={"dropout": dropout, "kernel": kernel, **lora_cfg})
+    base = model.prepare_for_kbit(model.load_base(cfg, model.resolve_model_path(cfg.model), quiet=True), cfg)
+    torch.manual_seed(0)
+    peft_model = lora.wrap(base, cfg.lora)
+    for name, p in peft_model.named_parameters():  # B != 0, so every gradient path is exercised
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    peft_model.config.use_cache = False
+    return peft_model, cfg
+
+
+def _fused_layers(peft_model):
+    return [m for m in peft_model.modules() if isinstance(m, fused_lora.FusedLinear4bit)]
+
+
+def _run_layer(layer, cls, x, grad, seed):
+    """Forward + backward of one layer as class `cls`; returns output and the gradients."""
+    layer.__class__ = cls
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = layer(x)
+    torch.manual_seed(seed + 1)  # the backward must replay the forward's mask, not draw a new one
+    y.backward(grad)
+    name = layer.active_adapters[0]
+    return y.detach(), x.grad, layer.lora_A[name].weight.grad.clone(), layer.lora_B[name].weight.grad.clone()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_layer_matches_peft(tmp_path, dropout, compute_dtype):
+    peft_model, _ = _peft_4bit(tmp_path, compute_dtype, dropout)
+    layers = _fused_layers(peft_model)
+    assert layers, "no 4-bit LoRA layer got the fused forward"
+    layer = layers[0].train()
+    dtype = getattr(torch, compute_dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, layer.in_features, generator=g).to(dtype)
+    grad = torch.randn(2, 7, layer.out_features, generator=g).to(dtype)
+    ref = _run_layer(layer, fused_lora.PeftLinear4bit, x, grad, seed=3)
+    got = _run_layer(layer, fused_lora.FusedLinear4bit, x, grad, seed=3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # one rounding (addmm) against peft's three in bf16
+    for name, r, f in zip(("output", "grad x", "grad A", "grad B"), ref, got):
+        torch.testing.assert_close(f, r, atol=tol, rtol=tol, msg=name)
+    without_lora = layer.get_base_layer()(x)
+    assert not torch.allclose(ref[0], without_lora, atol=tol)  # the adapter term is really in the output
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_loss_and_gradients_match_peft(tmp_path, checkpointing):
+    """Whole 4-bit model with dropout; with reentrant checkpointing its recompute replays the same masks."""
+    fused, _ = _peft_4bit(tmp_path, "float32", 0.2)
+    ref = copy.deepcopy(fused)
+    for m in ref.modules():
+        if isinstance(m, fused_lora.FusedLinear4bit):
+            m.__class__ = fused_lora.PeftLinear4bit
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    results = []
+    for m in (ref, fused):
+        m.train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            m.enable_input_require_grads()
+        torch.manual_seed(5)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    (loss_r, grads_r), (loss_f, grads_f) = results
+    torch.testing.assert_close(loss_f, loss_r, atol=1e-5, rtol=1e-5)
+    assert grads_r.keys() == grads_f.keys()
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert ref.state_dict().keys() == fused.state_dict().keys()  # adapters save and load as before
+
+
+def test_everything_else_is_peft(tmp_path):
+    """Eval (generation), disabled and merged adapters run peft's own forward, bit for bit."""
+    peft_model, _ = _peft_4bit(tmp_path, "float32", 0.2)
+    layer = _fused_layers(peft_model)[0]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(2))
+
+    def both():
+        outs = []
+        for cls in (fused_lora.PeftLinear4bit, fused_lora.FusedLinear4bit):
+            layer.__class__ = cls
+            torch.manual_seed(0)
+            with torch.no_grad():
+                outs.append(layer(x))
+        return outs
+
+    layer.eval()
+    ref, got = both()
+    assert torch.equal(ref, got)
+    layer.train()
+    with peft_model.disable_adapter():
+        ref, got = both()
+    assert torch.equal(ref, got) and torch.equal(got, layer.get_base_layer()(x))
+
+
+def test_not_installed_for_peft_kernel_dora_or_sharded(tmp_path, monkeypatch):
+    assert _fused_layers(_peft_4bit(tmp_path / "a", kernel="peft")[0]) == []
+    dora, _ = _peft_4bit(tmp_path / "b", use_dora=True)
+    layer = _fused_layers(dora)[0]  # installed, but DoRA is a variant: the plan hands it to peft
+    assert layer._fused_plan(torch.zeros(1, layer.in_features), (), {}) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert _fused_layers(_peft_4bit(tmp_path / "c")[0]) == []

@@ -1,0 +1,139 @@
+"""Fused QLoRA linear: a 4-bit base layer and its LoRA adapter in one autograd Function.
+
+Why our own code: peft runs every LoRA layer as a chain of modules: bitsandbytes' Linear4bit (its own
+autograd Function), a defensive clone of the output, dropout, lora_A, lora_B, a multiply by the scale
+and an add. On the 8B benchmark that is 224 layers x (forward + recompute + backward) of Python module
+calls, autograd nodes and output-sized elementwise kernels (the clone, the scale, the add each read
+and write a tensor as wide as the layer's output). The fast path is host-bound (docs/benchmarks.md),
+so each of those costs time. Here one Function does
+
+    y = x @ dequant(W4).T (+ bias) + scale * dropout(x) @ A.T @ B.T
+
+with the LoRA term added inside the base output by a single addmm, and a hand-written backward that
+keeps only x, the small x @ A.T and the RNG state (the dropout mask is replayed, as in train/lora.py's
+lean dropout). The parameters, their names and the saved adapter are peft's, unchanged; only the
+module's forward differs, and only where it computes exactly peft's LoRA (tests/test_fused_lora.py).
+Anything else (eval/generation, merged or disabled adapters, several active adapters, DoRA and other
+variants, other dtypes, FSDP/DeepSpeed shards) runs peft's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from bitsandbytes.functional import dequantize_4bit
+from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+from train.lora import _generator
+
+
+def _weight(weight, quant_state, dtype):
+    """The 4-bit base weight as a dense (out, in) matrix: the same dequantization bitsandbytes runs
+    for a large matmul on an H100 (its fused 4-bit kernel only wins below a few hundred tokens)."""
+    return dequantize_4bit(weight, quant_state).to(dtype)
+
+
+def _forward(x, a, b, weight, quant_state, bias, scale, p):
+    """(output, x @ A.T as (tokens, r), RNG state before the dropout draw)."""
+    out = F.linear(x, _weight(weight, quant_state, x.dtype), None if bias is None else bias.to(x.dtype))
+    rows = x.reshape(-1, x.shape[-1])
+    state = _generator(x.device).get_state() if p > 0 else None
+    dropped = torch.native_dropout(rows, p, True)[0] if p > 0 else rows
+    h = dropped @ a.to(x.dtype).t()
+    del dropped
+    out.view(-1, out.shape[-1]).addmm_(h, b.to(x.dtype).t(), alpha=scale)  # base + scale * h @ B.T, one kernel
+    return out, h, state
+
+
+class _QLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, b, weight, quant_state, bias, scale, p):
+        out, h, state = _forward(x, a, b, weight, quant_state, bias, scale, p)
+        ctx.save_for_backward(x, a, b, h)
+        ctx.weight, ctx.quant_state, ctx.scale, ctx.p, ctx.state = weight, quant_state, scale, p, state
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Ordered for the smallest transient (this runs at the backward's memory peak): the LoRA weight
+        # gradients first, the replayed dropout output freed at once, the dense base weight last
+        x, a, b, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        grad_b = (g.t() @ (h * ctx.scale)).to(b.dtype) if ctx.needs_input_grad[2] else None
+        gh = g @ (b.to(g.dtype) * ctx.scale)  # (tokens, r): the gradient reaching x @ A.T
+        mask = None
+        if ctx.p > 0:
+            gen = _generator(x.device)
+            now = gen.get_state()
+            gen.set_state(ctx.state)  # replay the forward's draw: same kernel, same state -> same mask
+            dropped, mask = torch.native_dropout(rows, ctx.p, True)
+            gen.set_state(now)
+        else:
+            dropped = rows
+        grad_a = (gh.t() @ dropped.to(g.dtype)).to(a.dtype) if ctx.needs_input_grad[1] else None
+        del dropped
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ _weight(ctx.weight, ctx.quant_state, g.dtype)
+            a_scaled = a.to(g.dtype) * (1 / (1 - ctx.p))  # dropout's 1/(1-p) goes into the small A
+            if mask is None:
+                grad_x.addmm_(gh, a_scaled)
+            else:
+                grad_x.add_((gh @ a_scaled).mul_(mask))
+            grad_x = grad_x.view(x.shape).to(x.dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+class FusedLinear4bit(PeftLinear4bit):
+    """peft's LoRA layer over a bitsandbytes Linear4bit, with the fused training forward above."""
+
+    def forward(self, x, *args, **kwargs):
+        plan = self._fused_plan(x, args, kwargs)
+        if plan is None:
+            return super().forward(x, *args, **kwargs)
+        a, b, base, scale, p = plan
+        weight = base.weight
+        bias = base.bias
+        if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save
+            return _forward(x, a.weight, b.weight, weight, weight.quant_state, bias, scale, p)[0]
+        return _QLoraLinear.apply(x, a.weight, b.weight, weight, weight.quant_state, bias, scale, p)
+
+    def _fused_plan(self, x, args, kwargs):
+        """(lora_A, lora_B, base layer, scale, dropout p) when the fused forward computes exactly what
+        peft's would; None sends the call to peft."""
+        if args or kwargs or not self.training or self.disable_adapters or self.merged:
+            return None
+        active = self.active_adapters
+        if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_variant:
+            return None
+        name = active[0]
+        a, b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if isinstance(drop, torch.nn.Dropout):
+            p = drop.p
+        elif isinstance(drop, torch.nn.Identity):
+            p = getattr(a, "dropout_p", 0.0)  # the lean dropout (train/lora.py) moved it into lora_A
+        else:
+            return None
+        base = self.get_base_layer()
+        if getattr(base.weight, "quant_state", None) is None or (base.bias is not None and base.bias.requires_grad):
+            return None
+        if base.compute_dtype not in (None, x.dtype) or not x.is_floating_point():
+            return None
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        if (autocast and torch.get_autocast_dtype(device) != x.dtype) or (
+                not autocast and not a.weight.dtype == b.weight.dtype == x.dtype):
+            return None
+        return a, b, base, self.scaling[name], p
+
+
+def install(peft_model) -> int:
+    """Give every plain LoRA layer over a 4-bit base the fused forward; returns how many changed.
+    Same parameters and state-dict keys: checkpoints and saved adapters do not change."""
+    changed = 0
+    for module in peft_model.modules():
+        if type(module) is PeftLinear4bit:
+            module.__class__ = FusedLinear4bit
+            changed += 1
+    return changed
