@@ -135,6 +135,8 @@ WAYS.update({
                    sets=["lora.kernel=peft"]),
     "c-lean": dict(kind="ours", desc="ours with the lean dropout but peft's LoRA forward (session 2's default)",
                    sets=[], patches=["lean_only"]),
+    "c-torchdrop": dict(kind="ours", desc="ours with the fused LoRA layer but torch's dropout (no Triton kernels)",
+                        sets=[], patches=["torch_dropout"]),
     "c-nosync": dict(kind="ours", desc="ours, bitsandbytes' optimizer without its per-parameter device sync",
                      sets=[], patches=["optim_nosync"]),
 })
@@ -457,7 +459,9 @@ def batch_stats(log: list, accum: int, warmup: int, steps: int) -> dict:
     first = log[:accum]
     return {"seqs_per_step": per_step, "pad_fraction": round(1 - real / computed, 4), "timed_real_tokens": real,
             "tokens_per_microbatch_max": max(b["computed"] for b in log[:(warmup + steps) * accum]),
-            "first_step_lens": sorted(n for b in first for n in b["lens"])}
+            "first_step_lens": sorted(n for b in first for n in b["lens"]),
+            # real tokens of every step run (warm-up, timed, profiled), to set each step's time against its work
+            "step_real_tokens": [sum(b["real"] for b in log[i:i + accum]) for i in range(0, len(log), accum)]}
 
 
 def run_trl(way: dict, ctx: dict) -> dict:
@@ -704,6 +708,13 @@ def patch_lean_only():
     f.install = lambda peft_model: 0
 
 
+def patch_torch_dropout():
+    """The fused LoRA layer with torch's dropout and mask replay instead of the Triton kernels."""
+    import train.lora_kernels as k
+
+    k.usable = lambda x, a: False
+
+
 def patch_optim_nosync():
     """Measurement only: bitsandbytes 0.50's Optimizer8bit.step calls torch.cuda.synchronize() after every
     parameter (448 LoRA tensors here). Everything runs on one stream, so the order holds without them."""
@@ -712,7 +723,7 @@ def patch_optim_nosync():
     o.sync_gpu = lambda t: None
 
 
-PATCHES = {"lean_only": patch_lean_only, "optim_nosync": patch_optim_nosync, "bf16_prep": patch_bf16_prep, "rows_padding_free": patch_rows_padding_free, "offload": patch_offload,
+PATCHES = {"lean_only": patch_lean_only, "torch_dropout": patch_torch_dropout, "optim_nosync": patch_optim_nosync, "bf16_prep": patch_bf16_prep, "rows_padding_free": patch_rows_padding_free, "offload": patch_offload,
            "lean": patch_lean}
 
 
@@ -782,51 +793,70 @@ def run_ours(way: dict, ctx: dict) -> dict:
 
 
 def fused_layer_check(model, tokens: int) -> dict:
-    """One trained 4-bit LoRA layer of each shape, training mode, dropout on: the fused forward
-    (train/fused_lora.py) against peft's own, same input, same RNG seed. Reports the largest
-    differences (output, input gradient, LoRA gradients, relative to the reference's largest value)
-    and the forward + backward time of each, so the GPU path is checked, not only the CPU tests'."""
+    """One trained 4-bit LoRA layer of each shape, training mode, dropout on. Correctness: the fused forward
+    and backward (train/fused_lora.py, with the Triton dropout kernels on GPU) against fp32 autograd over
+    the same dequantized weight and the kernels' own mask (relative to the reference's largest value).
+    Speed: forward + backward time of peft's layer and of the fused one."""
     import torch
 
-    from train import fused_lora
+    from train import fused_lora, lora_kernels
 
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, fused_lora.FusedLinear4bit):
             layers.setdefault((m.in_features, m.out_features), (name, m))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = {}
+    out, new_seed = {}, lora_kernels.new_seed
     for (n_in, n_out), (name, layer) in layers.items():
         was = layer.training
         layer.train()
+        adapter = layer.active_adapters[0]
+        a_w, b_w = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        p = getattr(layer.lora_A[adapter], "dropout_p", 0.0)
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(1, tokens, n_in, generator=g, device=dev, dtype=torch.bfloat16)
         dy = torch.randn(1, tokens, n_out, generator=g, device=dev, dtype=torch.bfloat16)
-        runs = {}
+        ms, got = {}, None
         for label, cls in (("peft", fused_lora.PeftLinear4bit), ("fused", fused_lora.FusedLinear4bit)):
             layer.__class__ = cls
             for rep in range(4):  # the last of 4 is timed: the first ones warm up kernels and allocator
                 layer.zero_grad(set_to_none=True)
                 xi = x.clone().requires_grad_(True)
+                seed = 1234 + rep
+                lora_kernels.new_seed = lambda seed=seed: seed
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                torch.manual_seed(11)
                 with torch.autocast(dev.type, dtype=torch.bfloat16):
                     y = layer(xi)
                 y.backward(dy)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
-                ms = (time.perf_counter() - t0) * 1e3
-            a = layer.lora_A[layer.active_adapters[0]].weight.grad
-            b = layer.lora_B[layer.active_adapters[0]].weight.grad
-            runs[label] = ([y.detach().float(), xi.grad.float(), a.float(), b.float()], ms)
+                ms[label] = round((time.perf_counter() - t0) * 1e3, 3)
+            if label == "fused":
+                got = (y.detach().float(), xi.grad.float(), a_w.grad.float(), b_w.grad.float(), seed)
         layer.__class__ = fused_lora.FusedLinear4bit
         layer.train(was)
-        rel = {k: float((f - r).abs().max() / r.abs().max().clamp_min(1e-12)) for k, r, f in
-               zip(("out", "grad_x", "grad_A", "grad_B"), runs["peft"][0], runs["fused"][0])}
-        out[f"{n_in}->{n_out}"] = {"layer": name, "tokens": tokens, "max_rel_diff": rel,
-                                   "ms_peft": round(runs["peft"][1], 3), "ms_fused": round(runs["fused"][1], 3)}
+        lora_kernels.new_seed = new_seed
+        kernels = lora_kernels.usable(x.reshape(-1, n_in), a_w.to(torch.bfloat16))
+        row = {"layer": name, "tokens": tokens, "dropout_path": "triton" if kernels else "torch",
+               "ms_peft": ms["peft"], "ms_fused": ms["fused"]}
+        out[f"{n_in}->{n_out}"] = row
+        if p > 0 and not kernels:  # torch's dropout mask is not reproducible outside the layer: time only
+            continue
+        base = layer.get_base_layer()
+        dense = fused_lora._weight(base.weight, base.weight.quant_state, torch.float32)
+        keep = (lora_kernels.keep_mask((tokens, n_in), got[4], p, dev).view(x.shape) if p > 0
+                else torch.ones_like(x, dtype=torch.bool))
+        xr, ar, br = (t.detach().float().requires_grad_(True) for t in (x, a_w, b_w))
+        scale = layer.scaling[adapter]
+        yr = xr @ dense.t() + scale * ((xr * keep / (1 - p)) @ ar.t()) @ br.t()
+        yr.backward(dy.float())
+        rel = {k: float((f - r).abs().max() / r.abs().max().clamp_min(1e-12)) for k, f, r in
+               zip(("out", "grad_x", "grad_A", "grad_B"), got[:4], (yr.detach(), xr.grad, ar.grad, br.grad))}
+        lora_term = float((yr.detach() - xr.detach() @ dense.t()).abs().max() / yr.detach().abs().max())
+        row.update(max_rel_diff_vs_fp32=rel, lora_term_rel=lora_term)
+        del dense, xr, yr
     model.zero_grad(set_to_none=True)
     return out
 

@@ -8,6 +8,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ["HF_HUB_OFFLINE"] = "1"  # the suite must never reach the hub
 os.environ.setdefault("WANDB_MODE", "offline")
+# no GPU here: Triton kernels (train/lora_kernels.py) run in Triton's CPU interpreter, which must be chosen
+# before anything imports triton
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
+from train import lora_kernels
 from train.lora import _generator
 
 
@@ -34,23 +35,38 @@ def _weight(weight, quant_state, dtype):
 
 
 def _forward(x, a, b, weight, quant_state, bias, scale, p):
-    """(output, x @ A.T as (tokens, r), RNG state before the dropout draw)."""
+    """(output, x @ A.T as (tokens, r), how the dropout was drawn: None, ("philox", seed) or ("torch", RNG state))."""
     out = F.linear(x, _weight(weight, quant_state, x.dtype), None if bias is None else bias.to(x.dtype))
     rows = x.reshape(-1, x.shape[-1])
-    state = _generator(x.device).get_state() if p > 0 else None
-    dropped = torch.native_dropout(rows, p, True)[0] if p > 0 else rows
-    h = dropped @ a.to(x.dtype).t()
-    del dropped
+    a = a.to(x.dtype)
+    if p > 0 and lora_kernels.usable(rows, a):  # GPU: the mask lives only inside the Triton kernels
+        seed = lora_kernels.new_seed()
+        h, drawn = lora_kernels.lora_a_forward(rows, a, seed, p), ("philox", seed)
+    elif p > 0:
+        drawn = ("torch", _generator(x.device).get_state())
+        h = torch.native_dropout(rows, p, True)[0] @ a.t()
+    else:
+        h, drawn = rows @ a.t(), None
     out.view(-1, out.shape[-1]).addmm_(h, b.to(x.dtype).t(), alpha=scale)  # base + scale * h @ B.T, one kernel
-    return out, h, state
+    return out, h, drawn
+
+
+def _torch_dropout_replay(rows, state, p):
+    """The forward's dropout output and mask again: same kernel, same RNG state -> same mask."""
+    gen = _generator(rows.device)
+    now = gen.get_state()
+    gen.set_state(state)
+    dropped, mask = torch.native_dropout(rows, p, True)
+    gen.set_state(now)
+    return dropped, mask
 
 
 class _QLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, weight, quant_state, bias, scale, p):
-        out, h, state = _forward(x, a, b, weight, quant_state, bias, scale, p)
+        out, h, drawn = _forward(x, a, b, weight, quant_state, bias, scale, p)
         ctx.save_for_backward(x, a, b, h)
-        ctx.weight, ctx.quant_state, ctx.scale, ctx.p, ctx.state = weight, quant_state, scale, p, state
+        ctx.weight, ctx.quant_state, ctx.scale, ctx.p, ctx.drawn = weight, quant_state, scale, p, drawn
         return out
 
     @staticmethod
@@ -60,27 +76,27 @@ class _QLoraLinear(torch.autograd.Function):
         x, a, b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
+        a_cd = a.to(g.dtype)
         grad_b = (g.t() @ (h * ctx.scale)).to(b.dtype) if ctx.needs_input_grad[2] else None
         gh = g @ (b.to(g.dtype) * ctx.scale)  # (tokens, r): the gradient reaching x @ A.T
+        kind, drawn = ctx.drawn or (None, None)
         mask = None
-        if ctx.p > 0:
-            gen = _generator(x.device)
-            now = gen.get_state()
-            gen.set_state(ctx.state)  # replay the forward's draw: same kernel, same state -> same mask
-            dropped, mask = torch.native_dropout(rows, ctx.p, True)
-            gen.set_state(now)
+        if kind == "philox":
+            grad_a = lora_kernels.lora_a_grad(rows, gh, drawn, ctx.p)
         else:
-            dropped = rows
-        grad_a = (gh.t() @ dropped.to(g.dtype)).to(a.dtype) if ctx.needs_input_grad[1] else None
-        del dropped
+            dropped, mask = _torch_dropout_replay(rows, drawn, ctx.p) if kind == "torch" else (rows, None)
+            grad_a = gh.t() @ dropped
+            del dropped
+        grad_a = grad_a.to(a.dtype) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ _weight(ctx.weight, ctx.quant_state, g.dtype)
-            a_scaled = a.to(g.dtype) * (1 / (1 - ctx.p))  # dropout's 1/(1-p) goes into the small A
-            if mask is None:
-                grad_x.addmm_(gh, a_scaled)
-            else:
-                grad_x.add_((gh @ a_scaled).mul_(mask))
+            if kind == "philox":
+                lora_kernels.lora_x_grad_(grad_x, gh, a_cd, drawn, ctx.p)
+            elif mask is None:
+                grad_x.addmm_(gh, a_cd)
+            else:  # dropout's 1/(1-p) goes into the small A
+                grad_x.add_((gh @ (a_cd * (1 / (1 - ctx.p)))).mul_(mask))
             grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None
 

@@ -24,6 +24,20 @@ METRIC_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm",
                "num_input_tokens_seen": "tokens_seen", "epoch": "epoch"}
 
 
+def use_liger(cfg: Config) -> bool:
+    """train.liger on a GPU, where liger-kernel imports; otherwise off, with a one-line notice (it is a
+    speed-up, never a reason to stop a run)."""
+    if not cfg.train.liger or not torch.cuda.is_available():
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        log.warning("train.liger: liger-kernel is not installed, so RMSNorm/SwiGLU/RoPE run unfused "
+                    "(pip install liger-kernel, or set train.liger: false to silence this)")
+        return False
+    return True
+
+
 def use_bf16(cfg: Config) -> bool:
     if cfg.train.bf16 is not None:
         return cfg.train.bf16
@@ -84,7 +98,7 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         packing=packing == "bfd",
         packing_strategy="bfd",  # best-fit decreasing: whole rows, never split, positions restart per row
         padding_free=packing != "none",
-        use_liger_kernel=t.liger and torch.cuda.is_available(),
+        use_liger_kernel=use_liger(cfg),
         dataset_num_proc=None,
         disable_tqdm=False,  # progress bar even when log_level is quiet
         log_level="warning",

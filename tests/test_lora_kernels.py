@@ -1,0 +1,81 @@
+"""The Triton LoRA-dropout kernels (train/lora_kernels.py), run by Triton's CPU interpreter in fp16 (it
+has no bf16; the GPU compiles the same kernels, and scripts/bench.py checks them there in bf16)."""
+
+import pytest
+import torch
+
+from train import lora_kernels as K
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpreted():
+    """conftest.py sets TRITON_INTERPRET=1 before triton is imported: the kernels run on CPU."""
+    assert K._interpreting()
+
+
+def _data(m=130, n=200, r=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g).half()
+    a = (torch.randn(r, n, generator=g) * 0.1).half()
+    gh = torch.randn(m, r, generator=g).half()
+    return x, a, gh
+
+
+def test_mask_keeps_1_minus_p_and_depends_on_seed_only(interpreted):
+    m1 = K.keep_mask((130, 200), 1234, 0.3, "cpu")
+    assert m1.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert torch.equal(m1, K.keep_mask((130, 200), 1234, 0.3, "cpu"))  # replayable: forward, recompute, backward
+    other = K.keep_mask((130, 200), 1235, 0.3, "cpu")
+    assert (other != m1).float().mean().item() == pytest.approx(2 * 0.3 * 0.7, abs=0.02)  # independent draws
+
+
+@pytest.mark.parametrize("r", [16, 32])
+def test_kernels_match_torch_with_the_same_mask(interpreted, r):
+    x, a, gh = _data(r=r)
+    p, seed = 0.3, 77
+    keep = K.keep_mask(tuple(x.shape), seed, p, "cpu")
+    dropped = x.float() * keep / (1 - p)
+    torch.testing.assert_close(K.lora_a_forward(x, a, seed, p).float(), dropped @ a.float().t(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(K.lora_a_grad(x, gh, seed, p), gh.float().t() @ dropped, atol=2e-2, rtol=1e-3)
+    gx = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).half()
+    want = gx.float() + (gh.float() @ a.float()) * keep / (1 - p)
+    torch.testing.assert_close(K.lora_x_grad_(gx, gh, a, seed, p).float(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_usable_only_where_it_runs(interpreted):
+    x, a, _ = _data()
+    assert K.usable(x, a)
+    assert not K.usable(x.bfloat16(), a.bfloat16())  # the interpreter has no bf16 (the GPU does)
+    assert not K.usable(x, a[:8])  # rank 8: tl.dot needs 16; the torch path takes it
+    assert not K.usable(x.float(), a.float())
+
+
+def test_fused_layer_with_kernels_matches_reference(interpreted, monkeypatch):
+    """The fused QLoRA Function on the kernel path: output and every gradient against plain autograd over
+    the same 4-bit weight and the kernels' own mask."""
+    import bitsandbytes as bnb
+
+    from train import fused_lora
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(200, 96, bias=False, compute_dtype=torch.float16, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(96, 200) * 0.05, requires_grad=False, quant_type="nf4").to("cpu")
+    qs = base.weight.quant_state
+    dense = bnb.functional.dequantize_4bit(base.weight, qs).float()
+    x, a, _ = _data()
+    b = (torch.randn(96, 16) * 0.1).half()
+    p, scale, seed = 0.25, 2.0, 4321
+    monkeypatch.setattr(K, "new_seed", lambda: seed)
+    xs, a_, b_ = (t.clone().requires_grad_(True) for t in (x, a, b))
+    y = fused_lora._QLoraLinear.apply(xs, a_, b_, base.weight, qs, None, scale, p)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).half()
+    y.backward(dy)
+    keep = K.keep_mask(tuple(x.shape), seed, p, "cpu")
+    xr, ar, br = (t.float().requires_grad_(True) for t in (x, a, b))
+    yr = xr @ dense.t() + scale * ((xr * keep / (1 - p)) @ ar.t()) @ br.t()
+    yr.backward(dy.float())
+    for name, got, want in (("y", y, yr), ("grad x", xs.grad, xr.grad), ("grad A", a_.grad, ar.grad),
+                            ("grad B", b_.grad, br.grad)):
+        torch.testing.assert_close(got.float(), want.detach(), atol=3e-2, rtol=2e-2, msg=name)

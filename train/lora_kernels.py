@@ -1,0 +1,109 @@
+"""Triton kernels for LoRA's dropout on GPU: the mask is never stored nor written out.
+
+Why our own kernels: with dropout, a LoRA layer's low-rank path makes several full passes over its
+input x per step (torch: write dropout(x) and its mask, read them back for lora_A; in the backward
+replay both, then mask and add the input gradient in two more elementwise kernels). On the 8B
+benchmark these passes were ~70 ms of ~440 ms of GPU time per step. Here the mask is a pure function
+of (seed, element index) computed inside each kernel (Philox, `tl.rand`), so:
+
+    lora_a_forward   h      = (x * m) @ A.T / (1 - p)            one read of x
+    lora_a_grad      grad_A = gh.T @ (x * m) / (1 - p)           one read of x
+    lora_x_grad      grad_x += ((gh @ A) * m) / (1 - p)          one read and write of grad_x
+
+The same seed gives the same mask in the forward, the checkpointed recompute and the backward. Dropout
+keeps each element with probability 1 - p, independently per layer and call (a fresh seed each call,
+drawn from torch's CPU generator, which checkpointing and resume already save and restore). The
+masks are not the ones torch.nn.Dropout would draw: the same distribution, different random numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+RANKS = (16, 32, 64, 128)  # tl.dot needs dimensions >= 16; other ranks take the torch path
+
+
+def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """The kernels handle this call: CUDA (or Triton's CPU interpreter), 16-bit inputs, a supported rank,
+    and element indices that fit Philox's 32-bit offsets."""
+    interpretable = _interpreting() and x.dtype == torch.float16  # the CPU interpreter has no bf16
+    return (_triton() is not None and (x.is_cuda or interpretable) and x.dtype in (torch.bfloat16, torch.float16)
+            and a.shape[0] in RANKS and x.numel() < 2**31)
+
+
+def new_seed() -> int:
+    """A fresh dropout seed from torch's CPU generator: no device sync, and reproduced by checkpointing
+    (which restores the CPU RNG state before a recompute) and by a resumed run."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """(tokens, in) x (r, in) -> (tokens, r): dropout(x) @ A.T."""
+    k = _kernels()
+    m, n_in = x2.shape
+    r = a.shape[0]
+    h = torch.empty(m, r, device=x2.device, dtype=x2.dtype)
+    grid = (triton_cdiv(m, 64),)
+    k["a_fwd"][grid](x2, a, h, m, n_in, seed, p, 1 / (1 - p), R=r, BM=64, BK=64, num_warps=4)
+    return h
+
+
+def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """gh.T @ dropout(x): (r, in) in fp32, summed over tokens in SPLIT deterministic partial sums."""
+    k = _kernels()
+    m, n_in = x2.shape
+    r = gh.shape[1]
+    split = max(1, min(16, triton_cdiv(m, 512)))
+    part = torch.empty(split, r, n_in, device=x2.device, dtype=torch.float32)
+    rows_per = triton_cdiv(triton_cdiv(m, split), 64) * 64
+    grid = (triton_cdiv(n_in, 64), split)
+    k["a_grad"][grid](x2, gh, part, m, n_in, rows_per, seed, p, 1 / (1 - p), R=r, BM=64, BK=64, num_warps=4)
+    return part.sum(0)
+
+
+def lora_x_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """grad_x += (gh @ A) * mask / (1 - p), in place on the (tokens, in) grad_x."""
+    k = _kernels()
+    m, n_in = grad_x.shape
+    grid = (triton_cdiv(m, 64), triton_cdiv(n_in, 64))
+    k["x_grad"][grid](grad_x, gh, a, m, n_in, seed, p, 1 / (1 - p), R=a.shape[0], BM=64, BK=64, num_warps=4)
+    return grad_x
+
+
+def keep_mask(shape: tuple[int, int], seed: int, p: float, device) -> torch.Tensor:
+    """The mask the kernels apply for (seed, p), as a bool tensor: for tests and checks only."""
+    m, n = shape
+    out = torch.empty(m, n, device=device, dtype=torch.int8)
+    _kernels()["mask"][(triton_cdiv(m, 64), triton_cdiv(n, 64))](out, m, n, seed, p, BM=64, BK=64)
+    return out.bool()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    return triton
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernels() -> dict:
+    """The kernels, compiled on first use. They live in their own module because Triton resolves a kernel's
+    globals from its module, and reads TRITON_INTERPRET (CPU tests) when the module is imported."""
+    import importlib
+
+    mod = importlib.import_module("train._lora_triton")
+    return {"a_fwd": mod.a_fwd, "a_grad": mod.a_grad, "x_grad": mod.x_grad, "mask": mod.mask}
