@@ -42,6 +42,7 @@ def new_seed() -> int:
 def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """(tokens, in) x (r, in) -> (tokens, r): dropout(x) @ A.T."""
     k = _kernels()
+    x2, a = x2.contiguous(), a.contiguous()  # the kernels index rows with stride n_in
     m, n_in = x2.shape
     r = a.shape[0]
     h = torch.empty(m, r, device=x2.device, dtype=x2.dtype)
@@ -53,6 +54,7 @@ def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> to
 def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """gh.T @ dropout(x): (r, in) in fp32, summed over tokens in SPLIT deterministic partial sums."""
     k = _kernels()
+    x2, gh = x2.contiguous(), gh.contiguous()
     m, n_in = x2.shape
     r = gh.shape[1]
     split = max(1, min(16, triton_cdiv(m, 512)))
@@ -66,6 +68,8 @@ def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float) -> torc
 def lora_x_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """grad_x += (gh @ A) * mask / (1 - p), in place on the (tokens, in) grad_x."""
     k = _kernels()
+    assert grad_x.is_contiguous(), "lora_x_grad_ writes grad_x in place"
+    gh, a = gh.contiguous(), a.contiguous()
     m, n_in = grad_x.shape
     grid = (triton_cdiv(m, 64), triton_cdiv(n_in, 64))
     k["x_grad"][grid](grad_x, gh, a, m, n_in, seed, p, 1 / (1 - p), R=a.shape[0], BM=64, BK=64, num_warps=4)
