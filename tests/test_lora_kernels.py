@@ -29,6 +29,11 @@ def test_mask_keeps_1_minus_p_and_depends_on_seed_only(interpreted):
     assert torch.equal(m1, K.keep_mask((130, 200), 1234, 0.3, "cpu"))  # replayable: forward, recompute, backward
     other = K.keep_mask((130, 200), 1235, 0.3, "cpu")
     assert (other != m1).float().mean().item() == pytest.approx(2 * 0.3 * 0.7, abs=0.02)  # independent draws
+    k = m1.float()  # neighbours (next column, next row) are independent: P(both kept) = 0.7 ** 2
+    assert (k[:, 1:] * k[:, :-1]).mean().item() == pytest.approx(0.49, abs=0.02)
+    assert (k[1:] * k[:-1]).mean().item() == pytest.approx(0.49, abs=0.02)
+    rare = K.keep_mask((256, 256), 7, 0.05, "cpu")  # the recipe's p: 5% dropped, give or take 4 sigma
+    assert (~rare).float().mean().item() == pytest.approx(0.05, abs=4 * (0.05 * 0.95 / 256**2) ** 0.5)
 
 
 @pytest.mark.parametrize("r", [16, 32])

@@ -95,8 +95,8 @@ class _QLoraLinear(torch.autograd.Function):
                 lora_kernels.lora_x_grad_(grad_x, gh, a_cd, drawn, ctx.p)
             elif mask is None:
                 grad_x.addmm_(gh, a_cd)
-            else:  # dropout's 1/(1-p) goes into the small A
-                grad_x.add_((gh @ (a_cd * (1 / (1 - ctx.p)))).mul_(mask))
+            else:  # dropout's 1/(1-p) goes into the small A; mask and add in one kernel
+                grad_x.addcmul_(gh @ (a_cd * (1 / (1 - ctx.p))), mask)
             grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None
 

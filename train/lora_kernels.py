@@ -4,7 +4,7 @@ Why our own kernels: with dropout, a LoRA layer's low-rank path makes several fu
 input x per step (torch: write dropout(x) and its mask, read them back for lora_A; in the backward
 replay both, then mask and add the input gradient in two more elementwise kernels). On the 8B
 benchmark these passes were ~70 ms of ~440 ms of GPU time per step. Here the mask is a pure function
-of (seed, element index) computed inside each kernel (Philox, `tl.rand`), so:
+of (seed, element index) computed inside each kernel (an integer hash, see train/_lora_triton.py), so:
 
     lora_a_forward   h      = (x * m) @ A.T / (1 - p)            one read of x
     lora_a_grad      grad_A = gh.T @ (x * m) / (1 - p)           one read of x
@@ -23,6 +23,7 @@ import functools
 import torch
 
 RANKS = (16, 32, 64, 128)  # tl.dot needs dimensions >= 16; other ranks take the torch path
+CHUNK = 1024  # input columns per forward program: 4-14 programs per 64 rows on Llama-8B shapes
 
 
 def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
@@ -39,20 +40,38 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
 
 
+def mix(seed: int) -> int:
+    """The seed as the kernels use it: hashed once on the host (lowbias32, as in the kernels), so that
+    nearby seeds give unrelated masks; kept below 2**31 to pass as an int32."""
+    x = seed & 0xFFFFFFFF
+    for mult in (0x7FEB352D, 0x846CA68B):
+        x ^= x >> 16
+        x = (x * mult) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x & 0x7FFFFFFF
+
+
+def _threshold(p: float) -> int:
+    return int(round(p * (1 << 24)))  # the kernels drop an element when its 24 hash bits fall below this
+
+
 def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """(tokens, in) x (r, in) -> (tokens, r): dropout(x) @ A.T."""
+    """(tokens, in) x (r, in) -> (tokens, r): dropout(x) @ A.T. The in dimension is split into chunks of
+    CHUNK columns, one program each, so that a few thousand tokens still fill the GPU; the partial sums
+    (fp32, a few MB) are added in a fixed order: deterministic."""
     k = _kernels()
     x2, a = x2.contiguous(), a.contiguous()  # the kernels index rows with stride n_in
     m, n_in = x2.shape
     r = a.shape[0]
-    h = torch.empty(m, r, device=x2.device, dtype=x2.dtype)
-    grid = (triton_cdiv(m, 64),)
-    k["a_fwd"][grid](x2, a, h, m, n_in, seed, p, 1 / (1 - p), R=r, BM=64, BK=64, num_warps=4)
-    return h
+    split = triton_cdiv(n_in, CHUNK)
+    part = torch.empty(split, m, r, device=x2.device, dtype=torch.float32)
+    k["a_fwd"][(triton_cdiv(m, 64), split)](x2, a, part, m, n_in, CHUNK, mix(seed), _threshold(p), 1 / (1 - p),
+                                             R=r, BM=64, BK=128, num_warps=4, num_stages=3)
+    return part.sum(0).to(x2.dtype)
 
 
 def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """gh.T @ dropout(x): (r, in) in fp32, summed over tokens in SPLIT deterministic partial sums."""
+    """gh.T @ dropout(x): (r, in) in fp32, summed over tokens in up to 16 deterministic partial sums."""
     k = _kernels()
     x2, gh = x2.contiguous(), gh.contiguous()
     m, n_in = x2.shape
@@ -61,7 +80,8 @@ def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float) -> torc
     part = torch.empty(split, r, n_in, device=x2.device, dtype=torch.float32)
     rows_per = triton_cdiv(triton_cdiv(m, split), 64) * 64
     grid = (triton_cdiv(n_in, 64), split)
-    k["a_grad"][grid](x2, gh, part, m, n_in, rows_per, seed, p, 1 / (1 - p), R=r, BM=64, BK=64, num_warps=4)
+    k["a_grad"][grid](x2, gh, part, m, n_in, rows_per, mix(seed), _threshold(p), 1 / (1 - p),
+                      R=r, BM=64, BK=64, num_warps=4, num_stages=3)
     return part.sum(0)
 
 
@@ -72,7 +92,8 @@ def lora_x_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: 
     gh, a = gh.contiguous(), a.contiguous()
     m, n_in = grad_x.shape
     grid = (triton_cdiv(m, 64), triton_cdiv(n_in, 64))
-    k["x_grad"][grid](grad_x, gh, a, m, n_in, seed, p, 1 / (1 - p), R=a.shape[0], BM=64, BK=64, num_warps=4)
+    k["x_grad"][grid](grad_x, gh, a, m, n_in, mix(seed), _threshold(p), 1 / (1 - p),
+                      R=a.shape[0], BM=64, BK=64, num_warps=4)
     return grad_x
 
 
@@ -80,7 +101,7 @@ def keep_mask(shape: tuple[int, int], seed: int, p: float, device) -> torch.Tens
     """The mask the kernels apply for (seed, p), as a bool tensor: for tests and checks only."""
     m, n = shape
     out = torch.empty(m, n, device=device, dtype=torch.int8)
-    _kernels()["mask"][(triton_cdiv(m, 64), triton_cdiv(n, 64))](out, m, n, seed, p, BM=64, BK=64)
+    _kernels()["mask"][(triton_cdiv(m, 64), triton_cdiv(n, 64))](out, m, n, mix(seed), _threshold(p), BM=64, BK=64)
     return out.bool()
 
 
