@@ -183,6 +183,20 @@ def test_checkpointing_off_needs_more_activation_memory(tiny, llama8b):
         assert off["total"] > on["total"]
 
 
+def test_peft_dropout_kernel_saves_input_copies(tiny):
+    """lora.kernel=peft keeps a bf16 dropout copy + a bool mask of every LoRA input (3 B per in_feature per
+    token) until the layer's backward; the fused kernel keeps none. Without dropout both save nothing."""
+    peft = with_(make_cfg(), "lora", kernel="peft")
+    assert plan.lora_input_copy_bytes(peft.lora, peft.quant) == 3
+    assert plan.lora_input_copy_bytes(make_cfg().lora, make_cfg().quant) == 0
+    no_drop = with_(peft, "lora", dropout=0.0)
+    assert plan.lora_input_copy_bytes(no_drop.lora, no_drop.quant) == 0
+    fused, slow = plan.estimate(make_cfg(), tiny, 4096), plan.estimate(peft, tiny, 4096)
+    in_features = sum(i for i, _ in TINY_LAYER.values())  # per layer; only one layer's recompute is alive
+    grown = slow["activations_working"] - fused["activations_working"]  # less the down_proj copy freed
+    assert grown == pytest.approx(3 * (in_features - TINY_LAYER["down_proj"][0]) * 4096, rel=0.01)
+
+
 def test_checkpointed_activations_by_hand(tiny):
     tokens = 1000
     act = plan.activation_bytes(plan.model_shape(tiny), make_cfg(), tokens)

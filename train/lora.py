@@ -66,6 +66,22 @@ def use_fused_kernels(peft_model) -> None:
     if sharded_launch() is None:
         n = fused_lora.install(peft_model)
         log.debug("fused 4-bit LoRA forward on %d layers", n)
+        _note_dropout_path(peft_model, n)
+
+
+def _note_dropout_path(peft_model, fused_layers: int) -> None:
+    """One line when a GPU run's LoRA dropout cannot use the Triton kernels (train/lora_kernels.py)."""
+    from train import lora_kernels
+
+    p = peft_model.peft_config[peft_model.active_adapter]
+    if not (fused_layers and p.lora_dropout > 0 and torch.cuda.is_available()):
+        return
+    if lora_kernels._triton() is None:
+        log.warning("LoRA dropout: triton is not installed, so dropout runs as separate torch kernels "
+                    "(slower; pip install triton)")
+    elif p.r not in lora_kernels.RANKS:
+        log.info("LoRA dropout: the Triton kernels take lora.r in %s; r=%d runs torch's dropout (slower)",
+                 "/".join(map(str, lora_kernels.RANKS)), p.r)
 
 
 def match_training_dtypes(peft_model, quant_mode: str) -> None:

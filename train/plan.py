@@ -413,13 +413,14 @@ def lora_input_copy_bytes(lora: LoraCfg, quant: QuantCfg) -> float:
     """Per in_feature of a targeted Linear, what its LoRA branch saves beyond the input x that the
     frozen base layer keeps anyway:
 
-        k-bit, plain LoRA, dropout > 0   0      train.lora's lean dropout keeps x and an RNG state only
+        k-bit, plain LoRA, dropout > 0   0      lora.kernel=fused keeps x and a seed or RNG state only
         k-bit, dropout == 0              0      lora_A saves x itself; 2 when autocast must copy an fp32
                                                 input (the fp32 residual of fp16/fp32 compute)
-        DoRA, or quant.mode=none         2 + 1  peft's own dropout: bf16 output + bool mask (2 without dropout)
+        DoRA, quant.mode=none, or        2 + 1  peft's own dropout: bf16 output + bool mask (2 without dropout)
+        lora.kernel=peft with dropout
     """
     mask = LORA_DROPOUT_MASK_BYTES if lora.dropout > 0 else 0
-    if quant.mode == "none" or lora.use_dora:
+    if quant.mode == "none" or lora.use_dora or (lora.kernel == "peft" and lora.dropout > 0):
         return LORA_INPUT_BYTES + mask
     if lora.dropout > 0:
         return 0.0
