@@ -116,5 +116,12 @@ def test_not_installed_for_peft_kernel_dora_or_sharded(tmp_path, monkeypatch):
     dora, _ = _peft_4bit(tmp_path / "b", use_dora=True)
     layer = _fused_layers(dora)[0]  # installed, but DoRA is a variant: the plan hands it to peft
     assert layer._fused_plan(torch.zeros(1, layer.in_features), (), {}) is None
+    plain, _ = _peft_4bit(tmp_path / "d")
+    layer = _fused_layers(plain)[0].train()
+    x = torch.zeros(1, layer.in_features)
+    assert layer._fused_plan(x, (), {}) is not None
+    monkeypatch.setattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", True, raising=False)
+    assert layer._fused_plan(x, (), {}) is None  # bitsandbytes' CPU inference layout: only its kernel reads it
+    monkeypatch.undo()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert _fused_layers(_peft_4bit(tmp_path / "c")[0]) == []

@@ -84,3 +84,63 @@ def test_fused_layer_with_kernels_matches_reference(interpreted, monkeypatch):
     for name, got, want in (("y", y, yr), ("grad x", xs.grad, xr.grad), ("grad A", a_.grad, ar.grad),
                             ("grad B", b_.grad, br.grad)):
         torch.testing.assert_close(got.float(), want.detach(), atol=3e-2, rtol=2e-2, msg=name)
+
+
+def test_fused_module_on_kernel_path_with_bias_and_checkpointing(interpreted, monkeypatch):
+    """The whole FusedLinear4bit module on the kernel path: a biased 4-bit layer (as Qwen's q/k/v) wrapped
+    by peft, run plainly and under reentrant checkpointing. The recompute must draw the same seed (the
+    checkpoint restores the CPU RNG), and both runs must equal fp32 autograd with the kernels' mask."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.checkpoint import checkpoint
+
+    from train import fused_lora, lora
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(200, 96, bias=True, compute_dtype=torch.float16, quant_type="nf4")
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    net = One()
+    net.proj.weight = bnb.nn.Params4bit(torch.randn(96, 200) * 0.05, requires_grad=False, quant_type="nf4").to("cpu")
+    net.proj.bias = torch.nn.Parameter(torch.randn(96).half() * 0.1, requires_grad=False)
+    net.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model: peft then wraps bitsandbytes' layer
+    model = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.25, target_modules=["proj"]))
+    lora.use_fused_kernels(model)
+    layer = model.base_model.model.proj
+    assert isinstance(layer, fused_lora.FusedLinear4bit)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = (torch.randn_like(p) * 0.1).half()
+    seeds = []
+    draw = K.new_seed
+    monkeypatch.setattr(K, "new_seed", lambda: seeds.append(draw()) or seeds[-1])
+    x = torch.randn(3, 40, 200, generator=torch.Generator().manual_seed(1)).half()
+    dy = torch.randn(3, 40, 96, generator=torch.Generator().manual_seed(2)).half()
+    a_w, b_w = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def run(use_checkpoint):
+        model.zero_grad(set_to_none=True)
+        seeds.clear()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        y = checkpoint(model, xi, use_reentrant=True) if use_checkpoint else model(xi)
+        y.backward(dy)
+        return [y.detach(), xi.grad, a_w.grad.clone(), b_w.grad.clone()], list(seeds)
+
+    plain, plain_seeds = run(False)
+    ckpt, ckpt_seeds = run(True)
+    assert len(plain_seeds) == 1 and ckpt_seeds == plain_seeds * 2  # first forward and recompute: one seed
+    for got, want in zip(ckpt, plain):
+        assert torch.equal(got, want)
+    keep = K.keep_mask((120, 200), plain_seeds[0], 0.25, "cpu").view(x.shape)
+    dense = bnb.functional.dequantize_4bit(layer.get_base_layer().weight, layer.get_base_layer().weight.quant_state)
+    xr, ar, br = (t.detach().float().requires_grad_(True) for t in (x, a_w, b_w))
+    yr = xr @ dense.float().t() + layer.get_base_layer().bias.float() + 2.0 * ((xr * keep / 0.75) @ ar.t()) @ br.t()
+    yr.backward(dy.float())
+    for name, got, want in zip(("y", "grad x", "grad A", "grad B"), plain, (yr, xr.grad, ar.grad, br.grad)):
+        torch.testing.assert_close(got.float(), want.detach(), atol=3e-2, rtol=2e-2, msg=name)

@@ -35,13 +35,13 @@ def _weight(weight, quant_state, dtype):
 
 
 def _forward(x, a, b, weight, quant_state, bias, scale, p):
-    """(output, x @ A.T as (tokens, r), how the dropout was drawn: None, ("philox", seed) or ("torch", RNG state))."""
+    """(output, x @ A.T as (tokens, r), how the dropout was drawn: None, ("kernel", seed) or ("torch", RNG state))."""
     out = F.linear(x, _weight(weight, quant_state, x.dtype), None if bias is None else bias.to(x.dtype))
     rows = x.reshape(-1, x.shape[-1])
     a = a.to(x.dtype)
     if p > 0 and lora_kernels.usable(rows, a):  # GPU: the mask lives only inside the Triton kernels
         seed = lora_kernels.new_seed()
-        h, drawn = lora_kernels.lora_a_forward(rows, a, seed, p), ("philox", seed)
+        h, drawn = lora_kernels.lora_a_forward(rows, a, seed, p), ("kernel", seed)
     elif p > 0:
         drawn = ("torch", _generator(x.device).get_state())
         h = torch.native_dropout(rows, p, True)[0] @ a.t()
@@ -80,18 +80,19 @@ class _QLoraLinear(torch.autograd.Function):
         grad_b = (g.t() @ (h * ctx.scale)).to(b.dtype) if ctx.needs_input_grad[2] else None
         gh = g @ (b.to(g.dtype) * ctx.scale)  # (tokens, r): the gradient reaching x @ A.T
         kind, drawn = ctx.drawn or (None, None)
-        mask = None
-        if kind == "philox":
-            grad_a = lora_kernels.lora_a_grad(rows, gh, drawn, ctx.p)
+        mask, grad_a = None, None
+        if kind == "kernel":
+            if ctx.needs_input_grad[1]:
+                grad_a = lora_kernels.lora_a_grad(rows, gh, drawn, ctx.p).to(a.dtype)
         else:
             dropped, mask = _torch_dropout_replay(rows, drawn, ctx.p) if kind == "torch" else (rows, None)
-            grad_a = gh.t() @ dropped
+            if ctx.needs_input_grad[1]:
+                grad_a = (gh.t() @ dropped).to(a.dtype)
             del dropped
-        grad_a = grad_a.to(a.dtype) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ _weight(ctx.weight, ctx.quant_state, g.dtype)
-            if kind == "philox":
+            if kind == "kernel":
                 lora_kernels.lora_x_grad_(grad_x, gh, a_cd, drawn, ctx.p)
             elif mask is None:
                 grad_x.addmm_(gh, a_cd)
@@ -132,8 +133,11 @@ class FusedLinear4bit(PeftLinear4bit):
         else:
             return None
         base = self.get_base_layer()
-        if getattr(base.weight, "quant_state", None) is None or (base.bias is not None and base.bias.requires_grad):
-            return None
+        quant_state = getattr(base.weight, "quant_state", None)
+        if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):  # repacked for CPU
+            return None  # inference: only bitsandbytes' own kernel reads that layout (train.model avoids it)
+        if (base.bias is not None and base.bias.requires_grad) or a.bias is not None or b.bias is not None:
+            return None  # trainable base bias or peft's lora_bias: gradients this Function does not compute
         if base.compute_dtype not in (None, x.dtype) or not x.is_floating_point():
             return None
         device = x.device.type

@@ -23,14 +23,16 @@ import functools
 import torch
 
 RANKS = (16, 32, 64, 128)  # tl.dot needs dimensions >= 16; other ranks take the torch path
-CHUNK = 1024  # input columns per forward program: 4-14 programs per 64 rows on Llama-8B shapes
+CHUNK = 1024  # input columns per forward program: 4-14 programs per 64 rows on Llama-8B shapes (a multiple of BK)
 
 
 def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
     """The kernels handle this call: CUDA (or Triton's CPU interpreter), 16-bit inputs, a supported rank,
     and element indices that fit Philox's 32-bit offsets."""
     interpretable = _interpreting() and x.dtype == torch.float16  # the CPU interpreter has no bf16
-    return (_triton() is not None and (x.is_cuda or interpretable) and x.dtype in (torch.bfloat16, torch.float16)
+    # kernels launch on the current device: a layer placed on another GPU of this process takes the torch path
+    on_device = x.is_cuda and x.device.index == torch.cuda.current_device()
+    return (_triton() is not None and (on_device or interpretable) and x.dtype in (torch.bfloat16, torch.float16)
             and a.shape[0] in RANKS and x.numel() < 2**31)
 
 
@@ -41,12 +43,13 @@ def new_seed() -> int:
 
 
 def mix(seed: int) -> int:
-    """The seed as the kernels use it: hashed once on the host (lowbias32, as in the kernels), so that
-    nearby seeds give unrelated masks; kept below 2**31 to pass as an int32."""
+    """The seed as the kernels use it: hashed once on the host with lowbias32 (the kernels' hash), so that
+    nearby seeds differ in many bits; kept below 2**31 to pass as an int32."""
     x = seed & 0xFFFFFFFF
-    for mult in (0x7FEB352D, 0x846CA68B):
-        x ^= x >> 16
-        x = (x * mult) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
     x ^= x >> 16
     return x & 0x7FFFFFFF
 
@@ -65,8 +68,9 @@ def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> to
     r = a.shape[0]
     split = triton_cdiv(n_in, CHUNK)
     part = torch.empty(split, m, r, device=x2.device, dtype=torch.float32)
+    bk = 128 if r <= 32 else 64  # A's tile is BK x r: keep 3 pipeline stages under ~100 KB of shared memory
     k["a_fwd"][(triton_cdiv(m, 64), split)](x2, a, part, m, n_in, CHUNK, mix(seed), _threshold(p), 1 / (1 - p),
-                                             R=r, BM=64, BK=128, num_warps=4, num_stages=3)
+                                             R=r, BM=64, BK=bk, num_warps=4, num_stages=3)
     return part.sum(0).to(x2.dtype)
 
 
