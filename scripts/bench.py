@@ -137,6 +137,8 @@ WAYS.update({
                    sets=[], patches=["lean_only"]),
     "c-torchdrop": dict(kind="ours", desc="ours with the fused LoRA layer but torch's dropout (no Triton kernels)",
                         sets=[], patches=["torch_dropout"]),
+    "c-triton": dict(kind="ours", desc="ours with lora.kernel=fused_triton (LoRA dropout in Triton kernels)",
+                     sets=["lora.kernel=fused_triton"]),
     "c-nosync": dict(kind="ours", desc="ours, bitsandbytes' optimizer without its per-parameter device sync",
                      sets=[], patches=["optim_nosync"]),
 })
@@ -838,7 +840,7 @@ def fused_layer_check(model, tokens: int) -> dict:
         layer.__class__ = fused_lora.FusedLinear4bit
         layer.train(was)
         lora_kernels.new_seed = new_seed
-        kernels = lora_kernels.usable(x.reshape(-1, n_in), a_w.to(torch.bfloat16))
+        kernels = layer.triton_dropout and lora_kernels.usable(x.reshape(-1, n_in), a_w.to(torch.bfloat16))
         row = {"layer": name, "tokens": tokens, "dropout_path": "triton" if kernels else "torch",
                "ms_peft": ms["peft"], "ms_fused": ms["fused"]}
         out[f"{n_in}->{n_out}"] = row

@@ -74,7 +74,7 @@ def test_fused_layer_with_kernels_matches_reference(interpreted, monkeypatch):
     p, scale, seed = 0.25, 2.0, 4321
     monkeypatch.setattr(K, "new_seed", lambda: seed)
     xs, a_, b_ = (t.clone().requires_grad_(True) for t in (x, a, b))
-    y = fused_lora._QLoraLinear.apply(xs, a_, b_, base.weight, qs, None, scale, p)
+    y = fused_lora._QLoraLinear.apply(xs, a_, b_, base.weight, qs, None, scale, p, True)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).half()
     y.backward(dy)
     keep = K.keep_mask(tuple(x.shape), seed, p, "cpu")
@@ -110,7 +110,7 @@ def test_fused_module_on_kernel_path_with_bias_and_checkpointing(interpreted, mo
     net.proj.bias = torch.nn.Parameter(torch.randn(96).half() * 0.1, requires_grad=False)
     net.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model: peft then wraps bitsandbytes' layer
     model = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.25, target_modules=["proj"]))
-    lora.use_fused_kernels(model)
+    lora.use_fused_kernels(model, triton_dropout=True)
     layer = model.base_model.model.proj
     assert isinstance(layer, fused_lora.FusedLinear4bit)
     for name, p in model.named_parameters():

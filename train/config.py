@@ -54,8 +54,10 @@ class LoraCfg:
     use_dora: bool = False  # weight-decomposed LoRA; slower, sometimes better at low r
     modules_to_save: Optional[list[str]] = None  # extra modules trained in full (e.g. lm_head for new tokens)
     # fused: each 4-bit layer and its adapter run as one autograd Function with the memory-lean dropout
-    # (train/fused_lora.py, same math and adapter files, faster); peft: peft's own modules, for comparison
-    kernel: Literal["fused", "peft"] = "fused"
+    # (train/fused_lora.py, same math and adapter files, faster); fused_triton: the same with the dropout in
+    # Triton kernels on GPU (0.3 GB less on an 8B; faster on a fast host CPU, slower on a slow one:
+    # docs/benchmarks.md); peft: peft's own modules, for comparison
+    kernel: Literal["fused", "fused_triton", "peft"] = "fused"
 
 
 @dataclass

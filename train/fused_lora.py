@@ -34,12 +34,12 @@ def _weight(weight, quant_state, dtype):
     return dequantize_4bit(weight, quant_state).to(dtype)
 
 
-def _forward(x, a, b, weight, quant_state, bias, scale, p):
+def _forward(x, a, b, weight, quant_state, bias, scale, p, triton_dropout=False):
     """(output, x @ A.T as (tokens, r), how the dropout was drawn: None, ("kernel", seed) or ("torch", RNG state))."""
     out = F.linear(x, _weight(weight, quant_state, x.dtype), None if bias is None else bias.to(x.dtype))
     rows = x.reshape(-1, x.shape[-1])
     a = a.to(x.dtype)
-    if p > 0 and lora_kernels.usable(rows, a):  # GPU: the mask lives only inside the Triton kernels
+    if p > 0 and triton_dropout and lora_kernels.usable(rows, a):  # GPU: the mask lives only inside the kernels
         seed = lora_kernels.new_seed()
         h, drawn = lora_kernels.lora_a_forward(rows, a, seed, p), ("kernel", seed)
     elif p > 0:
@@ -63,8 +63,8 @@ def _torch_dropout_replay(rows, state, p):
 
 class _QLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, weight, quant_state, bias, scale, p):
-        out, h, drawn = _forward(x, a, b, weight, quant_state, bias, scale, p)
+    def forward(ctx, x, a, b, weight, quant_state, bias, scale, p, triton_dropout):
+        out, h, drawn = _forward(x, a, b, weight, quant_state, bias, scale, p, triton_dropout)
         ctx.save_for_backward(x, a, b, h)
         ctx.weight, ctx.quant_state, ctx.scale, ctx.p, ctx.drawn = weight, quant_state, scale, p, drawn
         return out
@@ -99,11 +99,14 @@ class _QLoraLinear(torch.autograd.Function):
             else:  # dropout's 1/(1-p) goes into the small A; mask and add in one kernel
                 grad_x.addcmul_(gh @ (a_cd * (1 / (1 - ctx.p))), mask)
             grad_x = grad_x.view(x.shape).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
 
 class FusedLinear4bit(PeftLinear4bit):
     """peft's LoRA layer over a bitsandbytes Linear4bit, with the fused training forward above."""
+
+    # dropout in the Triton kernels of train/lora_kernels.py (lora.kernel=fused_triton) instead of torch's
+    triton_dropout = False
 
     def forward(self, x, *args, **kwargs):
         plan = self._fused_plan(x, args, kwargs)
@@ -112,9 +115,10 @@ class FusedLinear4bit(PeftLinear4bit):
         a, b, base, scale, p = plan
         weight = base.weight
         bias = base.bias
+        args = (x, a.weight, b.weight, weight, weight.quant_state, bias, scale, p, self.triton_dropout)
         if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save
-            return _forward(x, a.weight, b.weight, weight, weight.quant_state, bias, scale, p)[0]
-        return _QLoraLinear.apply(x, a.weight, b.weight, weight, weight.quant_state, bias, scale, p)
+            return _forward(*args)[0]
+        return _QLoraLinear.apply(*args)
 
     def _fused_plan(self, x, args, kwargs):
         """(lora_A, lora_B, base layer, scale, dropout p) when the fused forward computes exactly what
@@ -148,12 +152,13 @@ class FusedLinear4bit(PeftLinear4bit):
         return a, b, base, self.scaling[name], p
 
 
-def install(peft_model) -> int:
+def install(peft_model, triton_dropout: bool = False) -> int:
     """Give every plain LoRA layer over a 4-bit base the fused forward; returns how many changed.
     Same parameters and state-dict keys: checkpoints and saved adapters do not change."""
     changed = 0
     for module in peft_model.modules():
         if type(module) is PeftLinear4bit:
             module.__class__ = FusedLinear4bit
+            module.triton_dropout = triton_dropout
             changed += 1
     return changed

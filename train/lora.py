@@ -48,25 +48,26 @@ def wrap(model, l: LoraCfg):
 
     check_targets(model, l)
     peft_model = get_peft_model(model, build_lora_config(l))
-    if l.kernel == "fused":
-        use_fused_kernels(peft_model)
+    if l.kernel != "peft":
+        use_fused_kernels(peft_model, triton_dropout=l.kernel == "fused_triton")
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)",
              l.r, l.alpha, l.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return peft_model
 
 
-def use_fused_kernels(peft_model) -> None:
-    """lora.kernel=fused: the lean dropout everywhere, and the fused 4-bit LoRA linear except under
+def use_fused_kernels(peft_model, triton_dropout: bool = False) -> None:
+    """lora.kernel=fused(_triton): the lean dropout everywhere, and the fused 4-bit LoRA linear except under
     FSDP/DeepSpeed, whose sharded 4-bit weights only bitsandbytes' own module knows how to gather."""
     from train import fused_lora
     from train.model import sharded_launch
 
     use_lean_dropout(peft_model)
     if sharded_launch() is None:
-        n = fused_lora.install(peft_model)
+        n = fused_lora.install(peft_model, triton_dropout)
         log.debug("fused 4-bit LoRA forward on %d layers", n)
-        _note_dropout_path(peft_model, n)
+        if triton_dropout:
+            _note_dropout_path(peft_model, n)
 
 
 def _note_dropout_path(peft_model, fused_layers: int) -> None:
