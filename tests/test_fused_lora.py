@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import small_config
+from test_lora_dropout import _loss_and_grads
 from train import fused_lora, lora, model
 
 
@@ -69,16 +70,7 @@ def test_model_loss_and_gradients_match_peft(tmp_path, checkpointing):
         if isinstance(m, fused_lora.FusedLinear4bit):
             m.__class__ = fused_lora.PeftLinear4bit
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
-    results = []
-    for m in (ref, fused):
-        m.train()
-        if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-            m.enable_input_require_grads()
-        torch.manual_seed(5)
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    results = [_loss_and_grads(m, ids, checkpointing) for m in (ref, fused)]
     (loss_r, grads_r), (loss_f, grads_f) = results
     torch.testing.assert_close(loss_f, loss_r, atol=1e-5, rtol=1e-5)
     assert grads_r.keys() == grads_f.keys()

@@ -25,6 +25,14 @@ def _keep(seed, rows, cols, n, threshold):
 
 
 @triton.jit
+def _dropped(x_ptr, rows, cols, m, n, seed, threshold):
+    # the (rows x cols) tile of x with dropped elements zeroed (and ragged edges read as zero)
+    ok = (rows[:, None] < m) & (cols[None, :] < n)
+    x = tl.load(x_ptr + rows[:, None] * n + cols[None, :], mask=ok, other=0.0)
+    return tl.where(_keep(seed, rows, cols, n, threshold), x, 0.0)
+
+
+@triton.jit
 def a_fwd(x_ptr, a_ptr, part_ptr, m, n, chunk, seed, threshold, scale,
           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     # program (i, s): rows i*BM.., columns s*chunk..(s+1)*chunk; partial sums of dropout(x) @ A.T
@@ -35,9 +43,7 @@ def a_fwd(x_ptr, a_ptr, part_ptr, m, n, chunk, seed, threshold, scale,
     start = split * chunk
     for k0 in range(start, tl.minimum(start + chunk, n), BK):
         cols = k0 + tl.arange(0, BK)
-        ok = (rows[:, None] < m) & (cols[None, :] < n)
-        x = tl.load(x_ptr + rows[:, None] * n + cols[None, :], mask=ok, other=0.0)
-        x = tl.where(_keep(seed, rows, cols, n, threshold), x, 0.0)
+        x = _dropped(x_ptr, rows, cols, m, n, seed, threshold)
         a = tl.load(a_ptr + ranks[None, :] * n + cols[:, None], mask=cols[:, None] < n, other=0.0)
         acc += tl.dot(x, a)
     tl.store(part_ptr + split * m * R + rows[:, None] * R + ranks[None, :], acc * scale, mask=rows[:, None] < m)
@@ -54,9 +60,7 @@ def a_grad(x_ptr, gh_ptr, part_ptr, m, n, rows_per, seed, threshold, scale,
     start = split * rows_per
     for r0 in range(start, tl.minimum(start + rows_per, m), BM):
         rows = r0 + tl.arange(0, BM)
-        ok = (rows[:, None] < m) & (cols[None, :] < n)
-        x = tl.load(x_ptr + rows[:, None] * n + cols[None, :], mask=ok, other=0.0)
-        x = tl.where(_keep(seed, rows, cols, n, threshold), x, 0.0)
+        x = _dropped(x_ptr, rows, cols, m, n, seed, threshold)
         gt = tl.load(gh_ptr + rows[None, :] * R + ranks[:, None], mask=rows[None, :] < m, other=0.0)
         acc += tl.dot(gt, x)
     tl.store(part_ptr + split * R * n + ranks[:, None] * n + cols[None, :], acc * scale, mask=cols[None, :] < n)

@@ -25,7 +25,7 @@ from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
 from train import lora_kernels
-from train.lora import _generator
+from train.lora import _generator, replay_dropout
 
 
 def _weight(weight, quant_state, dtype):
@@ -49,16 +49,6 @@ def _forward(x, a, b, weight, quant_state, bias, scale, p, triton_dropout=False)
         h, drawn = rows @ a.t(), None
     out.view(-1, out.shape[-1]).addmm_(h, b.to(x.dtype).t(), alpha=scale)  # base + scale * h @ B.T, one kernel
     return out, h, drawn
-
-
-def _torch_dropout_replay(rows, state, p):
-    """The forward's dropout output and mask again: same kernel, same RNG state -> same mask."""
-    gen = _generator(rows.device)
-    now = gen.get_state()
-    gen.set_state(state)
-    dropped, mask = torch.native_dropout(rows, p, True)
-    gen.set_state(now)
-    return dropped, mask
 
 
 class _QLoraLinear(torch.autograd.Function):
@@ -85,7 +75,7 @@ class _QLoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_a = lora_kernels.lora_a_grad(rows, gh, drawn, ctx.p).to(a.dtype)
         else:
-            dropped, mask = _torch_dropout_replay(rows, drawn, ctx.p) if kind == "torch" else (rows, None)
+            dropped, mask = replay_dropout(rows, drawn, ctx.p) if kind == "torch" else (rows, None)
             if ctx.needs_input_grad[1]:
                 grad_a = (gh.t() @ dropped).to(a.dtype)
             del dropped

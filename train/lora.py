@@ -114,6 +114,17 @@ def _generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
+def replay_dropout(x: torch.Tensor, state: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dropout output and mask a forward drew from RNG `state`, again: same kernel, same state -> same
+    mask. The generator's current state is left as it was."""
+    gen = _generator(x.device)
+    now = gen.get_state()
+    gen.set_state(state)
+    dropped, mask = torch.native_dropout(x, p, True)
+    gen.set_state(now)
+    return dropped, mask
+
+
 class _DropoutLinear(torch.autograd.Function):
     """y = dropout(x, p) @ weight.T, saving x (already alive) and the RNG state instead of the mask."""
 
@@ -129,11 +140,7 @@ class _DropoutLinear(torch.autograd.Function):
         # Ordered for the smallest transient: the dropout output goes once the weight gradient has it,
         # and the input gradient is masked in place (this runs at the backward's memory peak)
         x, weight = ctx.saved_tensors
-        gen = _generator(x.device)
-        now = gen.get_state()
-        gen.set_state(ctx.state)  # replay the forward's draw: same kernel, same state -> same mask
-        dropped, mask = torch.native_dropout(x, ctx.p, True)
-        gen.set_state(now)
+        dropped, mask = replay_dropout(x, ctx.state, ctx.p)
         flat = grad.reshape(-1, grad.shape[-1])
         grad_w = (flat.t() @ dropped.reshape(-1, x.shape[-1]).to(flat.dtype)).to(weight.dtype)
         del dropped
