@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from train import attention, tiny
+from train import attention, gguf, tiny
 from train.config import Config, ModelCfg, QuantCfg
 from train.errors import UserError
 
@@ -41,17 +41,20 @@ def build_bnb_config(q: QuantCfg, skip_modules: list[str] | None = None):
 
 
 def resolve_model_path(m: ModelCfg) -> str:
-    """Local dir, builtin (materialised to the cache) or hub id; a missing local path is a UserError."""
+    """Local dir, .gguf file or builtin (both materialised to the cache once) or hub id; a missing local path
+    is a UserError."""
     name = m.name_or_path
     if tiny.is_builtin(name):
         return str(tiny.materialize(name))
+    if gguf.is_gguf(name):
+        return str(gguf.resolve(name))
     path = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if looks_local:
         if not (path / "config.json").is_file():
             raise UserError(
                 f"model.name_or_path: {name} is not a model directory (no config.json); "
-                "give a local HF-format model dir, a hub id like Qwen/Qwen2.5-0.5B, or builtin:tiny-llama"
+                "give a local HF-format model dir, a .gguf file, a hub id like Qwen/Qwen2.5-0.5B, or builtin:tiny-llama"
             )
         return str(path)
     return name
