@@ -5,17 +5,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from train import charts
 from train.metrics import (
+    answer_stats,
+    average_ranks,
+    baseline_metrics,
     category,
     choice_metrics,
     exact_metrics,
+    majority_answer,
+    median_answer,
     normalize_text,
     numeric_metrics,
     parse_choice,
     parse_number,
+    pearson,
+    prediction_stats,
+    spearman,
     summarize,
 )
 
@@ -287,3 +296,116 @@ def test_loss_curves(tmp_path: Path) -> None:
     assert charts._task_metric_keys(rows) == ["eval_mae", "eval_hit_rate"]  # headline metrics, left then right
     counters = [{"step": 1, "eval_n": 25, "eval_num_tokens": 9e5, "eval_entropy": 1.2, "eval_accuracy": 0.5}]
     assert charts._task_metric_keys(counters) == ["eval_accuracy"]  # counters are never plotted
+
+
+def test_numeric_scatter_with_baseline_line(tmp_path: Path) -> None:
+    truths = [10.0, 20.0, 30.0]
+    _assert_png(charts.numeric_scatter(tmp_path / "b.png", truths, [15, 15, 15], [11, 19, 31], {}, baseline=15.0))
+    # log axes (3 decades) and a non-positive baseline: the line is left out, the chart still drawn
+    _assert_png(charts.numeric_scatter(tmp_path / "l.png", [1, 1000], [2, 900], [1, 1100], {}, baseline=0.0))
+
+
+# ---------------------------------------------------------------- correlation, spread, collapse
+
+def test_average_ranks_ties_share_the_mean_position() -> None:
+    assert average_ranks([10, 20, 20, 30]).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert average_ranks([3, 1, 2]).tolist() == [3.0, 1.0, 2.0]
+    assert average_ranks([5, 5, 5]).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_pearson_and_spearman_by_hand() -> None:
+    # x [1,2,3,4], y [2,4,5,9]: dx [-1.5,-.5,.5,1.5], dy [-3,-1,0,4]; sum dx*dy = 11,
+    # sum dx^2 = 5, sum dy^2 = 26 -> r = 11 / sqrt(130) = 0.964764
+    assert pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / 130**0.5)
+    assert pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(0.964764, abs=1e-6)
+    # ties: ranks x [1,2.5,2.5,4], y [1,3,2,4]; dx [-1.5,0,0,1.5], dy [-1.5,.5,-.5,1.5]
+    # sum dx*dy = 4.5, sum dx^2 = 4.5, sum dy^2 = 5 -> 4.5 / sqrt(22.5) = 0.948683
+    assert spearman([10, 20, 20, 30], [1, 3, 2, 4]) == pytest.approx(4.5 / 22.5**0.5)
+    # monotone but not linear: Spearman 1, Pearson below 1; reversed order: -1
+    assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3, 4], [1, 8, 27, 64]) < 0.99
+    assert spearman([1, 2, 3], [9, 5, 1]) == pytest.approx(-1.0)
+    # undefined: constant side or fewer than 2 points
+    assert pearson([1, 2, 3], [4, 4, 4]) is None and spearman([1, 2, 3], [4, 4, 4]) is None
+    assert pearson([1], [2]) is None and spearman([1], [2]) is None
+    with pytest.raises(ValueError):
+        pearson([1, 2], [1])
+
+
+def test_prediction_stats_by_hand() -> None:
+    # truths [10,20,30,40]: population std sqrt(125); preds [20,25,25,30]: std sqrt(12.5)
+    # spread = sqrt(12.5 / 125) = 0.316228; errors [10,5,-5,-10]: ss_res 250, ss_tot 500 -> r2 0.5
+    # pearson: dt [-15,-5,5,15], dp [-5,0,0,5] -> 150 / sqrt(500 * 50) = 0.948683
+    s = prediction_stats([10, 20, 30, 40], [20, 25, 25, 30])
+    assert s["distinct"] == 3 and s["truth_distinct"] == 4
+    assert s["spread_ratio"] == pytest.approx(0.1**0.5)
+    assert s["r2"] == pytest.approx(0.5)
+    assert s["pearson"] == pytest.approx(150 / (500 * 50) ** 0.5)
+    assert s["spearman"] == pytest.approx(0.948683, abs=1e-6)  # ranks [1,2,3,4] vs [1,2.5,2.5,4]
+    # 3 distinct answers for 4 distinct truths: collapsed on the count, not on the spread (32% >= 25%)
+    assert s["collapsed"] is True and s["collapse_reasons"] == ["fewer than 4 distinct answers"]
+    json.dumps(s)
+
+
+def test_prediction_stats_constant_answer_is_collapsed() -> None:
+    truths = [float(t) for t in range(1, 21)]
+    s = prediction_stats(truths, [49.0] * 20)
+    assert s["distinct"] == 1 and s["spread_ratio"] == 0.0
+    assert s["pearson"] is None and s["spearman"] is None
+    assert s["collapsed"] is True
+    assert any("distinct" in r for r in s["collapse_reasons"]) and any("spread" in r for r in s["collapse_reasons"])
+    # a narrow but varied answer: 20 distinct values with 10% of the truths' spread -> collapsed on spread
+    narrow = prediction_stats(truths, [100 + 0.1 * t for t in truths])
+    assert narrow["distinct"] == 20 and narrow["spread_ratio"] == pytest.approx(0.1)
+    assert narrow["collapse_reasons"] == ["spread under 25% of the truths'"]
+    # two answers over 20 rows (the rest unparseable): the count is against all 20 truths
+    few = prediction_stats(truths, [5.0, 15.0] + [None] * 18)
+    assert few["distinct"] == 2 and few["truth_distinct"] == 20
+    assert few["collapse_reasons"] == ["fewer than 10 distinct answers"]
+    # nothing parsed: no answer to be constant, so no collapse (the unparseable count tells)
+    none = prediction_stats([1.0, 2.0], [None, None])
+    assert not none["collapsed"] and none["collapse_reasons"] == [] and none["distinct"] == 0
+
+
+def test_prediction_stats_healthy_model_is_not_collapsed() -> None:
+    truths = [float(t) for t in range(1, 31)]
+    preds = [t + (0.25 if i % 2 else -0.25) for i, t in enumerate(truths)]
+    s = prediction_stats(truths, preds)
+    assert s["distinct"] == 30 and s["collapsed"] is False and s["collapse_reasons"] == []
+    assert s["spread_ratio"] == pytest.approx(float(np.std(preds) / np.std(truths)))
+    assert s["pearson"] > 0.99 and s["spearman"] > 0.99 and s["r2"] > 0.97
+
+
+def test_answer_stats_for_exact_and_choice() -> None:
+    assert answer_stats(["yes", "no", "no"], ["yes", "yes", "yes"])["collapsed"] is True
+    assert answer_stats(["yes", "no", "no"], ["yes", "no", "yes"])["collapsed"] is False
+    assert answer_stats(["yes", "yes"], ["yes", "yes"])["collapsed"] is False  # one truth, one answer: fine
+    assert answer_stats(["yes", "no", "no"], ["yes", None, "yes"])["collapse_reasons"] == [
+        "one answer for 2 distinct truths"]
+    assert answer_stats(["yes", "no"], [None, ""])["collapsed"] is False  # nothing answered
+
+
+# ---------------------------------------------------------------- baselines
+
+def test_median_and_majority_answers() -> None:
+    assert median_answer(["10.00", "$30", "20", "no number"]) == (20.0, 3)
+    assert median_answer(["1", "2", "3", "4"]) == (2.5, 4)
+    assert median_answer(["none"]) == (None, 0)
+    # "yes"/"Yes." are one answer; ties go to the answer seen first, in its first spelling
+    assert majority_answer(["no", "Yes", "yes.", "maybe"]) == ("Yes", 2)
+    assert majority_answer(["b", "a", "a", "b"]) == ("b", 2)
+    assert majority_answer([]) == (None, 0)
+
+
+def test_baseline_scored_like_the_models() -> None:
+    truths = [100.0, 50.0, 10.0]
+    b = baseline_metrics("numeric", truths, 50.0, hit_abs=40.0, hit_rel=0.2, near_abs=80.0, near_rel=0.4)
+    # errors [-50, 0, 40]: mae 30; hits: row 2 (0) only, row 3 err 40 not < 40 -> near; row 1 rel .5 -> near
+    assert b == numeric_metrics(truths, [50.0] * 3)
+    assert b["mae"] == pytest.approx(30.0) and b["hit_rate"] == pytest.approx(1 / 3)
+    assert b["near_rate"] == pytest.approx(2 / 3)
+    assert "rows" not in b
+    c = baseline_metrics("choice", ["yes", "no", "no"], "no", labels=["yes", "no"], hit_abs=1.0)
+    assert c["accuracy"] == pytest.approx(2 / 3) and c["invalid"] == 0
+    e = baseline_metrics("exact", ["Paris", "Rome"], "paris")
+    assert e == {"n": 2, "correct": 1, "accuracy": 0.5}

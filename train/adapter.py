@@ -33,12 +33,15 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
     check_saved(tmp)
     tok.save_pretrained(tmp)
     dump_config(cfg, tmp / "config.yaml")
+    from train.evaluate import train_answers  # here, not at the top: evaluate imports this module
+
     meta = {
         "base_model": cfg.model.name_or_path,
         "base_path": base_path,
         "base_fingerprint": model_lib.base_fingerprint(base_path),
         "metrics": metrics,
         "data": {"train": train_split.summary(), "eval": eval_split.summary() if eval_split else None},
+        "train_answers": train_answers(train_split.examples),  # the eval baselines, should data.train move
         "versions": versions(),
     }
     (tmp / META).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
@@ -139,6 +142,8 @@ Versions: {json.dumps(meta['versions'])}
 def find_adapter(path: str | Path) -> Path:
     """RUN_DIR or ADAPTER_DIR -> the adapter directory."""
     p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{path}: no such folder; pass the run directory `train fit` wrote (run.output_dir)")
     for candidate in (p, p / "adapter"):
         if (candidate / "adapter_config.json").is_file():
             return candidate

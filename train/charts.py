@@ -68,7 +68,7 @@ def _panel_title(name: str, result: dict[str, Any], unit: str) -> str:
 
 
 def _scatter_panel(ax: Axes, name: str, truths: Sequence[float], preds: Sequence[float | None],
-                   thresholds: dict[str, float], unit: str) -> None:
+                   thresholds: dict[str, float], unit: str, baseline: float | None = None) -> None:
     pairs = _parsed_pairs(truths, preds)
     result = metrics.numeric_metrics(truths, preds, **thresholds)
     ax.set_title(_panel_title(name, result, unit), fontsize=10)
@@ -82,24 +82,35 @@ def _scatter_panel(ax: Axes, name: str, truths: Sequence[float], preds: Sequence
         if pts:
             xs, ys = zip(*pts)
             ax.scatter(xs, ys, s=12, c=colour, alpha=0.7, label=f"{cat} ({len(pts)})")
+    if baseline is not None:
+        label = f"constant baseline {unit}{baseline:,.2f}".replace("$", r"\$")
+        ax.axhline(baseline, color="tab:blue", linestyle=":", linewidth=1.5, label=label)
     ax.legend(loc="upper left", fontsize=8)
 
 
 def numeric_scatter(path: str | Path, truths: Sequence[float], base_preds: Sequence[float | None],
                     adapter_preds: Sequence[float | None], thresholds: dict[str, float] | None = None,
-                    unit: str = "$") -> Path:
+                    unit: str = "$", baseline: float | None = None) -> Path:
     """Prediction vs truth for "base" and "base + adapter", side by side, coloured hit/near/miss.
 
     ``thresholds`` are metrics.category's hit_abs/hit_rel/near_abs/near_rel (missing keys use the
     defaults). Unparseable predictions (None) are omitted from the plot and counted in the title.
+    ``baseline``: the constant baseline's answer (e.g. the train median), drawn as a dotted
+    horizontal line in both panels; None (default) draws none.
     Both panels share axes; log-log when all plotted values are positive and span > 2 decades.
     """
     thresholds = {k: v for k, v in (thresholds or {}).items() if k in metrics.THRESHOLD_KEYS}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharex=True, sharey=True)
     panels = [("base", base_preds), ("base + adapter", adapter_preds)]
-    for ax, (name, preds) in zip(axes, panels):
-        _scatter_panel(ax, name, truths, preds, thresholds, unit)
     values = [v for _, preds in panels for pair in _parsed_pairs(truths, preds) for v in pair]
+    if baseline is not None and not _is_number(baseline):
+        baseline = None
+    if baseline is not None and values and _use_log(values) and baseline <= 0:
+        baseline = None  # a log axis cannot show it
+    for ax, (name, preds) in zip(axes, panels):
+        _scatter_panel(ax, name, truths, preds, thresholds, unit, baseline)
+    if values and baseline is not None:
+        values.append(baseline)  # keep the line inside the axes
     if values:
         log = _use_log(values)
         lo, hi = min(values), max(values)

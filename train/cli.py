@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate base vs base+adapter on the eval rows")
     ev.add_argument("run", help="run directory (or adapter directory)")
     ev.add_argument("--data", help="evaluate on this file instead of the run's eval data")
-    ev.add_argument("--limit", type=int, help="evaluate at most N rows")
+    ev.add_argument("--limit", type=int, help="evaluate at most N rows: a random sample seeded by run.seed, kept in "
+                    "file order (--set eval.sample=first takes the first N)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     mg = sub.add_parser("merge", help="merge the adapter into a bf16 copy of the base and verify it")
@@ -34,9 +35,15 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="directory for the merged model")
     mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
 
-    gen = sub.add_parser("generate", help="greedy generation with the adapter, for a quick look")
+    gen = sub.add_parser("generate", help="greedy generation with the adapter, for a quick look",
+                         description="Each --prompt is wrapped as the run's training prompts were: data.format "
+                         "prompt_completion puts it into the data.prompt template's one {field} (a template with "
+                         "several fields needs --raw and the whole prompt); alpaca makes it the instruction (no "
+                         "input); messages sends it as one user turn through the chat template; text sends it "
+                         "unchanged. Prints each prompt as given, then '--- answer ---' and the answer.")
     gen.add_argument("run", help="run directory (or adapter directory)")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="send each --prompt unchanged, without the run's template")
     gen.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens of the run")
 
     pl = sub.add_parser("plan", help="predict peak GPU memory before loading any weights")
@@ -81,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
         merge(args.run, args.out, overwrite=args.overwrite)
     elif args.command == "generate":
-        from train.evaluate import generate_text
+        from train.evaluate import GENERATION_SEPARATOR, format_generation, generate_text
 
-        for prompt, text in zip(args.prompt, generate_text(args.run, args.prompt, args.max_new_tokens)):
-            print(f"{prompt}{text}")
+        answers = generate_text(args.run, args.prompt, args.max_new_tokens, raw=args.raw)
+        print(f"\n{GENERATION_SEPARATOR}\n".join(format_generation(p, a) for p, a in zip(args.prompt, answers)))
     elif args.command == "plan":
         from train.plan import plan_main
 

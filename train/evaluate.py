@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from train import adapter as adapter_lib
 from train import checkpoints, data, metrics
 from train import model as model_lib
-from train.config import Config, from_dict, parse_override, set_dotted
+from train.config import Config, from_dict, parse_override, set_dotted, template_fields
 from train.errors import UserError
 from train.trainer import precision_context
 
@@ -29,17 +30,25 @@ log = logging.getLogger("train")
 # Eval examples: prompt tokens to generate from, truth text, tokens+labels for the loss
 
 
+def truth_of(example: dict[str, Any]) -> str | None:
+    """The answer a rendered example teaches: its completion, or its last assistant turn; None for text."""
+    if "messages" in example:
+        return [m["content"] for m in example["messages"] if m["role"] == "assistant"][-1]
+    return example.get("completion")
+
+
 def eval_examples(split: data.Split, tok, cfg: Config) -> list[dict[str, Any]]:
     out = []
     for ex, enc, row_id in zip(split.examples, split.encoded, split.row_ids):
+        truth = truth_of(ex)
         if "messages" in ex:
             last = max(i for i, m in enumerate(ex["messages"]) if m["role"] == "assistant")
             prompt_ids = data.chat_ids(tok, ex["messages"][:last], True, split.source)
-            prompt_text, truth = tok.decode(prompt_ids), ex["messages"][last]["content"]
+            prompt_text = tok.decode(prompt_ids)
         elif "prompt" in ex:
-            prompt_ids, prompt_text, truth = enc.prompt_ids, ex["prompt"], ex["completion"]
+            prompt_ids, prompt_text = enc.prompt_ids, ex["prompt"]
         else:
-            prompt_ids, prompt_text, truth = None, None, None
+            prompt_ids, prompt_text = None, None
         out.append({"id": row_id, "prompt_ids": prompt_ids, "prompt": prompt_text, "truth": truth, "enc": enc,
                     "source": split.source})
     return out
@@ -95,6 +104,12 @@ def thresholds(cfg: Config) -> dict[str, float]:
     return {"hit_abs": e.hit_abs, "hit_rel": e.hit_rel, "near_abs": e.near_abs, "near_rel": e.near_rel}
 
 
+def task_options(cfg: Config) -> dict[str, Any]:
+    """Keyword options of metrics.summarize for the run's task: thresholds, plus labels for choice."""
+    extra = {"labels": cfg.eval.labels} if cfg.eval.task == "choice" else {}
+    return {**thresholds(cfg), **extra}
+
+
 def truths_for_task(examples: list[dict[str, Any]], cfg: Config) -> list[Any]:
     task = cfg.eval.task
     if any(e["prompt_ids"] is None for e in examples):
@@ -112,17 +127,62 @@ def truths_for_task(examples: list[dict[str, Any]], cfg: Config) -> list[Any]:
 
 
 def task_scores(model, tok, examples, cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """summarize()'s metrics and rows, plus how the answers spread (metrics.prediction_stats /
+    answer_stats: distinct, spread_ratio, pearson, spearman, collapsed, collapse_reasons)."""
     outputs = generate(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    extra = {"labels": cfg.eval.labels} if cfg.eval.task == "choice" else {}
-    scores = metrics.summarize(cfg.eval.task, truths_for_task(examples, cfg), outputs, **thresholds(cfg), **extra)
+    truths = truths_for_task(examples, cfg)
+    scores = metrics.summarize(cfg.eval.task, truths, outputs, **task_options(cfg))
+    parsed = [row["parsed"] for row in scores["rows"]]
+    if cfg.eval.task == "numeric":
+        stats = metrics.prediction_stats(truths, parsed)
+        stats.pop("r2")  # the same number summarize already gives
+    else:
+        stats = metrics.answer_stats(truths, parsed)
+    scores.update(stats)
     return scores, outputs
 
 
+# --------------------------------------------------------------------------------------------
+# Which eval rows: eval.limit / eval.during_training_limit rows, a seeded sample or the first ones
+
+SAMPLE_CHOICES = ("random", "first")
+
+
+def sample_how(cfg: Config) -> str:
+    how = getattr(cfg.eval, "sample", "random")  # default random: the file's head is often not typical
+    if how not in SAMPLE_CHOICES:
+        raise UserError(f"eval.sample: {how!r} is not one of {', '.join(SAMPLE_CHOICES)}; set eval.sample: random")
+    return how
+
+
+def sample_examples(examples: list[dict[str, Any]], limit: int | None, how: str,
+                    seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """At most `limit` examples (None = all), kept in file order, and a record of which.
+
+    how "random": a seeded sample: the first `limit` of one seeded shuffle, so the same seed always
+    gives the same rows and a smaller limit gives a subset of a larger one (the during-training rows
+    are among `train eval`'s). how "first": the first `limit` rows."""
+    n = len(examples)
+    if limit is None or limit >= n:
+        keep, how = list(range(n)), "all"
+    elif how == "first":
+        keep = list(range(limit))
+    else:
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        keep = sorted(order[:limit])
+    chosen = [examples[i] for i in keep]
+    record = {"count": len(chosen), "of": n, "how": how, "seed": seed if how == "random" else None,
+              "row_ids": [e["id"] for e in chosen]}
+    return chosen, record
+
+
 def training_scorer(cfg: Config, tok, split: data.Split | None):
-    """Task metric on the first eval.during_training_limit eval rows, as flat eval_* scalars."""
+    """Task metric on eval.during_training_limit eval rows (sampled as eval.sample), as flat eval_* scalars."""
     if cfg.eval.task == "none" or split is None:
         return None
-    examples = eval_examples(split, tok, cfg)[: cfg.eval.during_training_limit]
+    examples, _ = sample_examples(eval_examples(split, tok, cfg), cfg.eval.during_training_limit,
+                                  sample_how(cfg), cfg.run.seed)
     truths_for_task(examples, cfg)  # bad truths fail now, before training, not at the first eval
 
     def score(model) -> dict[str, float]:
@@ -144,7 +204,80 @@ def adapter_off(model):
 
 
 # --------------------------------------------------------------------------------------------
+# Baselines: what a model that learned nothing but the answers' distribution scores
+
+
+def train_answers(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The baselines' answers from rendered train examples: the median number (numeric) and the most
+    common answer (exact/choice). Also what `adapter.save` can keep in training_meta.json."""
+    texts = [t for t in (truth_of(ex) for ex in examples) if t is not None]
+    median, parsed = metrics.median_answer(texts)
+    majority, count = metrics.majority_answer(texts)
+    return {"rows": len(texts), "median": median, "median_parsed": parsed, "majority": majority,
+            "majority_count": count}
+
+
+def read_train_answers(cfg: Config) -> dict[str, Any]:
+    """train_answers of the run's train split (data.train minus held-out rows, as rendered for training;
+    rows later dropped for length are still counted). Raises UserError when data.train cannot be read."""
+    sel = data.select_rows(cfg)
+    examples = [data.to_example(row, cfg.data, f"{cfg.data.train}: row {n}")
+                for row, n in zip(sel["train"], sel["train_ids"])]
+    return {**train_answers(examples), "from": f"train split of {cfg.data.train}", "note": None}
+
+
+def find_train_answers(cfg: Config, adapter_dir: Path, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The train split's answers; else those saved at fit time (training_meta.json "train_answers");
+    else the evaluated rows' own, with a note saying so (an optimistic baseline: it has seen the answers)."""
+    try:
+        return read_train_answers(cfg)
+    except UserError as e:
+        why = str(e)
+    meta_path = adapter_dir / adapter_lib.META
+    saved = json.loads(meta_path.read_text()).get("train_answers") if meta_path.is_file() else None
+    if saved:
+        return {**saved, "from": f"{meta_path} (saved at fit time)", "note": f"train data not readable: {why}"}
+    return {**train_answers(examples), "from": "the evaluated rows themselves",
+            "note": f"train data not readable ({why}) and {meta_path.name} keeps no train answers: the baseline "
+                    "uses the eval rows' own answers, so it is optimistic (it has seen the truths)"}
+
+
+def baseline_report(cfg: Config, answers: dict[str, Any], truths: list[Any]) -> dict[str, Any]:
+    """The constant baseline scored like the models: train median (numeric) or majority answer."""
+    task = cfg.eval.task
+    kind, answer = ("median", answers["median"]) if task == "numeric" else ("majority", answers["majority"])
+    report = {"kind": f"constant {kind} of the train answers", "answer": answer, "from": answers["from"],
+              "note": answers["note"], "train_rows": answers["rows"]}
+    if answer is None:
+        report["note"] = f"no train answer to take the {kind} of ({answers['from']}); baseline not scored"
+        return report
+    report["task"] = metrics.baseline_metrics(task, truths, answer, **task_options(cfg))
+    return report
+
+
+def warn_collapse(name: str, entry: dict[str, Any]) -> None:
+    """One loud line when a model's answers look constant (metrics.collapse_reasons)."""
+    if not entry.get("collapsed"):
+        return
+    task = entry["task"]
+    spread = task.get("spread_ratio")
+    log.warning("%s: PREDICTION COLLAPSE: %d distinct answers, spread %s of the truths' (%s); the metric gains "
+                "may be a constant answer, not learning: compare with the baseline column", name,
+                task["distinct"], "n/a" if spread is None else f"{spread:.1%}", "; ".join(entry["collapse_reasons"]))
+
+
+# --------------------------------------------------------------------------------------------
 # `train eval RUN_DIR`
+
+
+def find_run(target: str) -> Path:
+    """RUN_DIR or ADAPTER_DIR -> the adapter directory; a missing path says so, before looking inside."""
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"{target}: no such folder; pass the run directory `train fit` wrote (run.output_dir)")
+    if not path.is_dir():
+        raise UserError(f"{target}: not a folder; pass the run directory `train fit` wrote (run.output_dir)")
+    return adapter_lib.find_adapter(path)
 
 
 def resolve_eval_config(adapter_dir: Path, data_path: str | None, limit: int | None, overrides) -> Config:
@@ -165,23 +298,32 @@ def load_eval_split(cfg: Config, tok) -> data.Split:
     return split
 
 
-def evaluate_run(target: str, data: str | None = None, limit: int | None = None, overrides=()) -> dict[str, Any]:
+def prepare_eval(target: str, data_path: str | None, limit: int | None, overrides):
+    """Everything before the weights load, so a wrong base or bad data fails in milliseconds:
+    (adapter_dir, cfg, tok, examples, report with rows/sample/baseline)."""
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
-    adapter_dir = adapter_lib.find_adapter(target)
-    cfg = resolve_eval_config(adapter_dir, data, limit, overrides)
-    run = adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir
-    # base and eval rows first: a wrong base or bad data fails in milliseconds, before the weights load
+    adapter_dir = find_run(target)
+    cfg = resolve_eval_config(adapter_dir, data_path, limit, overrides)
     adapter_lib.check_same_base(adapter_dir, model_lib.resolve_model_path(cfg.model))
     tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     split = load_eval_split(cfg, tok)
-    examples = eval_examples(split, tok, cfg)[: cfg.eval.limit or None]
-    if cfg.eval.task != "none":
-        truths_for_task(examples, cfg)
-    model, tok, _ = adapter_lib.load(adapter_dir, cfg, tok)
-    log.info("evaluating %d rows (%s), base vs base + adapter", len(examples), split.source)
-    report: dict[str, Any] = {"rows": len(examples), "source": split.source, "task": cfg.eval.task,
+    examples, sample = sample_examples(eval_examples(split, tok, cfg), cfg.eval.limit, sample_how(cfg), cfg.run.seed)
+    report: dict[str, Any] = {"rows": len(examples), "sample": sample, "source": split.source, "task": cfg.eval.task,
                               "settings": {"max_new_tokens": cfg.eval.max_new_tokens, **thresholds(cfg)}}
+    if cfg.eval.task != "none":
+        truths = truths_for_task(examples, cfg)
+        trained = adapter_lib.load_config_of(adapter_dir)  # the train split as fit saw it, whatever --data/--set say
+        report["baseline"] = baseline_report(cfg, find_train_answers(trained, adapter_dir, examples), truths)
+    return adapter_dir, cfg, tok, examples, report
+
+
+def evaluate_run(target: str, data: str | None = None, limit: int | None = None, overrides=()) -> dict[str, Any]:
+    adapter_dir, cfg, tok, examples, report = prepare_eval(target, data, limit, overrides)
+    run = adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir
+    model, tok, _ = adapter_lib.load(adapter_dir, cfg, tok)
+    log.info("evaluating %d of %d rows (%s, %s), base vs base + adapter", len(examples), report["sample"]["of"],
+             report["sample"]["how"], report["source"])
     outputs = {}
     for name, ctx in (("base", adapter_off(model)), ("adapter", contextlib.nullcontext())):
         with ctx, precision_context(cfg):
@@ -189,9 +331,13 @@ def evaluate_run(target: str, data: str | None = None, limit: int | None = None,
             if cfg.eval.task != "none":
                 scores, outputs[name] = task_scores(model, tok, examples, cfg)
                 report[name]["rows_detail"] = scores.pop("rows")
+                report[name]["collapsed"] = scores.pop("collapsed")
+                report[name]["collapse_reasons"] = scores.pop("collapse_reasons")
                 report[name]["task"] = scores
     write_outputs(run / "eval", report, examples, outputs, cfg)
     print_summary(report)
+    for name in ("base", "adapter"):
+        warn_collapse(name, report[name])
     return report
 
 
@@ -213,7 +359,8 @@ def write_outputs(out: Path, report: dict[str, Any], examples, outputs: dict[str
         truths = truths_for_task(examples, cfg)
         preds = {n: [d["parsed"] for d in details[n]] for n in ("base", "adapter")}
         report["charts"] = [
-            str(charts.numeric_scatter(out / "scatter.png", truths, preds["base"], preds["adapter"], thresholds(cfg))),
+            str(charts.numeric_scatter(out / "scatter.png", truths, preds["base"], preds["adapter"], thresholds(cfg),
+                                       baseline=report["baseline"].get("answer"))),
             str(charts.error_histogram(out / "errors.png", truths, preds["base"], preds["adapter"])),
         ]
     metrics_file = out.parent / "metrics.jsonl"
@@ -223,33 +370,92 @@ def write_outputs(out: Path, report: dict[str, Any], examples, outputs: dict[str
     checkpoints.write_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
 
 
-def print_summary(report: dict[str, Any]) -> None:
-    keys = ["loss", "perplexity"]
+SUMMARY_KEYS = ("mae", "rmse", "rmsle", "mape", "r2", "hit_rate", "unparseable", "accuracy", "invalid",
+                "distinct", "spread_ratio", "pearson", "spearman")  # printed when the task has them
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The printed table: metric rows, columns baseline (when scored), base, adapter."""
+    s = report["sample"]
+    how = {"random": f"a random sample, seed {s['seed']}", "first": "the first rows", "all": "all rows"}[s["how"]]
+    lines = [f"{s['count']} of {s['of']} eval rows ({how}) from {report['source']}"]
+    baseline = report.get("baseline")
+    if baseline is not None:
+        lines.append(f"baseline: {baseline['kind']} = {_fmt(baseline['answer'])} ({baseline['from']})")
+        if baseline["note"]:
+            lines.append(f"baseline note: {baseline['note']}")
+    cols = {"baseline": baseline.get("task", {}) if baseline else None, "base": report["base"],
+            "adapter": report["adapter"]}
+    cols = {k: v for k, v in cols.items() if v is not None}
     task = report["adapter"].get("task", {})
-    keys += [k for k in ("mae", "rmse", "rmsle", "mape", "r2", "hit_rate", "unparseable", "accuracy") if k in task]
-    lines = [f"{'metric':<12} {'base':>12} {'adapter':>12}"]
+    keys = ["loss", "perplexity"] + [k for k in SUMMARY_KEYS if k in task]
+    lines.append(f"{'metric':<12}" + "".join(f" {name:>12}" for name in cols))
     for k in keys:
-        b = report["base"].get(k, report["base"].get("task", {}).get(k))
-        a = report["adapter"].get(k, task.get(k))
-        lines.append(f"{k:<12} {_fmt(b):>12} {_fmt(a):>12}")
-    print("\n".join(lines))
+        cells = [entry.get(k, entry.get("task", {}).get(k)) for entry in cols.values()]
+        lines.append(f"{k:<12}" + "".join(f" {_fmt(v):>12}" for v in cells))
+    return lines
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    print("\n".join(summary_lines(report)))
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def generate_text(target: str, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
-    """`train generate`: the adapter on its quantized base, greedy, for a quick look."""
-    adapter_dir = adapter_lib.find_adapter(target)
+# --------------------------------------------------------------------------------------------
+# `train generate RUN --prompt TEXT`
+
+
+def build_prompt_ids(text: str, cfg: Config, tok, raw: bool = False) -> tuple[list[int], str]:
+    """The user's text wrapped as the run's training data was: (prompt token ids, how it was wrapped).
+
+    raw, or data.format=text: the text unchanged. prompt_completion: put into the data.prompt
+    template's one {field} (a template with none or several is an error: use --raw with the whole
+    prompt). alpaca: the instruction of the alpaca prompt, no input. messages: one user turn through
+    the tokenizer's chat template, with the generation prompt."""
+    d = cfg.data
+    if raw or d.format == "text":
+        return tok(text)["input_ids"], "raw (--raw)" if raw else "raw (data.format=text)"
+    if d.format == "messages":
+        return data.chat_ids(tok, [{"role": "user", "content": text}], True, "--prompt"), "chat template, one user turn"
+    if d.format == "alpaca":
+        prompt = data.to_example({"instruction": text, "output": ""}, d, "--prompt")["prompt"]
+        return tok(prompt)["input_ids"], "alpaca prompt (instruction = --prompt)"
+    fields = template_fields(d.prompt)
+    if len(fields) != 1:
+        has = f"fields {fields}" if fields else "no {field}"
+        raise UserError(f"data.prompt {d.prompt!r} has {has}, so --prompt cannot fill it; pass the whole prompt "
+                        "text with --raw")
+    prompt = data.render(d.prompt, {fields[0]: text}, "--prompt", "data.prompt")
+    ids, cut = tok(prompt)["input_ids"], False
+    if d.truncation == "prompt_middle" and d.completion_budget is not None:
+        ids, cut = data.cut_prompt(ids, d.max_length - d.completion_budget)  # as training cut its prompts
+    return ids, f"data.prompt template, --prompt as {{{fields[0]}}}" + (" (middle cut as in training)" if cut else "")
+
+
+def generate_text(target: str, prompts: list[str], max_new_tokens: int | None = None, raw: bool = False) -> list[str]:
+    """`train generate`: the adapter on its quantized base, greedy, for a quick look. Each prompt is
+    wrapped as the run's training prompts were (build_prompt_ids), unless `raw`."""
+    adapter_dir = find_run(target)
     cfg = adapter_lib.load_config_of(adapter_dir)
-    model, tok, _ = adapter_lib.load(adapter_dir, cfg)
+    tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     examples = []
-    for text in prompts:
-        if cfg.data.format == "messages":
-            ids = data.chat_ids(tok, [{"role": "user", "content": text}], True, "--prompt")
-        else:
-            ids = tok(text)["input_ids"]
+    for text in prompts:  # built before the weights load: a template error fails at once
+        ids, how = build_prompt_ids(text, cfg, tok, raw)
+        log.info("prompt sent (%s): %r", how, tok.decode(ids))
         examples.append({"prompt_ids": ids})
+    model, tok, _ = adapter_lib.load(adapter_dir, cfg, tok)
     with precision_context(cfg):
         return generate(model, tok, examples, max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.batch_size)
+
+
+GENERATION_SEPARATOR = "====="  # the line between two prompts' outputs
+
+
+def format_generation(prompt: str, answer: str) -> str:
+    """What `train generate` prints for one prompt: the text as given, a separator line, the answer."""
+    return f"{prompt}\n--- answer ---\n{answer}"

@@ -8,6 +8,10 @@ evaluation script, the trainer's eval hook and the charts. Three task kinds:
 * ``exact``   -- the output must equal the reference text after light normalisation.
 * ``choice``  -- the output must name one of a fixed set of labels (classification).
 
+Besides the scores: how the predictions spread and follow the truth (distinct answers, spread
+ratio, Pearson/Spearman, a collapse flag for a (near-)constant answer) and the constant baselines
+(the train median, the majority answer) scored with the very same metrics.
+
 Every value returned is a plain Python ``int``/``float``/``str``/``bool``/``None`` so the
 dicts can be written to JSON as they are.
 """
@@ -281,3 +285,131 @@ def summarize(task: str, truths: Sequence[Any], outputs: Sequence[str], **thresh
         result["rows"] = [{"parsed": p, "correct": p == _truth_label(t, labels)} for t, p in zip(truths, parsed)]
         return result
     raise ValueError(f"unknown task {task!r}; expected one of: numeric, exact, choice")
+
+
+# --------------------------------------------------------------------------------------------
+# Distribution of the predictions: a model that answers (almost) the same number for every row
+# can still beat an untrained base on MAE. These numbers and the constant / majority baselines
+# below tell that apart from learning.
+
+COLLAPSE_MIN_DISTINCT = 10  # fewer distinct parsed answers than this (or than the truths have) = collapsed
+COLLAPSE_MIN_SPREAD = 0.25  # std(predictions) / std(truths) below this = collapsed
+
+
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their positions ([10, 20, 20, 30] -> [1, 2.5, 2.5, 4])."""
+    x = np.asarray(values, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(x.size, dtype=float)
+    sorted_x = x[order]
+    start = 0
+    while start < x.size:
+        end = start
+        while end + 1 < x.size and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
+        start = end + 1
+    return ranks
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation; None with fewer than 2 points or when either side is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size != b.size:
+        raise ValueError(f"pearson: lengths differ: {a.size} != {b.size}")
+    if a.size < 2 or a.max() == a.min() or b.max() == b.min():
+        return None
+    da, db = a - a.mean(), b - b.mean()
+    return float(np.sum(da * db) / math.sqrt(float(np.sum(da**2)) * float(np.sum(db**2))))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation: Pearson of the average ranks (ties averaged); None as for pearson."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: lengths differ: {len(x)} != {len(y)}")
+    if len(x) < 2:
+        return None
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def prediction_stats(truths: Sequence[float], preds: Sequence[float | None]) -> dict[str, Any]:
+    """How the parsed predictions spread and follow the truth.
+
+    Keys: distinct (distinct parsed values), truth_distinct (distinct truths, all rows), spread_ratio
+    (population std of the parsed predictions / std of their rows' truths; None when those truths are
+    constant or nothing parsed), pearson, spearman, r2 (parsed rows, as numeric_metrics), collapsed
+    (bool) and collapse_reasons (list of str): fewer than min(COLLAPSE_MIN_DISTINCT, truth_distinct)
+    distinct answers, or spread_ratio < COLLAPSE_MIN_SPREAD. Nothing parsed is no collapse (there is
+    no answer to be constant; the unparseable count says what happened).
+    """
+    _check_inputs(truths, preds)
+    ok = [i for i, p in enumerate(preds) if p is not None and _is_finite_number(p)]
+    t = np.array([truths[i] for i in ok], dtype=float)
+    p = np.array([preds[i] for i in ok], dtype=float)
+    spread = float(p.std() / t.std()) if t.size and t.std() > 0 else None
+    stats = {
+        "distinct": int(np.unique(p).size),
+        "truth_distinct": len(set(map(float, truths))),
+        "spread_ratio": spread,
+        "pearson": pearson(t, p),
+        "spearman": spearman(t, p),
+        "r2": _error_metrics(t, p)["r2"],
+    }
+    stats["collapse_reasons"] = collapse_reasons(stats) if ok else []
+    stats["collapsed"] = bool(stats["collapse_reasons"])
+    return stats
+
+
+def collapse_reasons(stats: dict[str, Any]) -> list[str]:
+    """Why prediction_stats' numbers look like a (near-)constant answer; [] when they do not."""
+    reasons = []
+    need = min(COLLAPSE_MIN_DISTINCT, stats["truth_distinct"])
+    if stats["distinct"] < need:
+        reasons.append(f"fewer than {need} distinct answers")
+    if stats["spread_ratio"] is not None and stats["spread_ratio"] < COLLAPSE_MIN_SPREAD:
+        reasons.append(f"spread under {COLLAPSE_MIN_SPREAD:.0%} of the truths'")
+    return reasons
+
+
+def answer_stats(truths: Sequence[str], parsed: Sequence[str | None]) -> dict[str, Any]:
+    """exact/choice: distinct parsed (normalised) answers vs distinct truths; collapsed when a model
+    gives one answer for every row it answers while the truths have several."""
+    _check_inputs(truths, parsed)
+    answers = {normalize_text(a) for a in parsed if a is not None and normalize_text(a)}
+    truth_set = {normalize_text(t) for t in truths}
+    reasons = [f"one answer for {len(truth_set)} distinct truths"] if len(answers) == 1 < len(truth_set) else []
+    return {"distinct": len(answers), "truth_distinct": len(truth_set), "spread_ratio": None,
+            "collapsed": bool(reasons), "collapse_reasons": reasons}
+
+
+def median_answer(texts: Sequence[Any]) -> tuple[float | None, int]:
+    """(median of the numbers parsed from `texts`, how many parsed): the constant baseline's answer."""
+    values = [v for v in (parse_number(t) for t in texts) if v is not None]
+    return (float(np.median(values)) if values else None), len(values)
+
+
+def majority_answer(texts: Sequence[Any]) -> tuple[str | None, int]:
+    """(most common answer after normalize_text, its count); a tie goes to the one seen first.
+    Returns the first original spelling of that answer."""
+    counts: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for text in texts:
+        key = normalize_text(text)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, str(text))
+    if not counts:
+        return None, 0
+    best = max(counts, key=lambda k: counts[k])  # max keeps the first of equal counts (dict order)
+    return first[best], counts[best]
+
+
+def baseline_metrics(task: str, truths: Sequence[Any], answer: Any, **options: Any) -> dict[str, Any]:
+    """Score one constant `answer` for every row with exactly the metrics `summarize` gives the models
+    (a float for "numeric", a text for "exact"/"choice"; `options` as for summarize). No "rows"."""
+    n = len(truths)
+    if task == "numeric":
+        thresholds = {k: v for k, v in options.items() if k in THRESHOLD_KEYS}
+        return numeric_metrics(truths, [answer] * n, **thresholds)
+    result = summarize(task, truths, [answer] * n, **options)
+    result.pop("rows")
+    return result
