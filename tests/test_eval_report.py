@@ -187,7 +187,7 @@ def test_prompt_completion_template_with_several_fields_says_use_raw(tmp_path, t
     cfg = small_config(tmp_path, data={"prompt": "{title}: {text}\nPrice is $"})
     with pytest.raises(UserError, match=r"data.prompt .* has fields \['title', 'text'\].*--raw"):
         evaluate.build_prompt_ids(TEXT, cfg, tiny_tok)
-    ids, how = evaluate.build_prompt_ids(TEXT, cfg, tiny_tok, raw=True)
+    ids, how = evaluate.build_prompt_ids(TEXT, cfg, tiny_tok, wrap="raw")
     assert ids == tiny_tok(TEXT)["input_ids"] and "--raw" in how
 
 
@@ -203,8 +203,16 @@ def test_messages_prompt_is_one_user_turn_with_generation_prompt(tmp_path, tiny_
     cfg = small_config(tmp_path, data={"format": "messages"}, eval={"task": "none"})
     ids, _ = evaluate.build_prompt_ids(TEXT, cfg, tiny_tok)
     assert tiny_tok.decode(ids).endswith(f"<|user|>{TEXT}<|end|><|assistant|>")
-    raw, _ = evaluate.build_prompt_ids(TEXT, cfg, tiny_tok, raw=True)
+    raw, _ = evaluate.build_prompt_ids(TEXT, cfg, tiny_tok, wrap="raw")
     assert raw == tiny_tok(TEXT)["input_ids"]
+
+
+def test_chat_wraps_in_the_chat_template_whatever_the_format(tmp_path, tiny_tok):
+    """--chat on a prompt_completion run: one user turn of the chat template, not the data.prompt template."""
+    cfg = small_config(tmp_path, eval={"task": "none"})
+    ids, how = evaluate.build_prompt_ids(TEXT, cfg, tiny_tok, wrap="chat")
+    assert tiny_tok.decode(ids).endswith(f"<|user|>{TEXT}<|end|><|assistant|>") and "Price is" not in tiny_tok.decode(ids)
+    assert ids != evaluate.build_prompt_ids(TEXT, cfg, tiny_tok)[0]
 
 
 def test_text_format_sends_the_text_unchanged(tmp_path, tiny_tok):
@@ -313,7 +321,7 @@ def test_generate_raw_sends_the_prompt_unchanged(run, monkeypatch):
         return real(model, tok, examples, max_new_tokens, batch_size)
 
     monkeypatch.setattr(evaluate, "generate", spy)
-    answers = evaluate.generate_text(str(run), [TEXT], max_new_tokens=2, raw=True)
+    answers = evaluate.generate_text(str(run), [TEXT], max_new_tokens=2, wrap="raw")
     templated = evaluate.generate_text(str(run), [TEXT], max_new_tokens=2)
     tok = evaluate.model_lib.load_tokenizer(str(run / "adapter"), small_config(run).model)
     assert seen == [tok(TEXT)["input_ids"], tok(TEMPLATE.format(text=TEXT))["input_ids"]]

@@ -43,7 +43,13 @@ def parser() -> argparse.ArgumentParser:
                          "unchanged. Prints each prompt as given, then '--- answer ---' and the answer.")
     gen.add_argument("run", help="run directory (or adapter directory)")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    gen.add_argument("--raw", action="store_true", help="send each --prompt unchanged, without the run's template")
+    wrap = gen.add_mutually_exclusive_group()
+    wrap.add_argument("--raw", dest="wrap", action="store_const", const="raw",
+                      help="send each --prompt unchanged, without the run's template")
+    wrap.add_argument("--chat", dest="wrap", action="store_const", const="chat",
+                      help="send each --prompt as one user turn of the tokenizer's chat template, whatever the run's "
+                      "data.format (e.g. to check a fine-tuned instruct model still chats)")
+    gen.set_defaults(wrap="run")
     gen.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens of the run")
 
     pl = sub.add_parser("plan", help="predict peak GPU memory before loading any weights")
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from train.evaluate import GENERATION_SEPARATOR, format_generation, generate_text
 
-        answers = generate_text(args.run, args.prompt, args.max_new_tokens, raw=args.raw)
+        answers = generate_text(args.run, args.prompt, args.max_new_tokens, wrap=args.wrap)
         print(f"\n{GENERATION_SEPARATOR}\n".join(format_generation(p, a) for p, a in zip(args.prompt, answers)))
     elif args.command == "plan":
         from train.plan import plan_main

@@ -410,17 +410,24 @@ def _fmt(v: Any) -> str:
 # `train generate RUN --prompt TEXT`
 
 
-def build_prompt_ids(text: str, cfg: Config, tok, raw: bool = False) -> tuple[list[int], str]:
+WRAPS = ("run", "raw", "chat")  # train generate: the run's template (default), --raw, --chat
+
+
+def build_prompt_ids(text: str, cfg: Config, tok, wrap: str = "run") -> tuple[list[int], str]:
     """The user's text wrapped as the run's training data was: (prompt token ids, how it was wrapped).
 
-    raw, or data.format=text: the text unchanged. prompt_completion: put into the data.prompt
-    template's one {field} (a template with none or several is an error: use --raw with the whole
-    prompt). alpaca: the instruction of the alpaca prompt, no input. messages: one user turn through
-    the tokenizer's chat template, with the generation prompt."""
+    wrap=raw, or data.format=text: the text unchanged. wrap=chat: one user turn through the chat
+    template. Else by data.format: prompt_completion puts the text into the data.prompt template's
+    one {field} (a template with none or several is an error: use --raw with the whole prompt);
+    alpaca: the instruction of the alpaca prompt, no input; messages: one user turn, as chat."""
     d = cfg.data
-    if raw or d.format == "text":
-        return tok(text)["input_ids"], "raw (--raw)" if raw else "raw (data.format=text)"
-    if d.format == "messages":
+    if wrap not in WRAPS:
+        raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
+    if wrap == "raw" or (wrap == "run" and d.format == "text"):
+        return tok(text)["input_ids"], "raw (--raw)" if wrap == "raw" else "raw (data.format=text)"
+    if wrap == "chat" and not getattr(tok, "chat_template", None):
+        raise UserError("--chat: this tokenizer has no chat template; pass the whole prompt with --raw")
+    if wrap == "chat" or d.format == "messages":
         return data.chat_ids(tok, [{"role": "user", "content": text}], True, "--prompt"), "chat template, one user turn"
     if d.format == "alpaca":
         prompt = data.to_example({"instruction": text, "output": ""}, d, "--prompt")["prompt"]
@@ -437,15 +444,15 @@ def build_prompt_ids(text: str, cfg: Config, tok, raw: bool = False) -> tuple[li
     return ids, f"data.prompt template, --prompt as {{{fields[0]}}}" + (" (middle cut as in training)" if cut else "")
 
 
-def generate_text(target: str, prompts: list[str], max_new_tokens: int | None = None, raw: bool = False) -> list[str]:
+def generate_text(target: str, prompts: list[str], max_new_tokens: int | None = None, wrap: str = "run") -> list[str]:
     """`train generate`: the adapter on its quantized base, greedy, for a quick look. Each prompt is
-    wrapped as the run's training prompts were (build_prompt_ids), unless `raw`."""
+    wrapped as the run's training prompts were, or as `wrap` says (build_prompt_ids)."""
     adapter_dir = find_run(target)
     cfg = adapter_lib.load_config_of(adapter_dir)
     tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     examples = []
     for text in prompts:  # built before the weights load: a template error fails at once
-        ids, how = build_prompt_ids(text, cfg, tok, raw)
+        ids, how = build_prompt_ids(text, cfg, tok, wrap)
         log.info("prompt sent (%s): %r", how, tok.decode(ids))
         examples.append({"prompt_ids": ids})
     model, tok, _ = adapter_lib.load(adapter_dir, cfg, tok)
