@@ -24,9 +24,9 @@ from train.cli import main
 from train.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = yaml.safe_load((REPO / "configs/demo.yaml").read_text(encoding="utf-8"))
+DEMO = yaml.safe_load((REPO / "configs/tiny.yaml").read_text(encoding="utf-8"))
 STORIES = REPO.parent / "shared/models/stories260K"
-FIXED = [REPO / "data/demo", REPO / "configs/demo.yaml"]  # must never change
+FIXED = [REPO / "data/demo", REPO / "configs/tiny.yaml"]  # must never change
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def small_eval(tmp_path: Path, n: int = 4) -> str:
 
 
 def demo_raw(tmp_path: Path) -> dict:
-    """configs/demo.yaml with absolute data paths, the run under tmp_path, and a tiny budget."""
+    """configs/tiny.yaml with absolute data paths, the run under tmp_path, and a tiny budget."""
     raw = copy.deepcopy(DEMO)
     raw["run"]["output_dir"] = str(tmp_path / "run")
     raw["data"].update(train=str(REPO / "data/demo/train.jsonl"), eval=str(REPO / "data/demo/eval.jsonl"),
@@ -212,6 +212,23 @@ def test_malformed_set(item, needles, tmp_path, expect):
     expect(fit_args(tmp_path, demo_raw(tmp_path), "--set", item), *needles)
 
 
+@pytest.mark.parametrize(("item", "needles"), [
+    ("train.lr=abc", ["--set train.lr=abc: train.lr must be a number, got str 'abc'"]),
+    ("lora.r=0", ["--set lora.r=0: lora.r must be > 0 (try 16)"]),
+    ("train.lrr=1e-4", ["--set train.lrr=1e-4: unknown key train.lrr", "did you mean train.lr?"]),
+    ("data.prompt=$$", ["--set data.prompt=$$: data.prompt must name at least one {column}"]),
+], ids=["lr_not_number", "r_zero", "unknown_key", "template"])
+def test_bad_set_value_names_the_set_not_the_file(item, needles, tmp_path, expect):
+    cfg = write_cfg(tmp_path, demo_raw(tmp_path))
+    line = expect(["fit", cfg, "--set", item], *needles)
+    assert cfg not in line  # the file is fine: the --set is what to fix
+
+
+def test_exclusive_keys_both_set_on_the_command_line(tmp_path, expect):
+    expect(fit_args(tmp_path, demo_raw(tmp_path), "--set", "train.max_steps=3", "--set", "train.epochs=1"),
+           "--set train.max_steps=3 and --set train.epochs=1: train.max_steps and train.epochs are exclusive")
+
+
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     """Not a bad input: YAML 1.1 reads `lr: 2e-4` as a string; it used to be refused as one."""
     from train.config import load_config
@@ -261,8 +278,17 @@ def test_empty_data_file(tmp_path, expect):
 def test_malformed_jsonl_line(tmp_path, expect):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n{\"text\": \"x\", price: 3}\n")
-    expect(fit_args(tmp_path, data_raw(tmp_path, train=str(path))), "bad.jsonl", "line 3 is not valid JSON",
+    expect(fit_args(tmp_path, data_raw(tmp_path, train=str(path))), f"{path}: line 3 is not valid JSON: "
+           "Expecting property name enclosed in double quotes at column 15, just before 'price: 3}'",
            "fix or remove that line")
+
+
+def test_unterminated_string_in_jsonl(tmp_path, expect):
+    """json's own message, "Unterminated string starting at", is completed with its column, not cut off."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n{\"price\": 3, \"text\": \"A lamp\n")
+    expect(fit_args(tmp_path, data_raw(tmp_path, train=str(path))), f"{path}: line 2 is not valid JSON: "
+           "Unterminated string starting at column 22, just before '\"A lamp'", "fix or remove that line")
 
 
 def test_jsonl_row_not_object(tmp_path, expect):
@@ -309,6 +335,13 @@ def test_csv_ragged_row(tmp_path, expect):
     path.write_text("text,price\nA chair,12\nA table\n")
     expect(fit_args(tmp_path, data_raw(tmp_path, train=str(path))), "rows.csv: line 3",
            "one cell per header column", "fix that line")
+
+
+def test_csv_empty_numeric_cell(tmp_path, expect):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,price\nA chair,12\nA table,\nA lamp,7\n")
+    expect(fit_args(tmp_path, data_raw(tmp_path, train=str(path))), "rows.csv: row 2: column 'price' is empty",
+           "data.completion '{price:.0f}.00' formats it as a number", "fill in that cell or remove the row")
 
 
 def test_template_names_missing_field(tmp_path, expect):
@@ -424,12 +457,42 @@ def fake_checkpoint(path: Path, raw: dict, complete: bool = True) -> Path:
 
 
 def test_output_dir_holds_another_run(tmp_path, expect):
+    """train.resume: never and nothing to resume: resuming is not offered."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     raw = _set(demo_raw(tmp_path), "train", resume="never")
-    expect(fit_args(tmp_path, raw), "run.output_dir", "already holds another run's files", "--overwrite",
-           "train.resume=auto")
+    line = expect(fit_args(tmp_path, raw), "run.output_dir", "already holds another run's files; pass --overwrite "
+                  "(removes only our outputs) or choose another run.output_dir")
+    assert "resume" not in line
+
+
+def test_output_dir_holds_a_run_auto_cannot_resume(tmp_path, expect):
+    """train.resume: auto (the default) is already set: say why it did not resume, do not advise it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    line = expect(fit_args(tmp_path, demo_raw(tmp_path)), "already holds another run's files and no complete "
+                  "checkpoint to resume from; pass --overwrite")
+    assert "train.resume=auto" not in line
+
+
+def test_output_dir_holds_a_resumable_run_under_never(tmp_path, expect):
+    """train.resume: never over a complete checkpoint: resuming is one key away, and named."""
+    fake_checkpoint(tmp_path / "run/checkpoints/checkpoint-5", demo_raw(tmp_path))
+    raw = _set(demo_raw(tmp_path), "train", resume="never")
+    expect(fit_args(tmp_path, raw), "already holds another run's files; pass --overwrite (removes only our outputs), "
+           "resume from checkpoint-5 with train.resume=auto, or choose another run.output_dir")
+
+
+def test_interrupted_advice_fits_train_resume():
+    from train.errors import Interrupted
+
+    auto = str(Interrupted("SIGINT", "run/checkpoints/checkpoint-3", "auto"))
+    assert auto.endswith("checkpoint saved to run/checkpoints/checkpoint-3; run the same command again to resume "
+                         "from it")
+    never = str(Interrupted("SIGTERM", "run/checkpoints/checkpoint-3", "never"))
+    assert "run the same command with --set train.resume=auto (train.resume is never)" in never
 
 
 def test_output_dir_holds_foreign_files(tmp_path, expect):

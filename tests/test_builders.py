@@ -4,6 +4,7 @@ No weights are loaded and nothing touches a GPU: every test here runs in well un
 (after the one-time import of transformers/trl/peft).
 """
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from train.lora import build_lora_config
 from train.model import build_bnb_config
 from train.trainer import build_sft_config
 
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "tiny.yaml"
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))  # top level only: configs/accelerate/ are accelerate's
 
 
@@ -198,6 +199,12 @@ def test_sft_eval_strategy(tmp_path, has_eval, eval_every, strategy, steps):
         assert a.eval_steps == steps
 
 
+def test_sft_has_no_tqdm_bar(tmp_path):
+    """Our step lines are the one progress display."""
+    _, a = sft(tmp_path)
+    assert a.disable_tqdm is True
+
+
 def test_sft_reports_nowhere_by_default(tmp_path):
     cfg, a = sft(tmp_path)
     assert cfg.log.report_to == []
@@ -305,11 +312,62 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     ("train.lr=-1", "train.lr must be > 0"),
     ("quant.mode=nf5", "quant.mode must be one of"),
     ("lora.use_dora=1", "lora.use_dora must be true or false"),
-    ("train.epochs=2", "exclusive"),  # demo.yaml sets max_steps
+    ("train.eval_every=0", "train.eval_every must be > 0"),
 ])
 def test_bad_values_are_user_errors(override, match):
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(UserError, match=match) as e:
         load_config(DEMO, [override])
+    assert str(e.value).startswith(f"--set {override}: ")  # the --set item is named, not the file
+    assert str(DEMO) not in str(e.value)
+
+
+@pytest.mark.parametrize("override, dropped, notice", [
+    ("train.epochs=2", "train.max_steps", "--set train.epochs=2 replaces train.max_steps: 150 from {DEMO}"),
+    ("data.eval_fraction=0.1", "data.eval",
+     "--set data.eval_fraction=0.1 replaces data.eval: data/demo/eval.jsonl from {DEMO}"),
+])
+def test_set_replaces_the_files_exclusive_partner(override, dropped, notice, caplog):
+    """The command line wins over the file: its exclusive partner key is dropped, in one line."""
+    with caplog.at_level(logging.INFO, logger="train"):
+        cfg = load_config(DEMO, [override])
+    section, name = dropped.split(".")
+    assert getattr(getattr(cfg, section), name) is None
+    assert [r.getMessage() for r in caplog.records] == [notice.format(DEMO=DEMO)]
+
+
+def test_set_to_null_keeps_the_files_partner(caplog):
+    with caplog.at_level(logging.INFO, logger="train"):
+        cfg = load_config(DEMO, ["train.epochs=null"])
+    assert cfg.train.max_steps == 150 and not caplog.records
+
+
+def test_set_replaces_the_partner_the_other_way(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", MINIMAL + "train:\n  epochs: 2\n")
+    cfg = load_config(path, ["train.max_steps=300"])
+    assert (cfg.train.max_steps, cfg.train.epochs) == (300, None)
+
+
+def test_exclusive_keys_both_from_set_stay_an_error(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", MINIMAL)
+    with pytest.raises(UserError) as e:
+        load_config(path, ["train.max_steps=10", "train.epochs=2"])
+    assert str(e.value) == ("--set train.max_steps=10 and --set train.epochs=2: train.max_steps and train.epochs "
+                            "are exclusive; set only one")
+
+
+def test_exclusive_keys_both_in_the_file_stay_an_error(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", MINIMAL + "train:\n  epochs: 2\n  max_steps: 5\n")
+    with pytest.raises(UserError, match="train.max_steps and train.epochs are exclusive") as e:
+        load_config(path, ["train.lr=1e-4"])
+    assert str(e.value).startswith(str(path))
+
+
+def test_sample_keys_default_to_random():
+    cfg = load_config(DEMO)
+    assert cfg.eval.sample == "random" and cfg.data.sample == "random"
+    assert load_config(DEMO, ["data.sample=first", "eval.sample=first"]).data.sample == "first"
+    with pytest.raises(UserError, match="data.sample must be one of random | first"):
+        load_config(DEMO, ["data.sample=head"])
 
 
 def roundtrip(cfg: Config, tmp_path) -> Config:

@@ -368,17 +368,43 @@ def test_no_eval_configured(tmp_path):
 
 
 def test_max_rows_caps_before_the_split(tmp_path):
+    capped = selection(tmp_path, max_rows=10, eval_fraction=0.0)
     sel = selection(tmp_path, max_rows=10, eval_fraction=0.2)
     assert len(sel["train"]) + len(sel["eval"]) == 10
-    assert sorted(sel["train_ids"] + sel["eval_ids"]) == list(range(1, 11))
-    capped = selection(tmp_path, max_rows=10, eval_fraction=0.0)
-    assert capped["train_ids"] == list(range(1, 11))
+    assert sorted(sel["train_ids"] + sel["eval_ids"]) == capped["train_ids"]  # held out of the 10 sampled rows
+    for rows, ids in ((sel["train"], sel["train_ids"]), (sel["eval"], sel["eval_ids"])):
+        assert [r["prompt"] for r in rows] == [f"p{i}" for i in ids]  # ids are source rows, not positions
+
+
+def test_max_rows_is_a_seeded_random_sample_in_file_order(tmp_path):
+    """data.sample: random (the default): not the file's head; the same rows for a seed, in file order,
+    and a smaller max_rows picks a subset of a larger one's rows."""
+    a = selection(tmp_path, max_rows=10, seed=7, eval_fraction=0.0)
+    assert a["train_ids"] != list(range(1, 11))
+    assert a["train_ids"] == sorted(a["train_ids"]) and len(set(a["train_ids"])) == 10
+    assert [r["prompt"] for r in a["train"]] == [f"p{i}" for i in a["train_ids"]]
+    again = {seed: selection(tmp_path, max_rows=10, seed=seed, eval_fraction=0.0)["train_ids"] for seed in (7, 8)}
+    assert again[7] == a["train_ids"] and again[8] != a["train_ids"]
+    assert set(selection(tmp_path, max_rows=5, seed=7, eval_fraction=0.0)["train_ids"]) <= set(a["train_ids"])
+    assert "a random sample of 10 of 50 rows, seed 7" in a["train_note"]
+
+
+def test_max_rows_first_takes_the_head(tmp_path):
+    sel = selection(tmp_path, max_rows=10, sample="first", eval_fraction=0.0)
+    assert sel["train_ids"] == list(range(1, 11))
+    assert [r["prompt"] for r in sel["train"]] == [f"p{i}" for i in range(1, 11)]
+    assert "the first 10 of 50 rows" in sel["train_note"]
+
+
+def test_max_rows_at_or_above_the_row_count_keeps_every_row(tmp_path):
+    sel = selection(tmp_path, n=5, max_rows=5, eval_fraction=0.0)
+    assert sel["train_ids"] == [1, 2, 3, 4, 5] and sel["train_note"] == ""
 
 
 def test_separate_eval_file(tmp_path):
     ev = tmp_path / "eval.jsonl"
     ev.write_text('{"prompt": "e1", "completion": "x"}\n{"prompt": "e2", "completion": "y"}\n')
-    sel = selection(tmp_path, n=5, eval=str(ev), eval_fraction=0.0, max_rows=3)
+    sel = selection(tmp_path, n=5, eval=str(ev), eval_fraction=0.0, max_rows=3, sample="first")
     assert sel["train_ids"] == [1, 2, 3]
     assert sel["eval_ids"] == [1, 2]  # max_rows caps train only
     assert sel["eval_source"] == str(ev)
@@ -402,8 +428,35 @@ def test_jsonl_skips_blank_lines(tmp_path):
 def test_jsonl_bad_line_is_named(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
-    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+    with pytest.raises(UserError, match="line 2 is not valid JSON: Expecting value at column 7, at the end of the line"):
         read_rows(str(path))
+
+
+def test_jsonl_error_detail_is_whole(tmp_path):
+    """json's "Unterminated string starting at" ends where its position goes: the message completes it."""
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\n{"a": "no end}\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_rows(str(path))
+    assert f"{path}: line 2 is not valid JSON: Unterminated string starting at column 7, just before " \
+           "'\"no end}'" in str(e.value)
+
+
+def test_json_file_error_names_line_and_column(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('[{"a": 1},\n {"a": 2,}]\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"r.json: line 2 is not valid JSON: Expecting property name enclosed in "
+                                        r"double quotes at column 10, just before '}]'"):
+        read_rows(str(path))
+
+
+def test_empty_cell_under_a_number_format_is_named(tmp_path):
+    d = cfg(prompt="{title}", completion="{price:.0f}.00")
+    with pytest.raises(UserError) as e:
+        to_example({"title": "Desk", "price": ""}, d, "r.csv: row 2")
+    assert str(e.value) == ("r.csv: row 2: column 'price' is empty, and data.completion '{price:.0f}.00' formats it "
+                            "as a number; fill in that cell or remove the row")
+    assert to_example({"title": "", "price": 3}, d, "w")["prompt"] == ""  # an empty text cell is text
 
 
 def test_json_list(tmp_path):

@@ -7,6 +7,7 @@ Trainer's `on_save`, and resume only from checkpoints that have it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,7 +23,8 @@ from train.errors import UserError
 log = logging.getLogger("train")
 
 MARKER = "COMPLETE"
-OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "metrics.jsonl", "config.yaml", "train.log")
+OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "eval.stale", "metrics.jsonl", "config.yaml", "train.log")
+SCHEDULE = "schedule.json"  # in a checkpoint of a run extended past its schedule's end: where the new one began
 # Keys whose change makes a checkpoint unusable (the saved tensors would not fit the new model).
 STRUCTURAL = ("model.name_or_path", "quant.mode", "lora.r", "lora.target_modules", "lora.use_dora",
               "lora.modules_to_save", "data.format")
@@ -55,8 +57,12 @@ def checkpoint_step(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def mark_complete(ckpt: Path, cfg: Config) -> None:
+def mark_complete(ckpt: Path, cfg: Config, schedule_start: int | None = None) -> None:
+    """`schedule_start`: the step where this checkpoint's lr schedule began, when the run was extended
+    past the end of its first one (a resume from it rebuilds that schedule: trainer.extend_schedule)."""
     write_atomic(ckpt / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if schedule_start is not None:
+        write_atomic(ckpt / SCHEDULE, json.dumps({"start": schedule_start}) + "\n")
     write_atomic(ckpt / MARKER, "ok\n")
 
 
@@ -80,7 +86,8 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool, data_checked: bool 
     if run.exists() and not run.is_dir():
         raise UserError(f"run.output_dir: {run} is a file; choose a directory path")
     ours = [name for name in OUR_ARTIFACTS if (run / name).exists()]
-    resumable = cfg.train.resume != "never" and latest_complete(run / "checkpoints") is not None
+    latest = latest_complete(run / "checkpoints") if run.is_dir() else None
+    resumable = cfg.train.resume != "never" and latest is not None
     others = [p.name for p in run.iterdir() if p.name not in OUR_ARTIFACTS] if run.is_dir() else []
     restart = not overwrite and not resumable and killed_before_first_checkpoint(run, cfg)
     if restart:
@@ -88,8 +95,7 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool, data_checked: bool 
                     run)
     elif not overwrite and not (resumable or cfg.train.resume not in ("auto", "never")) and (ours or others):
         what = "another run's files" if ours else f"files that are not ours ({', '.join(sorted(others)[:3])})"
-        raise UserError(f"run.output_dir: {run} already holds {what}; pass --overwrite (removes only our "
-                        "outputs), resume with train.resume=auto, or choose another run.output_dir")
+        raise UserError(f"run.output_dir: {run} already holds {what}{_used_dir_advice(cfg, latest)}")
     check_writable(run)
     preflight(cfg, run, overwrite, data_checked)
     if overwrite or restart:
@@ -103,6 +109,16 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool, data_checked: bool 
         probe.unlink()
     except OSError as e:
         raise UserError(f"run.output_dir: cannot write to {run} ({e.strerror}); choose a writable directory")
+
+
+def _used_dir_advice(cfg: Config, latest: Path | None) -> str:
+    """What follows "already holds ...": resuming is offered only where it is possible and not already
+    what the config asks for (under train.resume=auto we get here only when no checkpoint is complete)."""
+    if latest is not None:  # train.resume is never, and a complete checkpoint is there
+        return (f"; pass --overwrite (removes only our outputs), resume from {latest.name} with train.resume=auto, "
+                "or choose another run.output_dir")
+    why = " and no complete checkpoint to resume from" if cfg.train.resume == "auto" else ""
+    return f"{why}; pass --overwrite (removes only our outputs) or choose another run.output_dir"
 
 
 def killed_before_first_checkpoint(run: Path, cfg: Config) -> bool:
@@ -193,21 +209,53 @@ def check_resume(ckpt: Path, cfg: Config, quiet: bool = False) -> list[str]:
         if key in STRUCTURAL:
             raise UserError(f"train.resume: {ckpt.name} was trained with {key}={saved.get(key)!r}, this config has "
                             f"{now.get(key)!r}; restore it, or start fresh with train.resume=never and --overwrite")
-    if changed and not quiet:
-        log.warning("resuming with a config that differs from %s: %s", ckpt.name,
-                    "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+    if not quiet:
+        _warn_changes(ckpt, [k for k in changed if not (ended(ckpt) and k in SCHEDULE_KEYS)], saved, now)
     return changed
 
 
-def finished(ckpt: Path, cfg: Config) -> bool:
-    """The checkpoint is the run's last step (killed after it, before the adapter was saved).
+# Keys of the lr schedule. Past the end of a finished run, they shape the extra steps' new schedule
+# (trainer.extend_schedule says how), so a change there is no surprise worth a warning.
+SCHEDULE_KEYS = ("train.lr", "train.lr_scheduler", "train.warmup_ratio")
 
-    The Trainer would otherwise resume from it and still train one step past max_steps."""
-    import json
 
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
-    return done and cfg.train.max_steps in (None, state.get("max_steps"))
+def _warn_changes(ckpt: Path, changed: list[str], saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """One line naming each changed key. A resume inside a schedule keeps the checkpoint's lr (the Trainer
+    restores it with the scheduler state): say so, rather than let the line suggest the new lr applies."""
+    if not changed:
+        return
+    kept = " (not applied: the resumed schedule keeps its lr; a new train.lr applies to steps past its end)"
+    log.warning("resuming with a config that differs from %s: %s", ckpt.name,
+                "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}{kept if k == 'train.lr' else ''}" for k in changed))
+
+
+def trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json ({} when unreadable: resume then fails in the Trainer, naming it)."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def ended(ckpt: Path) -> bool:
+    """The checkpoint is the last step of its lr schedule: its run finished there (and was perhaps killed
+    before saving the adapter). Resuming it as is would train past max_steps at the schedule's end lr."""
+    state = trainer_state(ckpt)
+    return state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
+
+
+def schedule_start(ckpt: Path) -> int | None:
+    """Where the lr schedule of `ckpt` began: 0 for a run's own schedule (None), else the step at which
+    an extended run started a new one (mark_complete)."""
+    path = ckpt / SCHEDULE
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["start"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"train.resume: {path} is unreadable; pick another checkpoint, or start fresh "
+                        "with --overwrite") from None
 
 
 def has_files(ckpt: Path, patterns) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -19,6 +20,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from train.errors import UserError
+
+log = logging.getLogger("train")
 
 
 @dataclass
@@ -78,6 +81,9 @@ class DataCfg:
     # every row, so a cut prompt's length never reveals its own answer's length
     completion_budget: Optional[int] = None
     max_rows: Optional[int] = None  # cap rows read from train (quick experiments); None = all
+    # which max_rows rows: random = a sample seeded by run.seed, kept in file order (default: a file's head is
+    # often one category or one date range, so the first rows can be unlike the rest); first = the head
+    sample: Literal["random", "first"] = "random"
 
 
 @dataclass
@@ -116,6 +122,9 @@ class LogCfg:
 class EvalCfg:
     task: Literal["none", "numeric", "exact", "choice"] = "none"  # task metric besides loss
     limit: Optional[int] = 200  # eval rows used by `train eval`; None = all
+    # which eval.limit (and during_training_limit) rows: random = a sample seeded by run.seed, kept in file
+    # order (default: a file's head is often sorted or grouped, so its first rows can mislead); first = the head
+    sample: Literal["random", "first"] = "random"
     batch_size: int = 8  # rows per forward/generate batch
     max_new_tokens: int = 16  # greedy tokens generated per row for task metrics
     during_training_limit: int = 32  # rows for the task metric run every train.eval_every steps
@@ -146,14 +155,51 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read YAML, apply `key=value` overrides, type-check and validate. Raises UserError."""
+    """Read YAML, apply `key=value` overrides, type-check and validate. Raises UserError.
+
+    The command line wins over the file: `--set train.max_steps=300` on a file that sets train.epochs
+    drops the file's train.epochs (one line says so) instead of refusing the two as exclusive."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(Path(path))
+    source = str(path) if path else "--set"
+    return from_dict(raw, source=source, origins=apply_overrides(raw, overrides, source))
+
+
+def apply_overrides(raw: dict[str, Any], overrides, source: str) -> dict[str, str]:
+    """Apply `key=value` items to `raw` (the file's side of an exclusive pair that they set is dropped,
+    in one line). Returns "section.key" -> "--set section.key=value", for errors that name the item."""
+    origins: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return from_dict(raw, source=str(path) if path else "--set")
+        origins[key] = f"--set {item.strip()}"
+    _command_line_wins(raw, origins, source)
+    return origins
+
+
+# Pairs of keys that cannot both be set; validate() refuses both from one place (file or --set)
+EXCLUSIVE = (("train.max_steps", "train.epochs"), ("data.eval", "data.eval_fraction"))
+
+
+def _is_set(value: Any) -> bool:
+    """A value that takes effect: null and a zero eval_fraction mean "not set"."""
+    return value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)
+
+
+def _command_line_wins(raw: dict[str, Any], origins: dict[str, str], source: str) -> None:
+    """Drop the file's side of an exclusive pair whose other side --set gives, and say so in one line."""
+    for pair in EXCLUSIVE:
+        for mine, other in (pair, pair[::-1]):
+            if mine in origins and other not in origins and _is_set(_get(raw, mine)) and _is_set(_get(raw, other)):
+                section, name = other.split(".")
+                log.info("%s replaces %s: %s from %s", origins[mine], other, raw[section].pop(name), source)
+
+
+def _get(raw: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    values = raw.get(section)
+    return values.get(name) if isinstance(values, dict) else None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -228,7 +274,10 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     target[name] = value
 
 
-def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def from_dict(raw: dict[str, Any], source: str = "config", origins: dict[str, str] | None = None) -> Config:
+    """`origins`: "section.key" -> the `--set` item that gave it; errors about those keys name the --set
+    item instead of `source` (the file)."""
+    origins = origins or {}
     sections = {f.name: f for f in dataclasses.fields(Config)}
     built = {}
     for name, value in raw.items():
@@ -239,19 +288,20 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         if not isinstance(value, dict):
             raise UserError(f"{source}: section {name!r} must be a mapping of keys, got {type(value).__name__}; "
                             f"indent its keys under {name}: (see configs/demo.yaml)")
-        built[name] = _build_section(sections[name].default_factory, name, value, source)
+        built[name] = _build_section(sections[name].default_factory, name, value, source, origins)
     cfg = Config(**built)
-    validate(cfg, source)
+    validate(cfg, source, origins)
     return cfg
 
 
-def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
+def _build_section(cls: type, section: str, values: dict[str, Any], source: str, origins: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        where = origins.get(f"{section}.{key}", source)
         if key not in hints:
-            raise UserError(f"{source}: unknown key {section}.{key}{_nearest(key, hints, section)}")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+            raise UserError(f"{where}: unknown key {section}.{key}{_nearest(key, hints, section)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
     return cls(**kwargs)
 
 
@@ -321,10 +371,13 @@ def _describe(tp: Any) -> str:
 # Ranges and cross-field rules
 
 
-def validate(cfg: Config, source: str = "config") -> None:
+def validate(cfg: Config, source: str = "config", origins: dict[str, str] | None = None) -> None:
+    """Ranges and cross-field rules. An error names the `--set` item that gave the key (`origins`), else `source`."""
+    origins = origins or {}
+
     def need(ok: bool, key: str, rule: str, value: Any) -> None:
         if not ok:
-            raise UserError(f"{source}: {key} {rule}, got {value!r}")
+            raise UserError(f"{origins.get(key, source)}: {key} {rule}, got {value!r}")
 
     need(bool(cfg.model.name_or_path), "model.name_or_path", "is required (hub id or local path)", "")
     need(bool(cfg.data.train), "data.train", "is required (a data file or hub dataset id)", "")
@@ -347,35 +400,47 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", cfg.eval.max_new_tokens)
     for key in ("train.max_steps", "train.epochs", "train.eval_every", "data.max_rows", "eval.limit"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        need(value is None or value > 0, key, "must be > 0 (or null)", value)
-    if cfg.train.max_steps is not None and cfg.train.epochs is not None:
-        raise UserError(f"{source}: train.max_steps and train.epochs are exclusive; set only one")
-    if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
-        raise UserError(f"{source}: data.eval and data.eval_fraction are exclusive; set only one")
+        need(_attr(cfg, key) is None or _attr(cfg, key) > 0, key, "must be > 0 (or null)", _attr(cfg, key))
+    _check_combinations(cfg, source, origins)
+    _check_templates(cfg, source, origins)
+
+
+def _check_combinations(cfg: Config, source: str, origins: dict[str, str]) -> None:
+    """Rules across keys; an error names where the keys were set (one file or --set item, or both)."""
+    def where(*keys: str) -> str:
+        return " and ".join(dict.fromkeys(origins.get(k, source) for k in keys))
+
+    for a, b in EXCLUSIVE:
+        if _is_set(_attr(cfg, a)) and _is_set(_attr(cfg, b)):
+            raise UserError(f"{where(a, b)}: {a} and {b} are exclusive; set only one")
     if cfg.lora.use_dora and cfg.quant.mode == "int8":
-        raise UserError(f"{source}: lora.use_dora does not support quant.mode=int8; use nf4 or disable DoRA")
+        raise UserError(f"{where('lora.use_dora', 'quant.mode')}: lora.use_dora does not support quant.mode=int8; "
+                        "use nf4 or disable DoRA")
     if cfg.eval.task == "choice" and not cfg.eval.labels:
-        raise UserError(f"{source}: eval.task=choice needs eval.labels, e.g. [positive, negative]")
+        raise UserError(f"{where('eval.task')}: eval.task=choice needs eval.labels, e.g. [positive, negative]")
     if cfg.eval.task != "none" and cfg.data.format == "text":
-        raise UserError(f"{source}: eval.task={cfg.eval.task} needs prompts to generate from, and data.format=text "
-                        "has none; use data.format=prompt_completion or set eval.task: none")
+        raise UserError(f"{where('eval.task', 'data.format')}: eval.task={cfg.eval.task} needs prompts to generate "
+                        "from, and data.format=text has none; use data.format=prompt_completion or set eval.task: none")
     resume = cfg.train.resume
-    need(resume in ("auto", "never") or bool(resume.strip()), "train.resume", "must be auto | never | a path", resume)
-    _check_templates(cfg, source)
+    if not (resume in ("auto", "never") or resume.strip()):
+        raise UserError(f"{where('train.resume')}: train.resume must be auto | never | a path, got {resume!r}")
 
 
-def _check_templates(cfg: Config, source: str) -> None:
+def _attr(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_templates(cfg: Config, source: str, origins: dict[str, str]) -> None:
     used = {"prompt_completion": ("prompt", "completion"), "text": ("text",)}.get(cfg.data.format, ())
     for name in used:
-        template = getattr(cfg.data, name)
+        template, where = getattr(cfg.data, name), origins.get(f"data.{name}", source)
         try:
             fields = template_fields(template)
         except ValueError as e:
-            raise UserError(f"{source}: data.{name} is not a valid template ({e}); use {{column}} placeholders")
+            raise UserError(f"{where}: data.{name} is not a valid template ({e}); use {{column}} placeholders")
         if not fields:
-            raise UserError(f"{source}: data.{name} must name at least one {{column}}, got {template!r}")
+            raise UserError(f"{where}: data.{name} must name at least one {{column}}, got {template!r}")
 
 
 def template_fields(template: str) -> list[str]:

@@ -69,7 +69,8 @@ def _read_local(path: Path, key: str) -> list[dict[str, Any]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig") or "[]")
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno} ({e.msg}); use a list of objects or .jsonl")
+            raise UserError(f"{path}: line {e.lineno} is not valid JSON: {json_detail(e, e.doc)}; fix it "
+                            "(a .json file holds one list of objects; .jsonl holds one object per line)") from None
         return data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else []
     if suffix == ".csv":
         return _read_csv(path)
@@ -102,11 +103,22 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")  # so the parser's position is on this line, not past its end
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+                raise UserError(f"{path}: line {n} is not valid JSON: {json_detail(e, line)}; "
+                                "fix or remove that line") from None
     return rows
+
+
+def json_detail(e: json.JSONDecodeError, text: str) -> str:
+    """The parser's whole message, its column, and the text where it stopped (`text`: what was parsed)."""
+    lines = text.splitlines()
+    rest = lines[e.lineno - 1][e.colno - 1:] if e.lineno <= len(lines) else ""
+    where = f"just before {rest[:24]!r}{'...' if len(rest) > 24 else ''}" if rest.strip() else "at the end of the line"
+    msg = e.msg.removesuffix(" at")  # "Unterminated string starting at" ends where its position goes
+    return f"{msg} at column {e.colno}, {where}"
 
 
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
@@ -149,7 +161,18 @@ def render(template: str, row: dict[str, Any], where: str, key: str = "template"
     try:
         return template.format(**row)
     except (ValueError, TypeError) as e:
-        raise UserError(f"{where}: {key} {template!r} cannot format this row ({e}); fix the row or {key}")
+        empty = [name for name, spec in _formatted_fields(template) if spec and not str(row[name]).strip()]
+        if empty:  # a blank CSV cell is read as "", which a number format such as {price:.0f} cannot take
+            raise UserError(f"{where}: column {empty[0]!r} is empty, and {key} {template!r} formats it as a "
+                            "number; fill in that cell or remove the row") from None
+        raise UserError(f"{where}: {key} {template!r} cannot format this row ({e}); fix the row or {key}") from None
+
+
+def _formatted_fields(template: str) -> list[tuple[str, str]]:
+    """(field, format spec) for each placeholder of a str.format template ('{price:.0f}' -> ('price', '.0f'))."""
+    import string
+
+    return [(name, spec or "") for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
 
 
 def to_example(row: dict[str, Any], d: DataCfg, where: str) -> dict[str, Any]:
@@ -309,6 +332,7 @@ class Split:
     dropped: dict[str, int] = field(default_factory=dict)
     reserve: int = 0  # tokens each cut prompt left for its completion (resolve_reserve)
     cuts_prompts: bool = False  # prompt_completion rows under data.truncation=prompt_middle
+    note: str = ""  # how the rows were chosen, when not all of them (data.max_rows)
 
     def to_dataset(self):
         import datasets
@@ -320,7 +344,8 @@ class Split:
     def summary(self) -> str:
         drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
         cut = f" (prompts cut to leave {self.reserve} tokens for the answer)" if self.truncated and self.cuts_prompts else ""
-        return (f"{self.name}: {len(self.encoded)} rows from {self.source}; "
+        chosen = f" ({self.note})" if self.note else ""
+        return (f"{self.name}: {len(self.encoded)} rows from {self.source}{chosen}; "
                 f"{self.truncated} truncated to data.max_length{cut}; dropped: {drops}")
 
 
@@ -346,11 +371,29 @@ def build_split(name: str, source: str, rows: list[dict[str, Any]], tok, d: Data
     return split
 
 
+def sample_rows(rows: list[dict[str, Any]], limit: int | None, how: str, seed: int) -> tuple[list[int], str]:
+    """0-based indices of at most `limit` rows (None = all), in file order, and a note saying which.
+
+    how "random": the first `limit` of one shuffle seeded by `seed` (the same rows on every resume and
+    eval; a smaller limit gives a subset of a larger one); "first": the head of the file."""
+    n = len(rows)
+    if limit is None or limit >= n:
+        return list(range(n)), ""
+    if how == "first":
+        return list(range(limit)), f"data.max_rows: the first {limit} of {n} rows"
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:limit]), f"data.max_rows: a random sample of {limit} of {n} rows, seed {seed}"
+
+
 def select_rows(cfg: Config) -> dict[str, Any]:
-    """Raw train/eval rows with their 1-based source row numbers (eval from data.eval or eval_fraction)."""
+    """Raw train/eval rows with their 1-based source row numbers (eval from data.eval or eval_fraction).
+    data.max_rows caps the train rows (as data.sample says) before any eval_fraction is held out."""
     d = cfg.data
-    train_rows = read_rows(d.train, d.split, d.max_rows, key="data.train")
-    sel: dict[str, Any] = {"train": train_rows, "train_ids": list(range(1, len(train_rows) + 1)),
+    all_rows = read_rows(d.train, d.split, key="data.train")
+    keep, note = sample_rows(all_rows, d.max_rows, d.sample, cfg.run.seed)
+    train_rows = [all_rows[i] for i in keep]
+    sel: dict[str, Any] = {"train": train_rows, "train_ids": [i + 1 for i in keep], "train_note": note,
                            "eval": None, "eval_ids": None, "eval_source": d.eval}
     if d.eval is not None:
         eval_rows = read_rows(d.eval, d.eval_split if d.eval == d.train else d.split, key="data.eval")
@@ -362,9 +405,10 @@ def select_rows(cfg: Config) -> dict[str, Any]:
         if len(held) == len(train_rows):
             raise UserError(f"data.eval_fraction: holding out {len(held)} of the {len(train_rows)} rows of {d.train} "
                             "leaves none to train on; add rows, or give a separate data.eval file")
-        sel.update(eval=[train_rows[i] for i in sorted(held)], eval_ids=[i + 1 for i in sorted(held)],
+        ids = sel["train_ids"]
+        sel.update(eval=[train_rows[i] for i in sorted(held)], eval_ids=[ids[i] for i in sorted(held)],
                    train=[r for i, r in enumerate(train_rows) if i not in held],
-                   train_ids=[i + 1 for i in range(len(train_rows)) if i not in held],
+                   train_ids=[n for i, n in enumerate(ids) if i not in held],
                    eval_source=f"{d.train} (held-out {d.eval_fraction:.0%})")
     return sel
 
@@ -380,6 +424,7 @@ def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Spl
     has_answers = cfg.data.format in ("prompt_completion", "alpaca")  # the formats whose prompts get cut
     if train:
         train_split = build_split("train", cfg.data.train, sel["train"], tok, cfg.data, sel["train_ids"])
+        train_split.note = sel["train_note"]
         if has_answers:
             cfg.data.completion_budget = train_split.reserve
         log.info(train_split.summary())

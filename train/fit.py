@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,24 +58,97 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     with trainer.GracefulStop() as stop:
         sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_ds, run,
                                     callbacks=[stop, *callbacks], task_scorer=scorer)
-        if resume_from is not None and checkpoints.finished(resume_from, cfg):
-            metrics = trainer.restore_finished(sft, resume_from)
-        else:
-            result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
+        metrics = {**train_or_restore(sft, resume_from), "epoch": sft.state.epoch}
     if stop.requested:
-        raise Interrupted(stop.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"))
+        raise Interrupted(stop.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"),
+                          cfg.train.resume)
 
     # 5. Save the adapter, tokenizer, config and model card
     if eval_split is not None:
-        metrics.update(final_eval(sft, cfg))
+        metrics.update(final_eval(sft))
     state = gather_adapter_state(sft)  # every rank takes part under FSDP / ZeRO-3
     if main:
+        before = adapter_digest(run)
         adapter.save(sft.accelerator.unwrap_model(sft.model), tok, cfg, run, path, metrics, train_split, eval_split,
                      state_dict=state, fsdp=sft.is_fsdp_enabled)
-        log.info("adapter saved to %s\n%s", run / "adapter", json.dumps(metrics, indent=1, default=str))
+        saved(run, metrics, changed=before != adapter_digest(run))
     distributed_state().wait_for_everyone()
     return Fitted(run, sft.model, tok, metrics)
+
+
+def train_or_restore(sft, resume_from: Path | None) -> dict[str, Any]:
+    """Train from the start or `resume_from`. A checkpoint at the end of its lr schedule is only restored
+    when this config asks for no more steps; asked for more, the extra steps get a schedule of their own
+    (trainer.extend_schedule). A checkpoint inside such an extension resumes that extension's schedule."""
+    if resume_from is not None:
+        step = checkpoints.checkpoint_step(resume_from)
+        if checkpoints.ended(resume_from):
+            target = trainer.target_steps(sft)
+            if target <= step:
+                if target < step:
+                    log.warning("%s is past this config's last step (%d): restoring it as trained, %d steps; "
+                                "pass --overwrite to train %d steps instead", resume_from.name, target, step, target)
+                return trainer.restore_finished(sft, resume_from)
+            trainer.extend_schedule(sft, step, target)
+        elif (start := checkpoints.schedule_start(resume_from)) is not None:
+            trainer.extend_schedule(sft, start)
+    result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return {"train_loss": result.training_loss, "global_step": result.global_step}
+
+
+def saved(run: Path, metrics: dict[str, Any], changed: bool) -> None:
+    """After the adapter is written: an eval of the previous weights is moved aside, then the closing table."""
+    if changed:
+        mark_eval_stale(run)
+    for line in summary_lines(run, metrics):
+        log.info(line)
+
+
+def adapter_digest(run: Path) -> str | None:
+    """sha256 of RUN/adapter's weights (None when there is no adapter yet)."""
+    import hashlib
+
+    weights = run / "adapter" / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mark_eval_stale(run: Path) -> None:
+    """The adapter changed under an existing RUN/eval/: move it to RUN/eval.stale/ (replacing an older one),
+    so no report describes weights it did not evaluate; `train eval` writes a fresh eval/."""
+    import shutil
+
+    old, stale = run / "eval", run / "eval.stale"
+    if not old.is_dir():
+        return
+    shutil.rmtree(stale, ignore_errors=True)
+    old.rename(stale)
+    log.info("%s described the previous adapter: moved to %s; run `python -m train eval %s` for a new report",
+             old, stale, run)
+
+
+# The closing table: (header, metrics key, format); a column shows only when the run has its metric
+SUMMARY = (("step", "global_step", "{:d}"), ("epoch", "epoch", "{:.2f}"), ("train loss", "train_loss", "{:.4f}"),
+           ("eval loss", "eval_loss", "{:.4f}"), ("eval mae", "eval_mae", "{:.4g}"),
+           ("eval hits", "eval_hit_rate", "{:.0%}"), ("eval acc", "eval_accuracy", "{:.1%}"),
+           ("unparseable", "eval_unparseable", "{:.0f}"))
+
+
+def summary_lines(run: Path, metrics: dict[str, Any]) -> list[str]:
+    """"adapter saved to ...", then a two-line table of the headline metrics (every metric stays in
+    RUN/adapter/training_meta.json, every step's in RUN/metrics.jsonl)."""
+    cells = [(head, fmt.format(metrics[key])) for head, key, fmt in SUMMARY
+             if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool)]
+    widths = [max(len(head), len(value)) for head, value in cells]
+    return [f"adapter saved to {run / 'adapter'} (all metrics: {run / 'adapter' / adapter.META}; "
+            f"per step: {run / 'metrics.jsonl'})",
+            "  " + "  ".join(head.rjust(w) for (head, _), w in zip(cells, widths)),
+            "  " + "  ".join(value.rjust(w) for (_, value), w in zip(cells, widths))]
 
 
 def task_scorer(cfg: Config, tok, eval_split):
@@ -115,17 +187,15 @@ def gather_adapter_state(sft) -> dict[str, Any] | None:
     return None
 
 
-def final_eval(sft, cfg: Config) -> dict[str, Any]:
-    """Eval metrics at the last step: reuse the periodic eval when it just ran there, else run one."""
+def final_eval(sft) -> dict[str, Any]:
+    """Eval metrics at the last step: reuse the eval the Trainer ran there (with train.eval_every it always
+    evaluates the last step too, and a restored checkpoint's history holds it), else run one."""
     step = sft.state.global_step
-    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-        merged: dict[str, Any] = {}
-        for entry in sft.state.log_history:
-            if entry.get("step") == step and any(k.startswith("eval_") for k in entry):
-                merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
-        if merged:
-            return merged
-    return sft.evaluate()
+    merged: dict[str, Any] = {}
+    for entry in sft.state.log_history:
+        if entry.get("step") == step and any(k.startswith("eval_") for k in entry):
+            merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return merged or sft.evaluate()
 
 
 def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
