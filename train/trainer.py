@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from train import attention, checkpoints, lora, sampler
 from train.config import Config
@@ -80,6 +81,7 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         gradient_checkpointing_kwargs={"use_reentrant": True},
         bf16=use_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),  # transformers 5 refuses bf16 on CPU unless told
+        prediction_loss_only=True,  # eval needs the loss only; without this TRL reruns each eval batch for logits
         save_strategy="steps",
         save_steps=t.save_every,
         save_total_limit=t.save_total_limit,
@@ -100,7 +102,9 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         padding_free=packing != "none",
         use_liger_kernel=use_liger(cfg),
         dataset_num_proc=None,
-        disable_tqdm=False,  # progress bar even when log_level is quiet
+        # our step lines (StepLines) are the one progress display: a tqdm bar besides them garbles both in log
+        # files and CI, and disable_tqdm also drops the eval bars
+        disable_tqdm=True,
         log_level="warning",
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; True would slow each DDP step
         # each optimizer step's rows (the same set as a random sampler's) are split so that every rank and
@@ -146,24 +150,56 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     checkpoints.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-class CompactProgress(ProgressCallback):
-    """The progress bar, plus one short line about 20 times a run and at every eval, instead of the
-    Trainer's raw dict every logging step (every step goes to metrics.jsonl anyway)."""
+class StepLines(TrainerCallback):
+    """The one progress display: a short line about 20 times a run (and at least every EVERY_S seconds), and
+    at every eval during training, with the pace and the time left. No tqdm bar (a bar and lines garble each
+    other, and a bar is noise in log files), no raw dict per logging step (every step is in metrics.jsonl)."""
 
     SHOWN = {"loss": "loss {:.4f}", "learning_rate": "lr {:.2e}", "grad_norm": "grad {:.3g}",
              "eval_loss": "eval_loss {:.4f}", "eval_mae": "eval_mae {:.4g}", "eval_hit_rate": "eval_hits {:.0%}",
              "eval_accuracy": "eval_acc {:.2%}"}
+    EVERY_S = 300.0  # long runs still print every 5 minutes, so a log never looks stuck
+
+    def __init__(self):
+        self.training = False
+        self.t0 = self.last = 0.0
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training, self.first_step = True, state.global_step  # a resume starts past 0
+        self.t0 = self.last = time.monotonic()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False  # the final eval's numbers go into fit's closing table instead
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or self.training_bar is None or not logs:
+        if not (state.is_world_process_zero and self.training and logs):
             return
-        every = max(1, state.max_steps // 20)
+        step, now = state.global_step, time.monotonic()
         is_eval = any(k.startswith("eval_") for k in logs)
-        if not is_eval and "loss" in logs and state.global_step % every and state.global_step != 1:
+        due = (step % max(1, state.max_steps // 20) == 0 or step in (self.first_step + 1, state.max_steps)
+               or now - self.last >= self.EVERY_S)
+        if not is_eval and not ("loss" in logs and due):
             return
         parts = [fmt.format(logs[k]) for k, fmt in self.SHOWN.items() if isinstance(logs.get(k), (int, float))]
-        if parts:
-            self.training_bar.write(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts))
+        if not parts:
+            return
+        if not is_eval:
+            parts.append(self.pace(step, state.max_steps, now))
+        self.last = now
+        log.info("step %d/%d  %s", step, state.max_steps, "  ".join(parts))
+
+    def pace(self, step: int, max_steps: int, now: float) -> str:
+        per_step = (now - self.t0) / max(1, step - self.first_step)
+        return f"{per_step:.2f} s/step, {format_duration(per_step * max(0, max_steps - step))} left"
+
+
+def format_duration(seconds: float) -> str:
+    """3h02m, 4m05s, 12s."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class MarkComplete(TrainerCallback):
@@ -171,12 +207,13 @@ class MarkComplete(TrainerCallback):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.schedule_start: int | None = None  # set by extend_schedule: recorded in each checkpoint
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                checkpoints.mark_complete(ckpt, self.cfg)
+                checkpoints.mark_complete(ckpt, self.cfg, self.schedule_start)
 
 
 class GracefulStop(TrainerCallback):
@@ -224,6 +261,38 @@ def restore_finished(sft, ckpt: Path) -> dict[str, Any]:
     return {"train_loss": sum(losses) / len(losses) if losses else None, "global_step": sft.state.global_step}
 
 
+def target_steps(sft) -> int:
+    """The optimizer step this run trains to, as the Trainer computes it (train.max_steps, or train.epochs
+    times the optimizer steps per epoch)."""
+    if sft.args.max_steps > 0:
+        return sft.args.max_steps
+    return sft.set_initial_training_values(sft.args, sft.get_train_dataloader())[-1]
+
+
+def extend_schedule(sft, start: int, target: int | None = None) -> None:
+    """Train past the end of a finished run's lr schedule (at step `start`) on a new schedule for the extra
+    steps only: train.lr_scheduler from train.lr, with train.warmup_ratio of them as warmup. Resuming the old
+    one would run them at its end lr (0 for cosine and linear). Every later checkpoint records `start`, so a
+    resume inside the extension rebuilds this schedule. `target`: announce it (the step trained to)."""
+    sft.extension_start = start
+    for callback in sft.callback_handler.callbacks:
+        if isinstance(callback, MarkComplete):
+            callback.schedule_start = start
+    if target is not None:
+        a = sft.args
+        kind = getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)  # a SchedulerType enum after validation
+        log.info("checkpoint-%d ended its run's lr schedule; steps %d-%d get a new %s schedule from train.lr=%g "
+                 "(%d warmup steps)", start, start + 1, target, kind, a.learning_rate, a.get_warmup_steps(target - start))
+
+
+def restart_schedule(optimizer, scheduler, fresh: dict[str, Any]) -> None:
+    """Put the new schedule's start (`fresh`: its state before the checkpoint was loaded) back over the
+    ended schedule and lr the checkpoint restored; the optimizer's moments stay the checkpoint's."""
+    scheduler.load_state_dict(fresh)
+    for group, base, lr in zip(optimizer.param_groups, fresh["base_lrs"], fresh["_last_lr"]):
+        group["initial_lr"], group["lr"] = base, lr
+
+
 def setup_reporting(cfg: Config) -> None:
     """wandb runs offline when no API key is configured, so a missing account never blocks training."""
     if "wandb" in cfg.log.report_to:
@@ -232,6 +301,62 @@ def setup_reporting(cfg: Config) -> None:
         if not has_key and "WANDB_MODE" not in os.environ:
             os.environ["WANDB_MODE"] = "offline"
             log.info("wandb: no API key found, logging offline (sync later with `wandb sync`)")
+    import_integrations_quietly()
+    quiet_library_logs()
+
+
+def import_integrations_quietly() -> None:
+    """transformers prints "[INFO] Running in WANDB offline mode" when its integrations module is first
+    imported (by TRL's SFTTrainer) with WANDB_MODE=offline in the environment, even for a run that reports
+    nowhere. Import it with WANDB_MODE hidden: a run that reports to wandb offline says so in our own line."""
+    import importlib
+    import sys
+
+    name = "transformers.integrations.integration_utils"
+    if name in sys.modules or "WANDB_MODE" not in os.environ:
+        return
+    mode = os.environ.pop("WANDB_MODE")
+    try:
+        importlib.import_module(name)
+    finally:
+        os.environ["WANDB_MODE"] = mode
+
+
+class LibraryLogFilter(logging.Filter):
+    """Library log lines: each at most once per process, and none of those that are not about the user's run.
+    Our own ("train") lines always pass."""
+
+    NOT_ABOUT_THE_RUN = (
+        # accelerate, at each epoch's end, 4 times: TRL gathers per-batch metric scalars on one process, where
+        # there is no padded remainder to drop
+        "The used dataset had no length",
+        # transformers, rotating checkpoints saved within a second of each other: it orders them by step
+        # instead, which is what a run wants
+        "mtime may not be reliable on this filesystem",
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "train" or record.name.startswith("train."):
+            return True
+        message = record.getMessage()
+        if any(text in message for text in self.NOT_ABOUT_THE_RUN) or (record.name, message) in self.seen:
+            return False
+        self.seen.add((record.name, message))
+        return True
+
+
+def quiet_library_logs() -> None:
+    """Put one LibraryLogFilter on the handlers that print library logs: the root logger's (ours, and where
+    accelerate, peft and datasets propagate) and transformers' own (its loggers do not propagate)."""
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("transformers").handlers]
+    shared = next((f for h in handlers for f in h.filters if isinstance(f, LibraryLogFilter)), None) or LibraryLogFilter()
+    for handler in handlers:
+        if shared not in handler.filters:
+            handler.addFilter(shared)
 
 
 def trainer_class():
@@ -265,6 +390,31 @@ def trainer_class():
             if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # they keep fp32 master weights
                 lora.match_training_dtypes(self.model, self.quant_mode)
 
+        extension_start = None  # step where a finished run's schedule ended and a new one began (extend_schedule)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            """In an extended run the schedule covers the steps after extension_start only."""
+            return super().create_scheduler(num_training_steps - (self.extension_start or 0), optimizer)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            """Resuming at the start of an extension: keep the checkpoint's optimizer moments, not its ended
+            schedule (inside an extension the checkpoint's schedule is the extension's: loaded as usual)."""
+            fresh = copy.deepcopy(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint and fresh and self.extension_start == checkpoints.checkpoint_step(Path(checkpoint)):
+                restart_schedule(self.optimizer, self.lr_scheduler, fresh)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """On GPU, TRL's fused LM head (Triton, labelled positions only). Its CPU fallback projects every
+            position through the LM head in fp32 tiles: on SmolLM2-135M (vocab 49k) that was 40% of a CPU step
+            (docs/benchmarks.md). There, project only the positions that carry a label."""
+            if torch.cuda.is_available() or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = labelled_positions_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL: DDP averages, the count spans all ranks
+            return loss
+
         def evaluate(self, *args, **kwargs):
             """Loss from SFTTrainer, then the task metric (e.g. MAE) on a fixed eval subset, logged
             beside it (metrics.jsonl, wandb, tensorboard): users see the task improve, not just loss."""
@@ -276,6 +426,22 @@ def trainer_class():
             return metrics
 
     return QLoRATrainer
+
+
+def labelled_positions_loss(model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+    """Mean next-token NLL over labelled tokens, computing logits only where a label follows: the
+    backbone's hidden states at those positions (`logits_to_keep` with indices) -> LM head -> fp32 CE.
+    Every row of the batch is scored at the union of the rows' labelled positions; the rest are masked."""
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)  # positions whose next token is labelled
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**forward, use_cache=False, logits_to_keep=keep).logits
+    picked = targets[:, keep]
+    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), picked.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (picked != -100).sum()
+    return nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
 
 
 def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbacks=(), task_scorer=None):
@@ -292,6 +458,8 @@ def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbac
         processing_class=tok,
         callbacks=[MetricsFile(run / "metrics.jsonl"), MarkComplete(cfg), *callbacks],
     )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(CompactProgress())
+    # the one progress display: no tqdm bar, and not the raw dict per log PrinterCallback prints under disable_tqdm
+    for default in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(default)
+    trainer.add_callback(StepLines())
     return trainer
