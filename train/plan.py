@@ -1,23 +1,33 @@
 """Memory planner: predict the peak GPU memory of one QLoRA training step before any weight loads.
 
-`python -m train plan CONFIG [--set k=v] [--gpu-gb 80]` reads only the model's config.json, builds the
-architecture on the meta device (no memory) to count parameters exactly per module, and prints a
-table of the components below, the predicted peak and whether it fits a GPU of the given size.
+`python -m train plan CONFIG [--set k=v] [--gpu-gb 80]` reads only the model's architecture, builds it
+on the meta device (no memory) to count parameters exactly per module, and prints a table of the
+components below, the predicted peak and whether it fits a GPU of the given size. No weights are read
+and, for the bases in KNOWN_BASES, no network either; model.name_or_path resolves in this order
+(plan_model_config):
+
+1. a local model folder, its config.json, or a .gguf file (architecture from the GGUF metadata);
+2. a known base (KNOWN_BASES: Llama-3.1-8B, Qwen2.5-7B, Mistral-7B-v0.3, gemma-2-9b, SmolLM2-135M and
+   their instruct variants), from the table below;
+3. the hub's config.json; offline, an unknown id is a one-line UserError naming the fix.
 
 What the prediction models (the pipeline in train/model.py, train/lora.py, train/trainer.py):
 
 * base weights as loaded: every nn.Linear except lm_head quantized by bitsandbytes (exact bnb
   storage, quantization constants included); everything else (embeddings, lm_head, norms, biases)
   in quant.compute_dtype.
-* prepare_model_for_kbit_training (train/model.py prepare_for_kbit) then upcasts every non-quantized
-  bf16/fp16 parameter to fp32: +2 bytes per such parameter. Side effect that matters for activations:
-  the embedding output and every RMSNorm output are fp32, so the residual stream, the q/k/v/gate/up
-  matmul outputs (bitsandbytes returns the input dtype) and the MLP intermediates are fp32 too.
+* k-bit prep (train/model.py prepare_for_kbit): with bf16 compute (the default) nothing is upcast: the
+  embeddings, norms and lm_head stay bf16, and so does the residual stream. Only with fp16/fp32 compute
+  does it call peft's prepare_model_for_kbit_training, which upcasts every non-quantized parameter to
+  fp32 (+2 bytes per such parameter: the kbit_upcast row) and so makes the embedding output, the
+  residual stream, the RMSNorm outputs and the q/k/v/gate/up matmul outputs fp32 (bitsandbytes returns
+  the input dtype): Precision.residual = 4 instead of 2.
 * LoRA A/B on the targeted Linear layers: r*(in+out) each. TRL's SFTTrainer casts trainable
   parameters of a quantized model to bf16 (2 B); grads share the parameter dtype; optimizer states
   per train.optimizer.
 * activations of one micro-batch of `tokens` tokens (batch_size * data.max_length unless overridden:
-  the worst case, every row at full length, so no padding mask and sdpa's causal O(tokens) kernel).
+  the worst case, every row at full length). Padding-free batches of shorter rows use fewer tokens:
+  pass the largest micro-batch a dataset really makes as `tokens` to compare with a measured peak.
 * the loss head: TRL >= 1.16 SFTTrainer patches the model with a fused, chunked lm_head + log-softmax
   (trl.trainer.utils.add_fused_lm_head) that never materializes [tokens, vocab] logits. The full-logits
   formula of plain transformers (bf16 logits + fp32 upcast + fp32 gradient) is kept behind
@@ -28,8 +38,11 @@ Peak = every persistent term + saved activations + the larger of two working set
 at the same time: one decoder layer's recompute + backward, and the loss head's backward.
 
 Units: bytes everywhere inside; GB = 1e9 bytes in the table (what model.get_memory_footprint()/1e9
-reports in train/model.py). Every constant below is a module-level name so measured peaks (H100,
-torch.cuda.max_memory_allocated) can calibrate it.
+reports in train/model.py). Every constant below is a module-level name so measured peaks
+(torch.cuda.max_memory_allocated: compare with torch_allocated()) can calibrate it. Checked against the
+H100 measurements of docs/benchmarks.md in tests/test_plan.py: Llama-3.1-8B, NF4 + double quant, LoRA r16
+all-linear, padding-free 16-row micro-batches: 10.71 GB measured at 9,538 tokens, and 2k/8k/16k-token
+micro-batches within +2..+5 %.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from train.config import Config, LoraCfg, QuantCfg
+from train.config import Config, LoraCfg, ModelCfg, QuantCfg
 from train.errors import UserError
 
 GB = 1e9  # table unit: decimal GB, as in train/model.py's footprint report
@@ -57,7 +70,7 @@ DQ_CODE_BYTES = 256 * 4  # ... a per-layer fp32 copy of the 8-bit dynamic map (s
 DQ_OFFSET_BYTES = 4  # ... and the fp32 mean subtracted before the second quantization (offset)
 FOUR_BIT_CODE_BYTES = 16 * 4  # per-layer fp32 NF4/FP4 code table (QuantState.code)
 INT8_SCB_BYTES = 4  # LLM.int8: int8 weight (1 B/param) + one fp32 scale per output row (SCB)
-FP32_BYTES = 4  # prepare_model_for_kbit_training upcasts non-quantized bf16/fp16 params to fp32
+FP32_BYTES = 4  # fp32; peft's prepare_model_for_kbit_training (fp16/fp32 compute only) upcasts to it
 
 # Trainable parameters and optimizer
 LORA_KBIT_PARAM_BYTES = 2  # TRL SFTTrainer casts LoRA params of a quantized model to bf16
@@ -74,7 +87,7 @@ TORCH_ADAM_STATES = 2  # adamw_torch: exp_avg and exp_avg_sq in the param dtype 
 
 # Activations, per token, per decoder layer (Llama-family block: RMSNorm, GQA sdpa, SwiGLU MLP)
 NORMS_PER_LAYER = 2  # input_layernorm + post_attention_layernorm
-NORM_SAVED_BYTES = 4  # RMSNorm computes in fp32 and saves that fp32 input (kbit: the fp32 residual itself)
+NORM_SAVED_BYTES = 4  # RMSNorm computes in fp32 and saves that fp32 input (fp32 residual: the residual itself)
 NORM_STAT_BYTES = 4  # ... plus one fp32 rsqrt(mean(x^2)) per token
 ATTN_QKV_BYTES = 2  # sdpa (flash, causal) saves q, k, v in the autocast dtype ...
 ATTN_OUT_BYTES = 2  # ... its output ...
@@ -124,6 +137,62 @@ COMPONENTS = {  # estimate() keys, in table order, with their labels
     "loss_head": "working set: loss head",
     "cuda_overhead": "CUDA context + allocator overhead",
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Known bases: the architecture without the hub
+
+# The config.json essentials of common bases, from each model's public config.json on the Hugging Face
+# hub (https://huggingface.co/<id>/blob/main/config.json), so that `train plan` works offline for them.
+# Only what sizes the model: the rest (RoPE, eps, token ids) keeps the config class's default, which
+# moves no byte of the plan. The instruct variants share their base's architecture.
+KNOWN_BASES: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-3.1-8B: 8.03 B params, GQA 32/8, untied lm_head
+    "meta-llama/Llama-3.1-8B": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=131072),
+    # Qwen/Qwen2.5-7B: 7.62 B params; q/k/v carry biases (Qwen2's architecture); the instruct config
+    # says max_position_embeddings 32768, the base 131072
+    "Qwen/Qwen2.5-7B": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+        max_position_embeddings=131072),
+    # mistralai/Mistral-7B-v0.3: 7.25 B params, vocab extended to 32768
+    "mistralai/Mistral-7B-v0.3": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False,
+        max_position_embeddings=32768),
+    # google/gemma-2-9b: 9.24 B params, head_dim 256 (q_dim 4096 > hidden 3584), tied embeddings
+    "google/gemma-2-9b": dict(
+        model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+        tie_word_embeddings=True, max_position_embeddings=8192),
+    # HuggingFaceTB/SmolLM2-135M: 135 M params, head_dim 64, tied embeddings
+    "HuggingFaceTB/SmolLM2-135M": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+        max_position_embeddings=8192),
+}
+KNOWN_VARIANTS = {  # instruct/chat ids -> the base whose architecture they share
+    "meta-llama/Llama-3.1-8B-Instruct": "meta-llama/Llama-3.1-8B",
+    "Qwen/Qwen2.5-7B-Instruct": "Qwen/Qwen2.5-7B",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistralai/Mistral-7B-v0.3",
+    "google/gemma-2-9b-it": "google/gemma-2-9b",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M",
+}
+
+
+def known_base(name: str):
+    """The transformers config of a KNOWN_BASES model (hub ids match case-insensitively), else None."""
+    ids = {k.lower(): k for k in (*KNOWN_BASES, *KNOWN_VARIANTS)}
+    key = ids.get(name.strip().lower())
+    if key is None:
+        return None
+    from transformers import AutoConfig
+
+    fields = dict(KNOWN_BASES[KNOWN_VARIANTS.get(key, key)])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +354,9 @@ def base_weight_bytes(shape: ModelShape, quant: QuantCfg) -> dict[str, int]:
     quantized = sum over Linear layers except lm_head of quantized_linear_bytes(...)
     other     = (all params - quantized weights) * bytes(compute_dtype)   (embeddings, lm_head, norms, biases
                 as loaded; with quant.mode=none every weight is here at 2 B)
-    upcast    = (all params - quantized weights) * (4 - bytes(compute_dtype)) when quantized: the extra that
-                peft's prepare_model_for_kbit_training adds by casting them to fp32; 0 for quant.mode=none
+    upcast    = (all params - quantized weights) * (4 - bytes(compute_dtype)) when quantized with fp16
+                compute: the extra that peft's prepare_model_for_kbit_training adds by casting them to fp32;
+                0 with bf16 compute (prepare_for_kbit keeps them bf16) and for quant.mode=none
     """
     compute = DTYPE_BYTES[quant.compute_dtype]
     storage = DTYPE_BYTES[quant.storage_dtype or "uint8"]
@@ -384,9 +454,10 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int) -
 class Precision:
     """Dtype sizes of the quantized (kbit) or plain bf16 pipeline.
 
-    residual: bytes of the residual stream, the RMSNorm outputs and the q/k/v/gate/up matmul outputs.
-      kbit: 4, because prepare_model_for_kbit_training made embeddings and norm weights fp32 and
-      bitsandbytes' Linear4bit returns its input dtype; quant.mode=none: the compute dtype (2).
+    residual: bytes of the residual stream, the RMSNorm outputs and the q/k/v/gate/up matmul outputs:
+      the compute dtype (2 for bf16/fp16), except k-bit with fp16/fp32 compute, where peft's
+      prepare_model_for_kbit_training makes the embeddings and norm weights fp32 and bitsandbytes'
+      Linear4bit returns its input dtype, so 4 (see upcasts()).
     lora: bytes per LoRA parameter (and its gradient).
     """
 
@@ -565,7 +636,7 @@ def estimate(cfg: Config, model_config, tokens: int | None = None, *, fused_lm_h
     """Predicted bytes per component (keys of COMPONENTS) plus "total", the predicted peak.
 
     base_weights           base_weight_bytes: quantized + other (as loaded)
-    kbit_upcast            base_weight_bytes: upcast (+2 B per non-quantized param in kbit mode)
+    kbit_upcast            base_weight_bytes: upcast (+2 B per non-quantized param, k-bit with fp16 compute)
     lora_params            P * 2 (bf16, kbit) or P * (4 + 2) (quant.mode=none: fp32 + autocast bf16 copy),
                            P = lora_param_count; DoRA magnitudes at 4 B
     lora_grads             P * param bytes
@@ -654,10 +725,65 @@ def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, g
     return "\n".join(lines)
 
 
+def plan_model_config(m: ModelCfg):
+    """The transformers config of model.name_or_path, reading no weights: a local folder, its config.json or a
+    .gguf file (metadata only: no conversion), a builtin, a known base (KNOWN_BASES, no network), else the
+    hub's config.json. Raises UserError with the fix when none of them has it."""
+    import os
+    from pathlib import Path
+
+    from train import tiny
+    from train.model import load_model_config
+
+    name = m.name_or_path
+    if tiny.is_builtin(name):
+        return load_model_config(str(tiny.materialize(name)), m)
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        return gguf_config(path)
+    if path.is_file() and path.suffix == ".json":
+        return load_model_config(str(path), m)
+    if path.is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {name} is not a model directory (no config.json); give a local "
+                            "model folder, its config.json, a .gguf file or a hub id")
+        return load_model_config(str(path), m)
+    known = known_base(name)
+    if known is not None:
+        return known
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except OSError as e:
+        why = ("the hub is offline (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1"
+               else f"the hub did not give its config.json ({str(e).splitlines()[0]})")
+        raise UserError(f"model.name_or_path: {name} is not a base `train plan` knows offline and {why}; pass a "
+                        "local model folder or its config.json (or a .gguf file) as model.name_or_path") from None
+    except ValueError:
+        return load_model_config(name, m)  # custom code and the like: the loader's own one-line errors
+
+
+def gguf_config(path):
+    """A .gguf file's architecture from its metadata (transformers' GGUF reader, the `gguf` package): no
+    tensor is dequantized, so planning never starts the conversion train/model.py does before a fit."""
+    if not path.is_file():
+        raise UserError(f"model.name_or_path: {path}: no such file; give the path to a .gguf file")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path.parent.resolve()), gguf_file=path.name)
+    except ImportError:
+        raise UserError(f"model.name_or_path: {path}: reading GGUF files needs the `gguf` package; "
+                        "pip install gguf") from None
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise UserError(f"model.name_or_path: {path}: cannot read the architecture from this GGUF "
+                        f"({str(e).splitlines()[0]})") from None
+
+
 def plan_main(config_path: str, overrides: list[str], gpu_gb: float | None, tokens: int | None = None) -> int:
-    """`python -m train plan`: load and validate the config, read config.json only, print the plan."""
+    """`python -m train plan`: load and validate the config, read the architecture only, print the plan."""
     from train.config import load_config
-    from train.model import load_model_config, resolve_model_path
 
     if gpu_gb is None:
         gpu_gb = DEFAULT_GPU_GB
@@ -666,7 +792,7 @@ def plan_main(config_path: str, overrides: list[str], gpu_gb: float | None, toke
     if tokens is not None and tokens < 1:
         raise UserError(f"--tokens must be >= 1, got {tokens}")
     cfg = load_config(config_path, overrides)
-    model_config = load_model_config(resolve_model_path(cfg.model), cfg.model)
+    model_config = plan_model_config(cfg.model)
     n = tokens if tokens is not None else micro_batch_tokens(cfg)
     est = estimate(cfg, model_config, n)
     print(format_plan(cfg, model_config, est, n, gpu_gb))
