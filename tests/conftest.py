@@ -8,9 +8,22 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ["HF_HUB_OFFLINE"] = "1"  # the suite must never reach the hub
 os.environ.setdefault("WANDB_MODE", "offline")
-# no GPU here: Triton kernels (train/lora_kernels.py) run in Triton's CPU interpreter, which must be chosen
-# before anything imports triton
-os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_configure(config):
+    """Triton's mode, chosen before any test module imports triton (transformers and peft do): its CPU
+    interpreter (TRITON_INTERPRET=1), so the kernels of train/lora_kernels.py run without a GPU, except for
+    `pytest -m gpu` on a CUDA machine (scripts/gpu_check.sh), where tests/test_gpu.py runs them compiled."""
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with -m gpu (scripts/gpu_check.sh), "
+                                       "skipped where CUDA is not available")
+    gpu_run = (config.getoption("markexpr", "") or "").strip() == "gpu" and _cuda()
+    os.environ["TRITON_INTERPRET"] = "0" if gpu_run else "1"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @pytest.fixture(scope="session", autouse=True)

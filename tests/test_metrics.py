@@ -1,4 +1,4 @@
-"""Unit tests for train.metrics (hand-computed expectations) and train.charts (valid PNGs)."""
+"""Unit tests for train.metrics (hand-computed expectations) and train.charts (the plotted data)."""
 
 from __future__ import annotations
 
@@ -253,56 +253,233 @@ def test_summarize_errors() -> None:
 
 
 # ---------------------------------------------------------------- charts
+# Each chart is checked through its build_* twin (the open Figure): the plotted points, bars and lines
+# must be the data given, in the right colours, axes and labels. The public functions write the PNG.
 
 def _assert_png(path: Path) -> None:
     data = Path(path).read_bytes()
     assert len(data) > 0 and data.startswith(PNG_MAGIC)
 
 
-def test_numeric_scatter(tmp_path: Path) -> None:
+def _rgba(colour: str, alpha: float | None = None) -> tuple:
+    from matplotlib.colors import to_rgba
+
+    return to_rgba(colour, alpha)
+
+
+def _scatters(ax) -> dict[str, tuple[np.ndarray, tuple]]:
+    """label -> (plotted (x, y) points, face colour) of every scatter in ax."""
+    from matplotlib.collections import PathCollection
+
+    out = {}
+    for coll in ax.collections:
+        assert isinstance(coll, PathCollection)
+        faces = {tuple(np.round(c, 6)) for c in coll.get_facecolors()}
+        assert len(faces) == 1, "one colour per category"
+        out[coll.get_label()] = (np.asarray(coll.get_offsets(), dtype=float), faces.pop())
+    return out
+
+
+def _lines(ax) -> dict[str, tuple[list, list]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def _notes(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_numeric_scatter_plots_each_point_in_its_category_colour(tmp_path: Path) -> None:
     truths = [5.0, 50.0, 500.0, 5000.0]
-    out = charts.numeric_scatter(tmp_path / "a" / "scatter.png", truths, [6.0, None, 300.0, 4000.0],
-                                 [5.0, 55.0, 480.0, 5100.0], {"hit_abs": 40.0})
-    _assert_png(out)
-    # linear axes path (span < 2 decades, includes a negative prediction)
-    _assert_png(charts.numeric_scatter(tmp_path / "lin.png", [10, 20], [-3, 25], [11, 19], {}))
+    base = [6.0, None, 300.0, 4000.0]
+    adapter = [5.0, 56.0, 480.0, 5100.0]
+    fig = charts.build_numeric_scatter(truths, base, adapter, {"hit_abs": 40.0, "unknown_key": 1.0})
+    left, right = fig.axes
+    assert (left.get_xlabel(), left.get_ylabel()) == ("truth", "prediction")
+    assert (right.get_xlabel(), right.get_ylabel()) == ("truth", "prediction")
+    # base: |6-5| = 1 < 40 hit; 300 vs 500: err 200, rel 0.4 (not < 0.4), not < 80: miss;
+    # 4000 vs 5000: err 1000, rel 0.2 (not < 0.2) but < 0.4: near; None: left out, counted in the title.
+    # MAE (1 + 200 + 1000) / 3 = 400.3; hits over all 4 rows: 25%
+    assert left.get_title() == "base \u2014 MAE \\$400.3, hits 25% (1 unparseable)"
+    got = _scatters(left)
+    assert list(got) == ["hit (1)", "near (1)", "miss (1)"]
+    np.testing.assert_array_equal(got["hit (1)"][0], [[5.0, 6.0]])
+    np.testing.assert_array_equal(got["near (1)"][0], [[5000.0, 4000.0]])
+    np.testing.assert_array_equal(got["miss (1)"][0], [[500.0, 300.0]])
+    for label, colour in (("hit (1)", "tab:green"), ("near (1)", "tab:orange"), ("miss (1)", "tab:red")):
+        assert got[label][1] == tuple(np.round(_rgba(colour, 0.7), 6)), label
+    # adapter: errors 0, 6, 20, 100 (rel 0.02): all hits; MAE 126 / 4 = 31.5
+    assert right.get_title() == "base + adapter \u2014 MAE \\$31.5, hits 100%"
+    got = _scatters(right)
+    assert list(got) == ["hit (4)"]
+    np.testing.assert_array_equal(got["hit (4)"][0], list(zip(truths, adapter)))
+    # 5 .. 5100 spans 3 decades: log-log, shared limits padded by 1.2x, and the y = x diagonal across them
+    for ax in (left, right):
+        assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+        np.testing.assert_allclose(ax.get_xlim(), (5.0 / 1.2, 5100.0 * 1.2))
+        np.testing.assert_allclose(ax.get_ylim(), (5.0 / 1.2, 5100.0 * 1.2))
+        assert _lines(ax) == {"_y = x": ([5.0 / 1.2, 5100.0 * 1.2], [5.0 / 1.2, 5100.0 * 1.2])}
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == list(_scatters(ax))  # no diagonal entry
+    _close(fig)
+    _assert_png(charts.numeric_scatter(tmp_path / "a" / "scatter.png", truths, base, adapter, {"hit_abs": 40.0}))
+
+
+def test_numeric_scatter_linear_axes() -> None:
+    # a negative prediction: no log axes; limits are the data range padded by 5% of it (28 * 0.05 = 1.4)
+    fig = charts.build_numeric_scatter([10, 20], [-3, 25], [11, 19], {})
+    left, right = fig.axes
+    np.testing.assert_array_equal(_scatters(left)["hit (2)"][0], [[10, -3], [20, 25]])  # 13 and 5 < 40
+    np.testing.assert_array_equal(_scatters(right)["hit (2)"][0], [[10, 11], [20, 19]])
+    for ax in (left, right):
+        assert (ax.get_xscale(), ax.get_yscale()) == ("linear", "linear")
+        np.testing.assert_allclose(ax.get_xlim(), (-4.4, 26.4))
+        np.testing.assert_allclose(_lines(ax)["_y = x"], [[-4.4, 26.4], [-4.4, 26.4]])
+    _close(fig)
+
+
+def test_numeric_scatter_thresholds_move_points_between_categories() -> None:
+    # the same point (truth 100, prediction 130: err 30, rel 0.3) under three threshold sets
+    cases = (({}, "hit"), ({"hit_abs": 10}, "near"), ({"hit_abs": 10, "near_abs": 20, "near_rel": 0.25}, "miss"))
+    for thresholds, want in cases:
+        fig = charts.build_numeric_scatter([100.0], [130.0], [130.0], thresholds)
+        (label, (points, colour)), = _scatters(fig.axes[0]).items()
+        assert label == f"{want} (1)" and points.tolist() == [[100.0, 130.0]]
+        assert colour == tuple(np.round(_rgba(charts.COLOURS[want], 0.7), 6))
+        _close(fig)
+
+
+def test_numeric_scatter_with_baseline_line(tmp_path: Path) -> None:
+    truths = [10.0, 20.0, 30.0]
+    fig = charts.build_numeric_scatter(truths, [15, 15, 15], [11, 19, 31], {}, baseline=15.0)
+    for ax in fig.axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"_y = x", "constant baseline \\$15.00"}
+        line = lines["constant baseline \\$15.00"]
+        assert list(line.get_ydata()) == [15.0, 15.0] and line.get_linestyle() == ":"
+        assert _rgba(line.get_color()) == _rgba("tab:blue")
+        assert "constant baseline \\$15.00" in [t.get_text() for t in ax.get_legend().get_texts()]
+    _close(fig)
+    # log axes (3 decades) and a non-positive baseline: the line is left out, the points still drawn
+    fig = charts.build_numeric_scatter([1, 1000], [2, 900], [1, 1100], {}, baseline=0.0)
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log" and list(_lines(ax)) == ["_y = x"]
+        assert sum(len(points) for points, _ in _scatters(ax).values()) == 2
+    _close(fig)
+    # a baseline above every point widens the limits so that its line shows
+    fig = charts.build_numeric_scatter([10, 20], [11, 19], [11, 19], {}, baseline=40.0)
+    assert fig.axes[0].get_ylim()[1] > 40.0
+    _close(fig)
+    _assert_png(charts.numeric_scatter(tmp_path / "b.png", truths, [15, 15, 15], [11, 19, 31], {}, baseline=15.0))
 
 
 @pytest.mark.parametrize(
-    ("truths", "base", "adapter"),
-    [([], [], []), ([1.0, 2.0], [None, None], [None, None]), ([1.0, 2.0], [None, None], [1.5, 2.0])],
+    ("truths", "base", "adapter", "empty_panels"),
+    [([], [], [], 2), ([1.0, 2.0], [None, None], [None, None], 2), ([1.0, 2.0], [None, None], [1.5, 2.0], 1)],
 )
-def test_charts_empty_inputs(tmp_path: Path, truths: list, base: list, adapter: list) -> None:
+def test_charts_empty_inputs(tmp_path: Path, truths: list, base: list, adapter: list, empty_panels: int) -> None:
+    fig = charts.build_numeric_scatter(truths, base, adapter, {})
+    noted = [ax for ax in fig.axes if _notes(ax) == ["no parseable predictions"]]
+    assert len(noted) == empty_panels
+    for ax in noted:
+        assert not ax.collections
+    if empty_panels == 1:
+        np.testing.assert_array_equal(_scatters(fig.axes[1])["hit (2)"][0], [[1.0, 1.5], [2.0, 2.0]])
+    _close(fig)
+    fig = charts.build_error_histogram(truths, base, adapter)
+    ax, = fig.axes
+    if empty_panels == 2:
+        assert _notes(ax) == ["no parseable predictions"] and not ax.patches
+    else:  # base: nothing parsed, a legend line only; adapter: |1.5 - 1| and |2 - 2|
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "base: no parseable predictions", "base + adapter: MAE 0.2 (n=2)"]
+        assert sum(p.get_height() for p in ax.patches) == 2
+    _close(fig)
     _assert_png(charts.numeric_scatter(tmp_path / "s.png", truths, base, adapter, {}))
     _assert_png(charts.error_histogram(tmp_path / "h.png", truths, base, adapter))
 
 
-def test_error_histogram(tmp_path: Path) -> None:
-    _assert_png(charts.error_histogram(tmp_path / "h.png", [100, 50, 10], [110, 40, None], [101, 49, 12]))
+def test_error_histogram_bars_count_the_absolute_errors(tmp_path: Path) -> None:
+    truths, base, adapter = [100, 50, 10], [110, 40, None], [101, 49, 12]
+    fig = charts.build_error_histogram(truths, base, adapter)
+    ax, = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("absolute error", "rows")
+    assert ax.get_title() == "Absolute error distribution"
+    # base errors [10, 10] (None left out), adapter [1, 1, 2]; shared 30 bins over 1..10 (width 0.3)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "base: MAE 10.0 (n=2)", "base + adapter: MAE 1.3 (n=3)"]
+    bars = ax.patches
+    assert len(bars) == 60
+    base_bars, adapter_bars = bars[:30], bars[30:]
+    for group in (base_bars, adapter_bars):  # the same bins for both
+        np.testing.assert_allclose([b.get_x() for b in group], np.linspace(1, 10, 31)[:-1])
+        np.testing.assert_allclose([b.get_width() for b in group], [0.3] * 30)
+    assert [b.get_height() for b in base_bars] == [0] * 29 + [2]
+    # 1 and 1 in the first bin, 2 in [1.9, 2.2)
+    assert {i: b.get_height() for i, b in enumerate(adapter_bars) if b.get_height()} == {0: 2, 3: 1}
+    assert _rgba(base_bars[0].get_facecolor()) == _rgba("tab:blue", 0.5)
+    assert _rgba(adapter_bars[0].get_facecolor()) == _rgba("tab:purple", 0.5)
+    _close(fig)
+    _assert_png(charts.error_histogram(tmp_path / "h.png", truths, base, adapter))
 
 
-def test_loss_curves(tmp_path: Path) -> None:
+def test_loss_curves_plot_the_logged_values(tmp_path: Path) -> None:
     rows = [
         {"step": 1, "loss": 2.0},
         {"step": 2, "loss": 1.5, "learning_rate": 1e-4},
         {"step": 2, "eval_loss": 1.7, "eval_mae": 80.0, "eval_runtime": 3.2},
         {"step": 3, "loss": None},
+        {"step": 3, "loss": float("nan")},
         {"loss": 1.0},  # no step: skipped
         {"step": 4, "eval_loss": 1.4, "eval_mae": 60.0, "eval_hit_rate": 0.4},
     ]
-    _assert_png(charts.loss_curves(tmp_path / "loss.png", rows))
-    _assert_png(charts.loss_curves(tmp_path / "only_loss.png", rows[:2]))
-    _assert_png(charts.loss_curves(tmp_path / "empty.png", []))
+    fig = charts.build_loss_curves(rows)
+    loss_ax, task_ax, rate_ax = fig.axes  # the rate is on a twin axis of the task panel
+    assert (loss_ax.get_title(), loss_ax.get_xlabel(), loss_ax.get_ylabel()) == ("Loss", "step", "loss")
+    assert _lines(loss_ax) == {"train loss": ([1.0, 2.0], [2.0, 1.5]), "eval loss": ([2.0, 4.0], [1.7, 1.4])}
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["train loss", "eval loss"]
+    assert (task_ax.get_title(), task_ax.get_xlabel()) == ("Task metric during training", "step")
+    assert _lines(task_ax) == {"mae": ([2.0, 4.0], [80.0, 60.0])}  # timings (eval_runtime) are not plotted
+    assert _lines(rate_ax) == {"hit_rate": ([4.0], [0.4])}
+    assert (task_ax.get_ylabel(), rate_ax.get_ylabel()) == ("mae", "hit_rate")
+    assert [t.get_text() for t in task_ax.get_legend().get_texts()] == ["mae", "hit_rate"]
+    _close(fig)
+
+    fig = charts.build_loss_curves(rows[:2])  # train loss only: one panel, one line
+    ax, = fig.axes
+    assert _lines(ax) == {"train loss": ([1.0, 2.0], [2.0, 1.5])}
+    _close(fig)
+    fig = charts.build_loss_curves([])
+    ax, = fig.axes
+    assert not ax.get_lines() and _notes(ax) == ["no loss values logged"] and ax.get_legend() is None
+    _close(fig)
+
+    # the curves of a real metrics.jsonl, as evaluate.py reads it back
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if "step" in r and r.get("loss") == r.get("loss")))
+    logged = [json.loads(line) for line in path.read_text().splitlines()]
+    fig = charts.build_loss_curves(logged)
+    assert _lines(fig.axes[0])["train loss"] == ([1.0, 2.0], [2.0, 1.5])
+    _close(fig)
+    for name, rs in (("loss.png", rows), ("only_loss.png", rows[:2]), ("empty.png", [])):
+        _assert_png(charts.loss_curves(tmp_path / name, rs))
     assert charts._task_metric_keys(rows) == ["eval_mae", "eval_hit_rate"]  # headline metrics, left then right
     counters = [{"step": 1, "eval_n": 25, "eval_num_tokens": 9e5, "eval_entropy": 1.2, "eval_accuracy": 0.5}]
     assert charts._task_metric_keys(counters) == ["eval_accuracy"]  # counters are never plotted
 
 
-def test_numeric_scatter_with_baseline_line(tmp_path: Path) -> None:
-    truths = [10.0, 20.0, 30.0]
-    _assert_png(charts.numeric_scatter(tmp_path / "b.png", truths, [15, 15, 15], [11, 19, 31], {}, baseline=15.0))
-    # log axes (3 decades) and a non-positive baseline: the line is left out, the chart still drawn
-    _assert_png(charts.numeric_scatter(tmp_path / "l.png", [1, 1000], [2, 900], [1, 1100], {}, baseline=0.0))
+def test_chart_files_are_the_built_figures(tmp_path: Path) -> None:
+    """The saved PNG is the figure build_* returns, drawn at charts.DPI (pixel size = inches x DPI)."""
+    import matplotlib.image as mpimg
+
+    out = charts.numeric_scatter(tmp_path / "deep" / "dir" / "s.png", [1, 2], [1, 2], [1, 2], {})
+    assert out == tmp_path / "deep" / "dir" / "s.png"
+    height, width = mpimg.imread(out).shape[:2]
+    assert (width, height) == (12 * charts.DPI, round(5.5 * charts.DPI))
 
 
 # ---------------------------------------------------------------- correlation, spread, collapse

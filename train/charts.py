@@ -2,8 +2,9 @@
 
 Uses matplotlib's non-interactive "Agg" backend (works on headless machines). Every function
 writes one PNG (creating the parent directory), closes its figure and returns the path as a
-``Path``. Empty inputs or all-unparseable predictions draw an empty panel with a note instead
-of failing, so a bad run still gets its report.
+``Path``; each has a ``build_*`` twin that returns the open matplotlib ``Figure`` instead (what the
+tests inspect: the plotted points, lines, bars and labels). Empty inputs or all-unparseable
+predictions draw an empty panel with a note instead of failing, so a bad run still gets its report.
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ def _scatter_panel(ax: Axes, name: str, truths: Sequence[float], preds: Sequence
 def numeric_scatter(path: str | Path, truths: Sequence[float], base_preds: Sequence[float | None],
                     adapter_preds: Sequence[float | None], thresholds: dict[str, float] | None = None,
                     unit: str = "$", baseline: float | None = None) -> Path:
+    """build_numeric_scatter, saved to ``path`` as a PNG."""
+    return _save(build_numeric_scatter(truths, base_preds, adapter_preds, thresholds, unit, baseline), path)
+
+
+def build_numeric_scatter(truths: Sequence[float], base_preds: Sequence[float | None],
+                          adapter_preds: Sequence[float | None], thresholds: dict[str, float] | None = None,
+                          unit: str = "$", baseline: float | None = None) -> Figure:
     """Prediction vs truth for "base" and "base + adapter", side by side, coloured hit/near/miss.
 
     ``thresholds`` are metrics.category's hit_abs/hit_rel/near_abs/near_rel (missing keys use the
@@ -124,7 +132,7 @@ def numeric_scatter(path: str | Path, truths: Sequence[float], base_preds: Seque
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _abs_errors(truths: Sequence[float], preds: Sequence[float | None]) -> np.ndarray:
@@ -133,6 +141,12 @@ def _abs_errors(truths: Sequence[float], preds: Sequence[float | None]) -> np.nd
 
 def error_histogram(path: str | Path, truths: Sequence[float], base_preds: Sequence[float | None],
                     adapter_preds: Sequence[float | None]) -> Path:
+    """build_error_histogram, saved to ``path`` as a PNG."""
+    return _save(build_error_histogram(truths, base_preds, adapter_preds), path)
+
+
+def build_error_histogram(truths: Sequence[float], base_preds: Sequence[float | None],
+                          adapter_preds: Sequence[float | None]) -> Figure:
     """Overlaid histograms of |prediction - truth| for base and adapter (parsed rows only).
 
     Both use the same bins; the legend gives each one's MAE and parsed-row count.
@@ -145,7 +159,7 @@ def error_histogram(path: str | Path, truths: Sequence[float], base_preds: Seque
     combined = np.concatenate(list(errors.values()))
     if combined.size == 0:
         _note(ax, "no parseable predictions")
-        return _save(fig, path)
+        return fig
     bins = np.histogram_bin_edges(combined, bins=30)
     for (name, err), colour in zip(errors.items(), ("tab:blue", "tab:purple")):
         if err.size:
@@ -153,7 +167,7 @@ def error_histogram(path: str | Path, truths: Sequence[float], base_preds: Seque
         else:
             ax.plot([], [], color=colour, label=f"{name}: no parseable predictions")
     ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -188,6 +202,11 @@ def _task_panel(ax, rows: Sequence[dict[str, Any]], keys: list[str]) -> None:
 
 
 def loss_curves(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """build_loss_curves, saved to ``path`` as a PNG."""
+    return _save(build_loss_curves(rows), path)
+
+
+def build_loss_curves(rows: Sequence[dict[str, Any]]) -> Figure:
     """Train "loss" and "eval_loss" against "step"; other eval_* metrics on a second subplot.
 
     ``rows`` are metrics.jsonl records. Rows without a numeric step, and missing or non-finite
@@ -212,4 +231,4 @@ def loss_curves(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     if extra:
         _task_panel(axes[0][1], rows, extra)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
