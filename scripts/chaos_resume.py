@@ -33,7 +33,7 @@ STEPS_OVERRIDE = [12]  # set from --steps
 def fit_cmd(run: Path) -> list[str]:
     extra = [f"train.max_steps={STEPS_OVERRIDE[0]}", f"run.output_dir={run}"]
     sets = [x for o in OVERRIDES + extra for x in ("--set", o)]
-    return [sys.executable, "-m", "train", "fit", str(REPO / "configs/demo.yaml"), *sets]
+    return [sys.executable, "-m", "train", "fit", str(REPO / "configs/tiny.yaml"), *sets]
 
 
 def env() -> dict[str, str]:

@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 def pytest_configure(config):
     """Triton's mode, chosen before any test module imports triton (transformers and peft do): its CPU
-    interpreter (TRITON_INTERPRET=1), so the kernels of train/lora_kernels.py run without a GPU, except for
+    interpreter (TRITON_INTERPRET=1), so the kernels of train/kernels/lora_kernels.py run without a GPU, except for
     `pytest -m gpu` on a CUDA machine (scripts/gpu_check.sh), where tests/test_gpu.py runs them compiled."""
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with -m gpu (scripts/gpu_check.sh), "
                                        "skipped where CUDA is not available")

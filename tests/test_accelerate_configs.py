@@ -172,9 +172,11 @@ def test_fsdp_qlora_values_reach_the_processes_and_the_plugin():
 
     fsdp_env = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}
     # sync_module_states makes the plugin ask for the current GPU; pretend there is one (nothing is moved)
-    with um.patch.dict(os.environ, fsdp_env), \
-            um.patch.object(acc_dataclasses, "is_cuda_available", lambda: True), \
-            um.patch.object(torch.cuda, "current_device", lambda: 0):
+    # (accelerate >= 1.16 asks get_torch_accelerator_backend for the device type, older releases is_cuda_available)
+    fake_gpu = (um.patch.object(acc_dataclasses, "get_torch_accelerator_backend", lambda: ("cuda", None))
+                if hasattr(acc_dataclasses, "get_torch_accelerator_backend")
+                else um.patch.object(acc_dataclasses, "is_cuda_available", lambda: True))
+    with um.patch.dict(os.environ, fsdp_env), fake_gpu, um.patch.object(torch.cuda, "current_device", lambda: 0):
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 1
     assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
@@ -331,7 +333,7 @@ def test_ddp_two_process_cpu(tmp_path):
     run = tmp_path / "ddp"
     steps = 4
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACC / "ddp.yaml"),
-           "--main_process_port", "0", "-m", "train", "fit", "configs/demo.yaml",
+           "--main_process_port", "0", "-m", "train", "fit", "configs/tiny.yaml",
            "--set", f"run.output_dir={run}", "--set", f"train.max_steps={steps}", "--set", "train.save_every=2",
            "--set", "train.eval_every=null", "--overwrite"]
     # A fresh model cache, so both ranks meet an unbuilt builtin:tiny-llama as on a first real run
@@ -354,7 +356,7 @@ def test_ddp_two_process_cpu(tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, steps + 1)), "one row per step, not one per rank"
     # Two ranks really trained: each step consumed batch_size x grad_accum x 2 rows.
-    cfg = load_config(REPO / "configs/demo.yaml")
+    cfg = load_config(REPO / "configs/tiny.yaml")
     n_rows = sum(1 for line in (REPO / cfg.data.train).read_text().splitlines() if line.strip())
     per_step = cfg.train.batch_size * cfg.train.grad_accum * 2
     assert train_rows[-1]["epoch"] == pytest.approx(steps * per_step / n_rows, abs=0.005)
@@ -413,7 +415,7 @@ def test_sharded_launch_needs_bf16_storage_and_loads_without_device_map(monkeypa
 def _ddp_fit(run, steps, extra=()):
     """2 gloo ranks on 64 demo rows, 4 rows x accumulation 2 per rank: 16 rows a step, 4 steps an epoch."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACC / "ddp.yaml"),
-           "--main_process_port", "0", "-m", "train", "fit", "configs/demo.yaml",
+           "--main_process_port", "0", "-m", "train", "fit", "configs/tiny.yaml",
            "--set", f"run.output_dir={run}", "--set", f"train.max_steps={steps}", "--set", "train.save_every=2",
            "--set", "train.eval_every=null", "--set", "lora.dropout=0.1", "--set", "data.max_rows=64",
            "--set", "train.batch_size=4", "--set", "train.grad_accum=2", *extra]

@@ -152,7 +152,7 @@ def test_sft_packing_modes(tmp_path, mode, packing, padding_free, max_length):
 
 
 def test_padding_free_default_falls_back_without_the_varlen_kernel(tmp_path, monkeypatch):
-    from train import attention
+    from train.kernels import attention
 
     monkeypatch.setattr(attention, "available", lambda: False)  # CPU, or torch < 2.10
     _, a = sft(tmp_path)

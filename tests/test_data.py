@@ -143,11 +143,13 @@ def test_split_reserves_its_longest_completion(tiny_tok):
 def test_eval_rows_are_cut_with_the_training_reserve_which_the_config_records(tiny_tok, tmp_path):
     from conftest import small_config
 
-    from train.data import load_splits
+    from train.data import load_splits, with_resolved_budget
 
     cfg_ = small_config(tmp_path / "run", data={"max_length": 48})
     train_split, eval_split = load_splits(cfg_, tiny_tok)
-    assert cfg_.data.completion_budget == train_split.reserve == eval_split.reserve > 1
+    assert cfg_.data.completion_budget is None  # the validated config is not changed
+    recorded = with_resolved_budget(cfg_, train_split).data.completion_budget  # what config.yaml records
+    assert recorded == train_split.reserve == eval_split.reserve > 1
     assert train_split.truncated and eval_split.truncated  # the demo prompts do not fit 48 tokens
     assert {len(e.prompt_ids) for e in eval_split.encoded if e.truncated} == {48 - train_split.reserve}
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from train import data, evaluate, metrics
+from train import data
+from train.eval import evaluate, metrics
 from train.errors import UserError
 
 TEMPLATE = "How much does this cost?\n\n{text}\n\nPrice is $"
@@ -119,7 +120,7 @@ def test_train_answers_fall_back_to_saved_meta_then_eval_rows(tmp_path):
 
 def test_baseline_report_majority_for_exact(tmp_path):
     cfg = small_config(tmp_path, eval={"task": "exact"})
-    answers = evaluate.train_answers([{"completion": "b"}, {"completion": "a"}, {"completion": "B."}])
+    answers = metrics.train_answers([{"completion": "b"}, {"completion": "a"}, {"completion": "B."}])
     answers.update({"from": "test", "note": None})
     report = evaluate.baseline_report(cfg, answers, ["b", "a", "c", "b"])
     assert report["answer"] == "b" and report["kind"].startswith("constant majority")

@@ -1,4 +1,4 @@
-"""The fused QLoRA linear (train/fused_lora.py) computes what peft's LoRA-over-Linear4bit computes,
+"""The fused QLoRA linear (train/kernels/fused_lora.py) computes what peft's LoRA-over-Linear4bit computes,
 gradients included, on the real 4-bit CPU path of bitsandbytes, and hands everything else to peft."""
 
 import copy
@@ -8,7 +8,8 @@ import torch
 
 from conftest import small_config
 from test_lora_dropout import _loss_and_grads
-from train import fused_lora, lora, model
+from train import lora, model
+from train.kernels import fused_lora
 
 
 def _peft_4bit(tmp_path, compute_dtype="float32", dropout=0.2, kernel="fused", **lora_cfg):
@@ -107,13 +108,13 @@ def test_not_installed_for_peft_kernel_dora_or_sharded(tmp_path, monkeypatch):
     assert _fused_layers(_peft_4bit(tmp_path / "a", kernel="peft")[0]) == []
     dora, _ = _peft_4bit(tmp_path / "b", use_dora=True)
     layer = _fused_layers(dora)[0]  # installed, but DoRA is a variant: the plan hands it to peft
-    assert layer._fused_plan(torch.zeros(1, layer.in_features), (), {}) is None
+    assert layer.fused_plan(torch.zeros(1, layer.in_features), (), {}) is None
     plain, _ = _peft_4bit(tmp_path / "d")
     layer = _fused_layers(plain)[0].train()
     x = torch.zeros(1, layer.in_features)
-    assert layer._fused_plan(x, (), {}) is not None
+    assert layer.fused_plan(x, (), {}) is not None
     monkeypatch.setattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", True, raising=False)
-    assert layer._fused_plan(x, (), {}) is None  # bitsandbytes' CPU inference layout: only its kernel reads it
+    assert layer.fused_plan(x, (), {}) is None  # bitsandbytes' CPU inference layout: only its kernel reads it
     monkeypatch.undo()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert _fused_layers(_peft_4bit(tmp_path / "c")[0]) == []

@@ -2,13 +2,13 @@
 again on CUDA, in bf16, with the kernels the GPU really runs. Run with `bash scripts/gpu_check.sh`
 (`pytest -m gpu tests/`); every test here is skipped where CUDA is not available.
 
-- Triton LoRA-dropout kernels (train/lora_kernels.py), compiled: the mask equals a plain-torch copy of
+- Triton LoRA-dropout kernels (train/kernels/lora_kernels.py), compiled: the mask equals a plain-torch copy of
   the kernels' hash, keeps 1 - p, and the forward and both backward kernels equal fp64 math with that mask;
   dropout on and off, every supported rank, ragged shapes and one Llama-8B-sized MLP input.
-- The fused QLoRA layer (train/fused_lora.py, lora.kernel fused and fused_triton) on a real NF4 Linear4bit:
+- The fused QLoRA layer (train/kernels/fused_lora.py, lora.kernel fused and fused_triton) on a real NF4 Linear4bit:
   output and gradients equal peft's own modules (lora.kernel: peft), with and without autocast; the whole
   4-bit model's loss and gradients too, with and without reentrant checkpointing (its CUDA RNG replay).
-- Padding-free varlen attention (train/attention.py): per-row losses and LoRA gradients of a packed batch
+- Padding-free varlen attention (train/kernels/attention.py): per-row losses and LoRA gradients of a packed batch
   equal those of a padded sdpa batch, and the varlen kernel really ran.
 - A tiny fit on the default GPU path (bf16 autocast, varlen attention, Liger, Triton dropout, paged AdamW):
   interrupted at step 3 and resumed, it logs the uninterrupted run's per-step losses and saves its adapter.
@@ -21,7 +21,7 @@ import functools
 import pytest
 import torch
 
-from train import lora_kernels as K
+from train.kernels import lora_kernels as K
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bash scripts/gpu_check.sh)")]
@@ -46,7 +46,7 @@ def compiled_triton() -> None:
 # ---------------------------------------------------------------- the reference dropout mask
 
 def reference_keep(shape: tuple[int, int], seed: int, p: float, device) -> torch.Tensor:
-    """train/_lora_triton.py's _keep in plain torch int64 arithmetic: the mask the kernels must apply."""
+    """train/kernels/_lora_triton.py's _keep in plain torch int64 arithmetic: the mask the kernels must apply."""
     m, n = shape
     low = 0xFFFFFFFF
 
@@ -193,7 +193,7 @@ def assert_as_accurate(got, peft, exact, msg) -> None:
 def check_fused_layers(tmp_path, monkeypatch, kernel: str, dropout: float, device="cuda",
                        dtype=torch.bfloat16, autocasts=(False, True)) -> None:
     from test_fused_lora import _fused_layers, _run_layer
-    from train import fused_lora
+    from train.kernels import fused_lora
 
     fused, ref = fused_and_peft(tmp_path, str(dtype).removeprefix("torch."), dropout, kernel, r=16, alpha=32)
     layers = {name: m for name, m in fused.named_modules() if isinstance(m, fused_lora.FusedLinear4bit)}
@@ -213,7 +213,7 @@ def check_fused_layers(tmp_path, monkeypatch, kernel: str, dropout: float, devic
         grad = torch.randn(4, 33, layer.out_features, generator=g).to(device, dtype)
         for autocast in autocasts:
             with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
-                assert layer._fused_plan(x, (), {}) is not None, f"{name}: the fused forward must run, not peft's"
+                assert layer.fused_plan(x, (), {}) is not None, f"{name}: the fused forward must run, not peft's"
                 seeds.clear()
                 got = _run_layer(layer, fused_lora.FusedLinear4bit, x, grad, seed=3)
                 kernel_path = kernel == "fused_triton" and dropout > 0
@@ -284,7 +284,7 @@ def _varlen_spy(monkeypatch) -> list:
     function up on every forward, so this catches the calls of an already loaded model."""
     import torch.nn.attention.varlen as varlen
 
-    from train import attention
+    from train.kernels import attention
 
     calls = []
     real = varlen.varlen_attn
@@ -373,7 +373,8 @@ def check_varlen(net, calls, device="cuda", expect_varlen: bool = True) -> None:
 @on_gpu
 def test_varlen_attention_matches_padded_sdpa(tmp_path, monkeypatch):
     from conftest import small_config
-    from train import attention, lora, model
+    from train import lora, model
+    from train.kernels import attention
 
     cfg = small_config(tmp_path / "run")
     assert attention.resolve(cfg) == attention.NAME  # auto picks varlen for padding-free batches on a GPU
@@ -425,7 +426,8 @@ def cuda_runs(tmp_path_factory):
 def test_cuda_fit_runs_the_gpu_fast_path(cuda_runs):
     import importlib.util
 
-    from train import attention, trainer
+    from train import trainer
+    from train.kernels import attention
 
     net = cuda_runs["whole"].model
     cfg = cuda_config(cuda_runs["root"] / "whole")

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from train.lora import LeanDropoutLinear, use_lean_dropout
+from train.kernels.dropout import LeanDropoutLinear
+from train.lora import use_lean_dropout
 
 
 def _pair(p, dtype):

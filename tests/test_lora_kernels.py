@@ -1,10 +1,10 @@
-"""The Triton LoRA-dropout kernels (train/lora_kernels.py), run by Triton's CPU interpreter in fp16 (it
+"""The Triton LoRA-dropout kernels (train/kernels/lora_kernels.py), run by Triton's CPU interpreter in fp16 (it
 has no bf16; the GPU compiles the same kernels, and scripts/bench.py checks them there in bf16)."""
 
 import pytest
 import torch
 
-from train import lora_kernels as K
+from train.kernels import lora_kernels as K
 
 pytest.importorskip("triton")
 
@@ -62,7 +62,7 @@ def test_fused_layer_with_kernels_matches_reference(interpreted, monkeypatch):
     the same 4-bit weight and the kernels' own mask."""
     import bitsandbytes as bnb
 
-    from train import fused_lora
+    from train.kernels import fused_lora
 
     torch.manual_seed(0)
     base = bnb.nn.Linear4bit(200, 96, bias=False, compute_dtype=torch.float16, quant_type="nf4")
@@ -94,7 +94,8 @@ def test_fused_module_on_kernel_path_with_bias_and_checkpointing(interpreted, mo
     from peft import LoraConfig, get_peft_model
     from torch.utils.checkpoint import checkpoint
 
-    from train import fused_lora, lora
+    from train import lora
+    from train.kernels import fused_lora
 
     class One(torch.nn.Module):
         def __init__(self):

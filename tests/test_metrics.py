@@ -1,4 +1,4 @@
-"""Unit tests for train.metrics (hand-computed expectations) and train.charts (the plotted data)."""
+"""Unit tests for train.eval.metrics (hand-computed expectations) and train.eval.charts (the plotted data)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import charts
-from train.metrics import (
+from train.eval import charts
+from train.eval.metrics import (
     answer_stats,
     average_ranks,
     baseline_metrics,

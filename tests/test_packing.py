@@ -9,7 +9,8 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from conftest import small_config
-from train import attention, lora, model
+from train import lora, model
+from train.kernels import attention
 
 
 @pytest.fixture(scope="module")

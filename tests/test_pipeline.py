@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from conftest import small_config
-from train import adapter, evaluate
+from train import adapter
+from train.eval import evaluate
 from train.errors import Interrupted, UserError
 from train.fit import fit
 from train.trainer import precision_context

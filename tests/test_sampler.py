@@ -11,7 +11,9 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from conftest import small_config
 from train import lora, trainer
-from train.sampler import TokenBalancedSampler
+from train.sampler import token_balanced_sampler_class
+
+TokenBalancedSampler = token_balanced_sampler_class()
 
 
 def lognormal_lengths(n, seed=0):

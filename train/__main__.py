@@ -1,3 +1,4 @@
+"""`python -m train`: runs train/cli.py."""
 import sys
 
 from train.cli import main

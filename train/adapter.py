@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from train import lora, model as model_lib
+from train.eval import metrics as metrics_lib
 from train.config import Config, dump_config, from_dict
 from train.errors import UserError
 
@@ -33,7 +34,6 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
     check_saved(tmp)
     tok.save_pretrained(tmp)
     dump_config(cfg, tmp / "config.yaml")
-    from train.evaluate import train_answers  # here, not at the top: evaluate imports this module
 
     meta = {
         "base_model": cfg.model.name_or_path,
@@ -41,7 +41,7 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
         "base_fingerprint": model_lib.base_fingerprint(base_path),
         "metrics": metrics,
         "data": {"train": train_split.summary(), "eval": eval_split.summary() if eval_split else None},
-        "train_answers": train_answers(train_split.examples),  # the eval baselines, should data.train move
+        "train_answers": metrics_lib.train_answers(train_split.examples),  # the eval baselines, should data.train move
         "versions": versions(),
     }
     (tmp / META).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
@@ -57,7 +57,7 @@ def save(peft_model, tok, cfg: Config, run: Path, base_path: str, metrics: dict[
 def save_gathered(peft_model, state_dict: dict[str, Any], path: Path) -> None:
     """Write LoRA A/B tensors gathered from FSDP shards in peft's adapter format (keys without the adapter
     name, adapter_config.json in inference mode). peft's own save_pretrained picks adapter tensors by the
-    model's module names, which FSDP prefixes with _fsdp_wrapped_module, so it would keep none of them.
+    model's module names, which FSDP prefixes (patches.FSDP_WRAPPED), so it would keep none of them.
     Plain LoRA only: fit refuses DoRA and modules_to_save under FSDP."""
     import copy
 

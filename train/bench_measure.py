@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import time
 
+from train import patches
+
 KERNEL_GROUPS = (  # first match wins: where the GPU time of one training step goes
     ("annotation (not a kernel)", ("Optimizer.step", "ProfilerStep", "##")),
     ("attention", ("flash", "fmha", "attention", "_efficient_attention")),
@@ -328,7 +330,7 @@ def packing_check(trainer, ids_file: str, k: int = 8) -> dict:
         del lg
         try:
             weights = [n - 1 for n in lens]
-            loss = trainer.compute_loss(model, trainer._prepare_inputs(dict(packed)))
+            loss = trainer.compute_loss(model, patches.prepare_inputs(trainer, dict(packed)))
             out["train_loss_packed"] = round(float(loss), 5)
             out["train_loss_ref"] = round(sum(a * w for a, w in zip(alone, weights)) / sum(weights), 5)
         except Exception as e:  # noqa: BLE001 - the per-sequence comparison stands without it
@@ -351,13 +353,13 @@ def packing_check(trainer, ids_file: str, k: int = 8) -> dict:
 
 def fused_layer_check(model, tokens: int) -> dict:
     """One trained 4-bit LoRA layer of each shape, training mode, dropout on: forward + backward time of peft's
-    layer and of the fused one (train/fused_lora.py). With the Triton dropout (or no dropout) also correctness:
+    layer and of the fused one (train/kernels/fused_lora.py). With the Triton dropout (or no dropout) also correctness:
     output and gradients against fp32 autograd over the same dequantized weight and the kernels' own mask
     (relative to the reference's largest value). torch's dropout mask cannot be replayed outside the layer, so
     with it only the times are compared (tests/test_fused_lora.py checks that path against peft on CPU)."""
     import torch
 
-    from train import fused_lora, lora_kernels
+    from train.kernels import fused_lora, lora_kernels
 
     layers = {}
     for name, m in model.named_modules():

@@ -76,12 +76,12 @@ def latest_complete(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def prepare_run_dir(run: Path, cfg: Config, overwrite: bool, data_checked: bool = False) -> None:
+def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
     """Refuse to mix two runs' files; never delete anything that is not ours.
 
-    Everything that can reject this run (directory, resume point, model, data) is checked first,
-    so a refused run leaves the disk exactly as it was: nothing created, nothing removed.
-    `data_checked`: the caller has already loaded the tokenizer and every data row (fit does).
+    Everything that can reject this run (directory, resume point, model; fit has already loaded and checked
+    every data row) is checked first, so a refused run leaves the disk exactly as it was: nothing created,
+    nothing removed.
     """
     if run.exists() and not run.is_dir():
         raise UserError(f"run.output_dir: {run} is a file; choose a directory path")
@@ -97,7 +97,7 @@ def prepare_run_dir(run: Path, cfg: Config, overwrite: bool, data_checked: bool 
         what = "another run's files" if ours else f"files that are not ours ({', '.join(sorted(others)[:3])})"
         raise UserError(f"run.output_dir: {run} already holds {what}{_used_dir_advice(cfg, latest)}")
     check_writable(run)
-    preflight(cfg, run, overwrite, data_checked)
+    preflight(cfg, run, overwrite)
     if overwrite or restart:
         for name in ours:
             target = run / name
@@ -146,11 +146,11 @@ def check_writable(run: Path) -> None:
         raise UserError(f"run.output_dir: cannot write to {existing} (permission denied); choose a writable directory")
 
 
-def preflight(cfg: Config, run: Path, overwrite: bool = False, data_checked: bool = False) -> None:
+def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
     """Every cheap check of what `fit` will use, in its order, with no weights loaded and nothing written:
-    resume point, model path and config, lora.target_modules, tokenizer and data rows (unless the
-    caller already loaded them)."""
-    from train import data, lora, model
+    resume point, model path and config, lora.target_modules. The data rows are checked once, where fit
+    tokenizes them (data.load_splits; eval truths: eval.training_scorer)."""
+    from train import lora, model
 
     if not (overwrite and cfg.train.resume == "auto"):  # --overwrite removes the old checkpoints
         ckpt = resume_point(cfg, run)
@@ -160,8 +160,6 @@ def preflight(cfg: Config, run: Path, overwrite: bool = False, data_checked: boo
     model_config = model.load_model_config(path, cfg.model)
     if isinstance(cfg.lora.target_modules, list):
         lora.check_targets(model.meta_model(model_config), cfg.lora)
-    if not data_checked:
-        data.check_data(cfg, model.load_tokenizer(path, cfg.model, quiet=True))
 
 
 def resume_point(cfg: Config, run: Path) -> Path | None:

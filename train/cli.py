@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
         fit(load_config(args.config, args.set), overwrite=args.overwrite)
     elif args.command == "eval":
-        from train.evaluate import evaluate_run
+        from train.eval.evaluate import evaluate_run
 
         evaluate_run(args.run, data=args.data, limit=args.limit, overrides=args.set)
     elif args.command == "merge":
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
         merge(args.run, args.out, overwrite=args.overwrite)
     elif args.command == "generate":
-        from train.evaluate import GENERATION_SEPARATOR, format_generation, generate_text
+        from train.eval.evaluate import GENERATION_SEPARATOR, format_generation, generate_text
 
         answers = generate_text(args.run, args.prompt, args.max_new_tokens, wrap=args.wrap)
         print(f"\n{GENERATION_SEPARATOR}\n".join(format_generation(p, a) for p, a in zip(args.prompt, answers)))

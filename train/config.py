@@ -35,7 +35,7 @@ class ModelCfg:
     name_or_path: str = ""  # hub id, local directory, or "builtin:tiny-llama" (the offline demo model)
     trust_remote_code: bool = False  # running a repo's Python is opt-in, never implied
     revision: Optional[str] = None  # pin a hub commit for reproducibility; None = the default branch
-    # auto: varlen flash attention for padding-free batches on GPU (train/attention.py), else sdpa
+    # auto: varlen flash attention for padding-free batches on GPU (train/kernels/attention.py), else sdpa
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention"] = "auto"
 
 
@@ -57,7 +57,7 @@ class LoraCfg:
     use_dora: bool = False  # weight-decomposed LoRA; slower, sometimes better at low r
     modules_to_save: Optional[list[str]] = None  # extra modules trained in full (e.g. lm_head for new tokens)
     # fused: each 4-bit layer and its adapter run as one autograd Function with the memory-lean dropout
-    # (train/fused_lora.py, same math and adapter files, faster); fused_triton: the same with the dropout in
+    # (train/kernels/fused_lora.py, same math and adapter files, faster); fused_triton: the same with the dropout in
     # Triton kernels on GPU (0.3 GB less on an 8B; faster on a fast host CPU, slower on a slow one:
     # docs/benchmarks.md); peft: peft's own modules, for comparison
     kernel: Literal["fused", "fused_triton", "peft"] = "fused"

@@ -9,6 +9,8 @@ as-is (a dataset with input_ids + labels skips its own preparation).
 
 from __future__ import annotations
 
+import copy
+
 import csv
 import json
 import logging
@@ -416,8 +418,9 @@ def select_rows(cfg: Config) -> dict[str, Any]:
 def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Split | None]:
     """Tokenized train and eval splits (eval is None when none is configured).
 
-    Resolves data.completion_budget in `cfg` (None -> the longest training completion), so eval rows
-    are cut exactly like training rows, and the run's config.yaml records it for `train eval`.
+    The train split's `reserve` is the resolved data.completion_budget (None -> the longest training
+    completion); `cfg` is left as validated. with_resolved_budget(cfg, train_split) is the config the run
+    records (config.yaml, the adapter's), so `train eval` cuts prompts exactly like training did.
     """
     sel = select_rows(cfg)
     train_split = evals = None
@@ -425,10 +428,10 @@ def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Spl
     if train:
         train_split = build_split("train", cfg.data.train, sel["train"], tok, cfg.data, sel["train_ids"])
         train_split.note = sel["train_note"]
-        if has_answers:
-            cfg.data.completion_budget = train_split.reserve
         log.info(train_split.summary())
     if sel["eval"] is not None:
+        if train_split is not None and has_answers:  # eval rows are cut exactly like training rows
+            cfg = with_resolved_budget(cfg, train_split)
         if not train and cfg.data.completion_budget is None and has_answers:
             log.warning("this run's config has no data.completion_budget (trained before it existed): cut eval "
                         "prompts leave room for the longest eval answer, which may differ from training")
@@ -437,39 +440,15 @@ def load_splits(cfg: Config, tok, train: bool = True) -> tuple[Split | None, Spl
     return train_split, evals
 
 
+def with_resolved_budget(cfg: Config, train_split: Split) -> Config:
+    """A copy of `cfg` whose data.completion_budget is the one training resolved (train_split.reserve), for the
+    formats whose prompts get cut; `cfg` itself is not changed."""
+    if cfg.data.format not in ("prompt_completion", "alpaca") or cfg.data.completion_budget == train_split.reserve:
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    resolved.data.completion_budget = train_split.reserve
+    return resolved
+
+
 def load_splits_eval_only(cfg: Config, tok) -> tuple[None, Split | None]:
     return load_splits(cfg, tok, train=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Checks before anything is written or loaded
-
-
-def check_data(cfg: Config, tok, train: bool = True) -> None:
-    """Fail fast on bad data, before any file is written and before the weights load: every row
-    renders, each split keeps at least one row within data.max_length, and with eval.task=numeric
-    every eval truth is a number. Tokenizes only up to the first row that fits."""
-    sel = select_rows(cfg)
-    splits = [("train", cfg.data.train, sel["train"], sel["train_ids"])] if train else []
-    if sel["eval"] is not None:
-        splits.append(("eval", sel["eval_source"], sel["eval"], sel["eval_ids"]))
-    for name, source, rows, ids in splits:
-        examples = [to_example(row, cfg.data, f"{source}: row {n}") for row, n in zip(rows, ids)]
-        reserve = resolve_reserve(tok, examples, cfg.data)
-        if all(isinstance(encode(tok, ex, cfg.data, f"{source}: row {n}", reserve), str) for ex, n in zip(examples, ids)):
-            build_split(name, source, rows, tok, cfg.data, ids)  # raises, with the drop counts per reason
-        if name == "eval" and cfg.eval.task == "numeric":
-            check_numeric_truths(examples, ids, source)
-
-
-def check_numeric_truths(examples: list[dict[str, Any]], ids: list[int], source: str) -> None:
-    from train.metrics import parse_number
-
-    for ex, n in zip(examples, ids):
-        if "messages" in ex:
-            truth = [m["content"] for m in ex["messages"] if m["role"] == "assistant"][-1]
-        else:
-            truth = ex.get("completion")
-        if parse_number(truth) is None:
-            raise UserError(f"{source}: row {n}: completion {truth!r} has no number, but eval.task=numeric "
-                            "scores numbers; fix the row, or set eval.task: exact")

@@ -9,7 +9,8 @@ from typing import Any
 
 from transformers import set_seed
 
-from train import adapter, checkpoints, data, evaluate, lora, model, trainer
+from train import adapter, checkpoints, data, lora, model, patches, trainer
+from train.eval import evaluate
 from train.config import Config, dump_config
 from train.errors import Interrupted, UserError
 
@@ -33,11 +34,12 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     path = model.resolve_model_path(cfg.model)
     tok = model.load_tokenizer(path, cfg.model)
     train_split, eval_split = data.load_splits(cfg, tok)
+    cfg = data.with_resolved_budget(cfg, train_split)  # what config.yaml records, for `train eval`
     scorer = task_scorer(cfg, tok, eval_split)
 
     # 2. Run directory and resume point
     if main:
-        checkpoints.prepare_run_dir(run, cfg, overwrite, data_checked=True)  # step 1 loaded every row
+        checkpoints.prepare_run_dir(run, cfg, overwrite)  # step 1 loaded and checked every row
     distributed_state().wait_for_everyone()  # others look for checkpoints once rank 0 has cleared (--overwrite) the dir
     resume_from = start_or_resume(cfg, run, main)
     if main:
@@ -54,7 +56,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     peft_model = lora.wrap(base, cfg.lora)
 
     # 4. Train (SIGINT/SIGTERM save a checkpoint and stop)
-    eval_ds = eval_split.to_dataset() if eval_split else None
+    eval_ds = eval_dataset(cfg, eval_split)
     with trainer.GracefulStop() as stop:
         sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_ds, run,
                                     callbacks=[stop, *callbacks], task_scorer=scorer)
@@ -151,6 +153,17 @@ def summary_lines(run: Path, metrics: dict[str, Any]) -> list[str]:
             "  " + "  ".join(value.rjust(w) for (_, value), w in zip(cells, widths))]
 
 
+def eval_dataset(cfg: Config, eval_split):
+    """The eval loss during training is taken on the rows `train eval` scores (eval.limit, sampled as
+    eval.sample): the same numbers, and on a large eval file a fraction of the time."""
+    if eval_split is None:
+        return None
+    ds = eval_split.to_dataset()
+    rows = [{"id": i} for i in range(len(ds))]
+    chosen, _ = evaluate.sample_examples(rows, cfg.eval.limit, evaluate.sample_how(cfg), cfg.run.seed)
+    return ds.select([r["id"] for r in chosen])
+
+
 def task_scorer(cfg: Config, tok, eval_split):
     """The task metric logged with each eval (this also checks the eval truths parse for eval.task).
     Not under FSDP/ZeRO-3: sharded generation gathers every layer per token on all ranks in lockstep,
@@ -168,7 +181,7 @@ def gather_adapter_state(sft) -> dict[str, Any] | None:
     file (collectives: every rank calls this; rank 0 gets the tensors). None where each rank holds the
     whole model (one GPU, DDP): peft then reads the model itself."""
     if sft.is_deepspeed_enabled and sft.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
-        return sft.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        return patches.zero3_trainable_state(sft.model_wrapped)
     if sft.is_fsdp_enabled:
         import torch
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -180,7 +193,7 @@ def gather_adapter_state(sft) -> dict[str, Any] | None:
         with FSDP.summon_full_params(sft.model, writeback=False, rank0_only=True, offload_to_cpu=True):
             if not is_main_process():
                 return None
-            state = {f"{name.replace('_fsdp_wrapped_module.', '').replace('._fsdp_wrapped_module', '')}.weight":
+            state = {f"{patches.fsdp_clean_name(name)}.weight":
                      mod.weight.detach().clone() for name, mod in peft_model.named_modules()
                      if (".lora_A." in name or ".lora_B." in name) and isinstance(getattr(mod, "weight", None), torch.Tensor)}
             return state

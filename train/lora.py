@@ -1,12 +1,12 @@
-"""LoRA: config -> peft.LoraConfig, wrap the prepared base, report trainable parameters."""
+"""Owns LoRA wiring: config -> peft.LoraConfig, wrap the prepared base, install the kernels, report trainable parameters."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
-import torch.nn.functional as F
 
+from train import patches
 from train.config import LoraCfg
 from train.errors import UserError
 
@@ -59,7 +59,7 @@ def wrap(model, l: LoraCfg):
 def use_fused_kernels(peft_model, triton_dropout: bool = False) -> None:
     """lora.kernel=fused(_triton): the lean dropout everywhere, and the fused 4-bit LoRA linear except under
     FSDP/DeepSpeed, whose sharded 4-bit weights only bitsandbytes' own module knows how to gather."""
-    from train import fused_lora
+    from train.kernels import fused_lora
     from train.model import sharded_launch
 
     use_lean_dropout(peft_model)
@@ -71,13 +71,13 @@ def use_fused_kernels(peft_model, triton_dropout: bool = False) -> None:
 
 
 def _note_dropout_path(peft_model, fused_layers: int) -> None:
-    """One line when a GPU run's LoRA dropout cannot use the Triton kernels (train/lora_kernels.py)."""
-    from train import lora_kernels
+    """One line when a GPU run's LoRA dropout cannot use the Triton kernels (train/kernels/lora_kernels.py)."""
+    from train.kernels import lora_kernels
 
     p = peft_model.peft_config[peft_model.active_adapter]
     if not (fused_layers and p.lora_dropout > 0 and torch.cuda.is_available()):
         return
-    if lora_kernels._triton() is None:
+    if lora_kernels.triton_module() is None:
         log.warning("LoRA dropout: triton is not installed, so dropout runs as separate torch kernels "
                     "(slower; pip install triton)")
     elif p.r not in lora_kernels.RANKS:
@@ -97,77 +97,12 @@ def match_training_dtypes(peft_model, quant_mode: str) -> None:
 
 
 
-# --------------------------------------------------------------------------------------------
-# Memory-lean LoRA dropout. peft computes lora_B(lora_A(dropout(x))): autograd then keeps, per LoRA
-# layer, the dropout output (2 B per input feature per token) and its mask (1 B) for lora_A's weight
-# gradient, although the frozen base layer already keeps x itself. On the 8B benchmark that is 7 extra
-# copies per decoder layer, 0.65 GB of the recompute peak. Here lora_A applies the dropout itself, keeps
-# only x and the RNG state, and replays the same mask in the backward: the same distribution and the
-# same gradients (tests/test_builders.py checks them against peft's own path), a third fewer bytes.
-
-
-def _generator(device: torch.device) -> torch.Generator:
-    """The default generator of `device`: dropout draws from it, and gradient checkpointing saves and
-    restores its state, so a recompute draws the same masks as the first forward."""
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
-
-
-def replay_dropout(x: torch.Tensor, state: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dropout output and mask a forward drew from RNG `state`, again: same kernel, same state -> same
-    mask. The generator's current state is left as it was."""
-    gen = _generator(x.device)
-    now = gen.get_state()
-    gen.set_state(state)
-    dropped, mask = torch.native_dropout(x, p, True)
-    gen.set_state(now)
-    return dropped, mask
-
-
-class _DropoutLinear(torch.autograd.Function):
-    """y = dropout(x, p) @ weight.T, saving x (already alive) and the RNG state instead of the mask."""
-
-    @staticmethod
-    def forward(ctx, x, weight, p):
-        ctx.state, ctx.p = _generator(x.device).get_state(), p
-        dropped, _ = torch.native_dropout(x, p, True)
-        ctx.save_for_backward(x, weight)
-        return F.linear(dropped, weight.to(dropped.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Ordered for the smallest transient: the dropout output goes once the weight gradient has it,
-        # and the input gradient is masked in place (this runs at the backward's memory peak)
-        x, weight = ctx.saved_tensors
-        dropped, mask = replay_dropout(x, ctx.state, ctx.p)
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_w = (flat.t() @ dropped.reshape(-1, x.shape[-1]).to(flat.dtype)).to(weight.dtype)
-        del dropped
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # (grad @ W) * mask / (1 - p): the scale goes into the small W
-            grad_x = flat @ (weight.to(flat.dtype) * (1 / (1 - ctx.p)))
-            grad_x = grad_x.mul_(mask.reshape(grad_x.shape)).reshape(x.shape).to(x.dtype)
-        return grad_x, grad_w, None
-
-
-class LeanDropoutLinear(torch.nn.Linear):
-    """lora_A with its dropout inside: the same parameters and state-dict keys as torch.nn.Linear."""
-
-    dropout_p = 0.0
-
-    def forward(self, x):
-        if not self.training or self.dropout_p == 0:
-            return super().forward(x)
-        if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save
-            return F.linear(torch.native_dropout(x, self.dropout_p, True)[0], self.weight.to(x.dtype))
-        return _DropoutLinear.apply(x, self.weight, self.dropout_p)
-
-
 def use_lean_dropout(peft_model) -> int:
-    """Move each LoRA layer's dropout into its lora_A (see above); returns how many adapters changed.
+    """Move each LoRA layer's dropout into its lora_A (train/kernels/dropout.py); returns how many adapters changed.
     Plain LoRA only: DoRA and other variants read the dropout output themselves."""
     from peft.tuners.lora import LoraLayer
+
+    from train.kernels.dropout import LeanDropoutLinear
 
     changed = 0
     for module in peft_model.modules():
@@ -177,7 +112,7 @@ def use_lean_dropout(peft_model) -> int:
             lora_a = module.lora_A[name] if name in module.lora_A else None
             if isinstance(drop, torch.nn.Dropout) and drop.p > 0 and name not in module.lora_variant \
                     and type(lora_a) is torch.nn.Linear:
-                lora_a.__class__ = LeanDropoutLinear
+                patches.swap_class(lora_a, LeanDropoutLinear)
                 lora_a.dropout_p = drop.p
                 module.lora_dropout[name] = torch.nn.Identity()
                 changed += 1

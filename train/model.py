@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from train import attention, gguf, tiny
+from train import gguf, patches, tiny
+from train.kernels import attention
 from train.config import Config, ModelCfg, QuantCfg
 from train.errors import UserError
 
@@ -160,18 +161,8 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
 
 
 def keep_cpu_weights_exact(model) -> None:
-    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
-
-    On AVX512-BF16 CPUs, bnb >= 0.48 repacks a Linear4bit weight on its first eval-mode forward, and
-    any later state_dict() (every checkpoint save) converts it back, re-quantizing the double-quant
-    constants lossily: the frozen base drifts, and a reloaded adapter no longer reproduces the
-    trained model's logits. The plain dequantize path is exact and the same in train and eval.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    """bitsandbytes' CPU inference repacking of 4-bit weights off (train/patches.py says why)."""
+    patches.keep_cpu_weights_exact(model)
 
 
 def report_memory(model, model_config, mode: str) -> dict[str, float]:

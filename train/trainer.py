@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -16,7 +15,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from train import attention, checkpoints, lora, sampler
+from train import checkpoints, lora, patches, sampler
+from train.kernels import attention
 from train.config import Config
 
 log = logging.getLogger("train")
@@ -230,14 +230,14 @@ class GracefulStop(TrainerCallback):
 
     def __enter__(self):
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self.handle_signal)
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def _handle(self, signum, frame):
+    def handle_signal(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
@@ -255,7 +255,7 @@ def restore_finished(sft, ckpt: Path) -> dict[str, Any]:
     from transformers import TrainerState
 
     log.info("%s is the last step of this run: training is complete, restoring it to save the adapter", ckpt.name)
-    sft._load_from_checkpoint(str(ckpt))  # our override keeps the LoRA weights in their training dtype
+    patches.load_checkpoint(sft, str(ckpt))  # checkpoint_loaded_hook keeps the LoRA weights in their training dtype
     sft.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
     losses = [e["loss"] for e in sft.state.log_history if "loss" in e]
     return {"train_loss": sum(losses) / len(losses) if losses else None, "global_step": sft.state.global_step}
@@ -362,8 +362,9 @@ def quiet_library_logs() -> None:
 def trainer_class():
     from trl import SFTTrainer
 
-    class QLoRATrainer(SFTTrainer):
-        """SFTTrainer whose resume keeps LoRA weights in the dtype they were trained in.
+    class QLoRATrainer(patches.trainer_hooks(SFTTrainer)):
+        """SFTTrainer whose resume keeps LoRA weights in the dtype they were trained in. The *_hook methods
+        are called from private Trainer methods by train/patches.py (trainer_hooks).
 
         Trainer reloads a checkpoint's adapter through peft, which upcasts it to fp32, while the
         uninterrupted run trains it in bf16 (TRL's QLoRA cast): resumed losses would drift. The
@@ -372,21 +373,19 @@ def trainer_class():
 
         task_scorer = None  # callable(model) -> {"eval_mae": ...}: task metric logged with each eval
 
-        def _get_train_sampler(self, train_dataset=None):
+        def train_sampler_hook(self, train_sampler):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            self.balanced = sampler.rebalance_for(super()._get_train_sampler(train_dataset), self.args.padding_free, seed)
+            self.balanced = sampler.rebalance_for(train_sampler, self.args.padding_free, seed)
             return self.balanced
 
-        def _run_epoch(self, model, epoch, *args, **kwargs):
+        def epoch_begin_hook(self, epoch):
             """transformers' set_epoch does not reach a batch sampler behind accelerate's SkipBatchSampler (a
             resume in the middle of an epoch, several ranks): a resume in epoch >= 1 replayed epoch 0's rows.
             Set the epoch on the sampler itself (tests/test_accelerate_configs.py resumes in epoch 1)."""
             if hasattr(getattr(self, "balanced", None), "set_epoch"):
                 self.balanced.set_epoch(epoch)
-            return super()._run_epoch(model, epoch, *args, **kwargs)
 
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        def checkpoint_loaded_hook(self):
             if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # they keep fp32 master weights
                 lora.match_training_dtypes(self.model, self.quant_mode)
 
@@ -396,11 +395,9 @@ def trainer_class():
             """In an extended run the schedule covers the steps after extension_start only."""
             return super().create_scheduler(num_training_steps - (self.extension_start or 0), optimizer)
 
-        def _load_optimizer_and_scheduler(self, checkpoint):
+        def optimizer_load_hook(self, checkpoint, fresh):
             """Resuming at the start of an extension: keep the checkpoint's optimizer moments, not its ended
             schedule (inside an extension the checkpoint's schedule is the extension's: loaded as usual)."""
-            fresh = copy.deepcopy(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None
-            super()._load_optimizer_and_scheduler(checkpoint)
             if checkpoint and fresh and self.extension_start == checkpoints.checkpoint_step(Path(checkpoint)):
                 restart_schedule(self.optimizer, self.lr_scheduler, fresh)
 

@@ -413,3 +413,24 @@ def baseline_metrics(task: str, truths: Sequence[Any], answer: Any, **options: A
     result = summarize(task, truths, [answer] * n, **options)
     result.pop("rows")
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# The answers of rendered examples (train/data.py's examples: prompt/completion or messages)
+
+
+def truth_of(example: dict[str, Any]) -> str | None:
+    """The answer a rendered example teaches: its completion, or its last assistant turn; None for text."""
+    if "messages" in example:
+        return [m["content"] for m in example["messages"] if m["role"] == "assistant"][-1]
+    return example.get("completion")
+
+
+def train_answers(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The baselines' answers from rendered train examples: the median number (numeric) and the most
+    common answer (exact/choice). Also what `adapter.save` can keep in training_meta.json."""
+    texts = [t for t in (truth_of(ex) for ex in examples) if t is not None]
+    median, parsed = median_answer(texts)
+    majority, count = majority_answer(texts)
+    return {"rows": len(texts), "median": median, "median_parsed": parsed, "majority": majority,
+            "majority_count": count}

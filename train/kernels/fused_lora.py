@@ -1,4 +1,4 @@
-"""Fused QLoRA linear: a 4-bit base layer and its LoRA adapter in one autograd Function.
+"""Owns the fused QLoRA linear: a 4-bit base layer and its LoRA adapter in one autograd Function.
 
 Why our own code: peft runs every LoRA layer as a chain of modules: bitsandbytes' Linear4bit (its own
 autograd Function), a defensive clone of the output, dropout, lora_A, lora_B, a multiply by the scale
@@ -10,7 +10,7 @@ so each of those costs time. Here one Function does
     y = x @ dequant(W4).T (+ bias) + scale * dropout(x) @ A.T @ B.T
 
 with the LoRA term added inside the base output by a single addmm, and a hand-written backward that
-keeps only x, the small x @ A.T and the RNG state (the dropout mask is replayed, as in train/lora.py's
+keeps only x, the small x @ A.T and the RNG state (the dropout mask is replayed, as in train/kernels/dropout.py's
 lean dropout). The parameters, their names and the saved adapter are peft's, unchanged; only the
 module's forward differs, and only where it computes exactly peft's LoRA (tests/test_fused_lora.py).
 Anything else (eval/generation, merged or disabled adapters, several active adapters, DoRA and other
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-from train import lora_kernels
-from train.lora import _generator, replay_dropout
+from train import patches
+from train.kernels import lora_kernels
+from train.kernels.dropout import generator, replay_dropout
 
 
 def _weight(weight, quant_state, dtype):
@@ -43,7 +44,7 @@ def _forward(x, a, b, weight, quant_state, bias, scale, p, triton_dropout=False)
         seed = lora_kernels.new_seed()
         h, drawn = lora_kernels.lora_a_forward(rows, a, seed, p), ("kernel", seed)
     elif p > 0:
-        drawn = ("torch", _generator(x.device).get_state())
+        drawn = ("torch", generator(x.device).get_state())
         h = torch.native_dropout(rows, p, True)[0] @ a.t()
     else:
         h, drawn = rows @ a.t(), None
@@ -95,11 +96,11 @@ class _QLoraLinear(torch.autograd.Function):
 class FusedLinear4bit(PeftLinear4bit):
     """peft's LoRA layer over a bitsandbytes Linear4bit, with the fused training forward above."""
 
-    # dropout in the Triton kernels of train/lora_kernels.py (lora.kernel=fused_triton) instead of torch's
+    # dropout in the Triton kernels of train/kernels/lora_kernels.py (lora.kernel=fused_triton) instead of torch's
     triton_dropout = False
 
     def forward(self, x, *args, **kwargs):
-        plan = self._fused_plan(x, args, kwargs)
+        plan = self.fused_plan(x, args, kwargs)
         if plan is None:
             return super().forward(x, *args, **kwargs)
         a, b, base, scale, p = plan
@@ -110,7 +111,7 @@ class FusedLinear4bit(PeftLinear4bit):
             return _forward(*args)[0]
         return _QLoraLinear.apply(*args)
 
-    def _fused_plan(self, x, args, kwargs):
+    def fused_plan(self, x, args, kwargs):
         """(lora_A, lora_B, base layer, scale, dropout p) when the fused forward computes exactly what
         peft's would; None sends the call to peft."""
         if args or kwargs or not self.training or self.disable_adapters or self.merged:
@@ -123,7 +124,7 @@ class FusedLinear4bit(PeftLinear4bit):
         if isinstance(drop, torch.nn.Dropout):
             p = drop.p
         elif isinstance(drop, torch.nn.Identity):
-            p = getattr(a, "dropout_p", 0.0)  # the lean dropout (train/lora.py) moved it into lora_A
+            p = getattr(a, "dropout_p", 0.0)  # the lean dropout (train/kernels/dropout.py) moved it into lora_A
         else:
             return None
         base = self.get_base_layer()
@@ -148,7 +149,8 @@ def install(peft_model, triton_dropout: bool = False) -> int:
     changed = 0
     for module in peft_model.modules():
         if type(module) is PeftLinear4bit:
-            module.__class__ = FusedLinear4bit
+            patches.check_peft_layer(module)
+            patches.swap_class(module, FusedLinear4bit)
             module.triton_dropout = triton_dropout
             changed += 1
     return changed

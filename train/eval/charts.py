@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from train import metrics  # noqa: E402
+from train.eval import metrics  # noqa: E402
 
 DPI = 110
 COLOURS = {"hit": "tab:green", "near": "tab:orange", "miss": "tab:red"}

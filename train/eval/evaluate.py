@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from train import adapter as adapter_lib
-from train import checkpoints, data, metrics
+from train import checkpoints, data
+from train.eval import metrics
 from train import model as model_lib
 from train.config import Config, from_dict, parse_override, set_dotted, template_fields
 from train.errors import UserError
@@ -30,17 +31,10 @@ log = logging.getLogger("train")
 # Eval examples: prompt tokens to generate from, truth text, tokens+labels for the loss
 
 
-def truth_of(example: dict[str, Any]) -> str | None:
-    """The answer a rendered example teaches: its completion, or its last assistant turn; None for text."""
-    if "messages" in example:
-        return [m["content"] for m in example["messages"] if m["role"] == "assistant"][-1]
-    return example.get("completion")
-
-
 def eval_examples(split: data.Split, tok, cfg: Config) -> list[dict[str, Any]]:
     out = []
     for ex, enc, row_id in zip(split.examples, split.encoded, split.row_ids):
-        truth = truth_of(ex)
+        truth = metrics.truth_of(ex)
         if "messages" in ex:
             last = max(i for i, m in enumerate(ex["messages"]) if m["role"] == "assistant")
             prompt_ids = data.chat_ids(tok, ex["messages"][:last], True, split.source)
@@ -207,23 +201,13 @@ def adapter_off(model):
 # Baselines: what a model that learned nothing but the answers' distribution scores
 
 
-def train_answers(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """The baselines' answers from rendered train examples: the median number (numeric) and the most
-    common answer (exact/choice). Also what `adapter.save` can keep in training_meta.json."""
-    texts = [t for t in (truth_of(ex) for ex in examples) if t is not None]
-    median, parsed = metrics.median_answer(texts)
-    majority, count = metrics.majority_answer(texts)
-    return {"rows": len(texts), "median": median, "median_parsed": parsed, "majority": majority,
-            "majority_count": count}
-
-
 def read_train_answers(cfg: Config) -> dict[str, Any]:
     """train_answers of the run's train split (data.train minus held-out rows, as rendered for training;
     rows later dropped for length are still counted). Raises UserError when data.train cannot be read."""
     sel = data.select_rows(cfg)
     examples = [data.to_example(row, cfg.data, f"{cfg.data.train}: row {n}")
                 for row, n in zip(sel["train"], sel["train_ids"])]
-    return {**train_answers(examples), "from": f"train split of {cfg.data.train}", "note": None}
+    return {**metrics.train_answers(examples), "from": f"train split of {cfg.data.train}", "note": None}
 
 
 def find_train_answers(cfg: Config, adapter_dir: Path, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -237,7 +221,7 @@ def find_train_answers(cfg: Config, adapter_dir: Path, examples: list[dict[str, 
     saved = json.loads(meta_path.read_text()).get("train_answers") if meta_path.is_file() else None
     if saved:
         return {**saved, "from": f"{meta_path} (saved at fit time)", "note": f"train data not readable: {why}"}
-    return {**train_answers(examples), "from": "the evaluated rows themselves",
+    return {**metrics.train_answers(examples), "from": "the evaluated rows themselves",
             "note": f"train data not readable ({why}) and {meta_path.name} keeps no train answers: the baseline "
                     "uses the eval rows' own answers, so it is optimistic (it has seen the truths)"}
 
@@ -342,7 +326,7 @@ def evaluate_run(target: str, data: str | None = None, limit: int | None = None,
 
 
 def write_outputs(out: Path, report: dict[str, Any], examples, outputs: dict[str, list[str]], cfg: Config) -> None:
-    from train import charts
+    from train.eval import charts
 
     out.mkdir(parents=True, exist_ok=True)
     details = {name: report[name].pop("rows_detail", None) for name in ("base", "adapter")}

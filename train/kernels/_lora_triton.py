@@ -1,4 +1,4 @@
-"""Triton kernels behind train/lora_kernels.py (which documents them); imported only where Triton is.
+"""Triton kernels behind train/kernels/lora_kernels.py (which documents them); imported only where Triton is.
 
 Every kernel decides "keep element (row, col)" with the same _keep, so one (seed, threshold) names one
 mask everywhere. `seed` is already mixed on the host (lora_kernels.mix); `threshold` is p * 2**24.

@@ -4,7 +4,7 @@ Why our own kernels: with dropout, a LoRA layer's low-rank path makes several fu
 input x per step (torch: write dropout(x) and its mask, read them back for lora_A; in the backward
 replay both, then mask and add the input gradient in two more elementwise kernels). On the 8B
 benchmark these passes were ~70 ms of ~440 ms of GPU time per step. Here the mask is a pure function
-of (seed, element index) computed inside each kernel (an integer hash, see train/_lora_triton.py), so:
+of (seed, element index) computed inside each kernel (an integer hash, see train/kernels/_lora_triton.py), so:
 
     lora_a_forward   h      = (x * m) @ A.T / (1 - p)            one read of x
     lora_a_grad      grad_A = gh.T @ (x * m) / (1 - p)           one read of x
@@ -32,7 +32,7 @@ def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
     interpretable = _interpreting() and x.dtype == torch.float16  # the CPU interpreter has no bf16
     # kernels launch on the current device: a layer placed on another GPU of this process takes the torch path
     on_device = x.is_cuda and x.device.index == torch.cuda.current_device()
-    return (_triton() is not None and (on_device or interpretable) and x.dtype in (torch.bfloat16, torch.float16)
+    return (triton_module() is not None and (on_device or interpretable) and x.dtype in (torch.bfloat16, torch.float16)
             and a.shape[0] in RANKS and x.numel() < 2**31)
 
 
@@ -114,7 +114,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 @functools.cache
-def _triton():
+def triton_module():
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -134,5 +134,5 @@ def _kernels() -> dict:
     globals from its module, and reads TRITON_INTERPRET (CPU tests) when the module is imported."""
     import importlib
 
-    mod = importlib.import_module("train._lora_triton")
+    mod = importlib.import_module("train.kernels._lora_triton")
     return {"a_fwd": mod.a_fwd, "a_grad": mod.a_grad, "x_grad": mod.x_grad, "mask": mod.mask}

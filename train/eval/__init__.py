@@ -1,0 +1,1 @@
+"""Owns evaluation: `python -m train eval` (evaluate.py), metrics (metrics.py) and charts (charts.py)."""

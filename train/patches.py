@@ -1,0 +1,259 @@
+"""Owns every use of a private internal of transformers, bitsandbytes, peft, torch FSDP and DeepSpeed.
+
+Where a public extension point exists the code uses it elsewhere (Trainer.create_scheduler / compute_loss /
+evaluate, TrainerCallback, transformers.AttentionInterface.register). What remains has no public
+equivalent and lives here only: each patch says what it does and why, records the versions it was tested
+with (TESTED), and checks (`require`) that the internal it relies on still exists with the expected
+signature, raising PatchBroken (naming the library and installed version) when it is gone.
+tests/test_patches.py runs the same checks, and tests/test_layout.py keeps these names out of the rest
+of train/.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+from typing import Any
+
+# Versions every patch below was tested with (the environment of tests/).
+TESTED = {"transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2", "torch": "2.13.0",
+          "deepspeed": None}  # deepspeed: not installed where tests run; ZeRO-3 runs on the GPU host only
+
+
+class PatchBroken(RuntimeError):
+    """A private internal this trainer patches changed in the installed library."""
+
+
+def installed(library: str) -> str:
+    try:
+        return importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def require(library: str, owner: Any, name: str, params: tuple[str, ...] = ()) -> Any:
+    """owner.<name>, which must exist and take `params` (in order, after self); else PatchBroken."""
+    where = f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', owner)}.{name}"
+    attr = getattr(owner, name, None)
+    if attr is None:
+        raise PatchBroken(f"{library} {installed(library)}: {where} is gone (train/patches.py was tested with "
+                          f"{library} {TESTED.get(library)}); pin {library}=={TESTED.get(library)} or update the patch")
+    if params:
+        got = tuple(p for p in inspect.signature(attr).parameters if p != "self")
+        if got[: len(params)] != params:
+            raise PatchBroken(f"{library} {installed(library)}: {where} now takes {got}, expected {params} "
+                              f"(train/patches.py was tested with {library} {TESTED.get(library)})")
+    return attr
+
+
+# --------------------------------------------------------------------------------------------
+# transformers.Trainer privates. Signatures checked by trainer_hooks() and tests/test_patches.py.
+
+TRAINER_PRIVATES = {
+    "_get_train_sampler": ("train_dataset",),
+    "_run_epoch": ("model", "epoch"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
+    "_prepare_inputs": ("inputs",),
+}
+
+
+def check_trainer() -> None:
+    from transformers import Trainer
+
+    for name, params in TRAINER_PRIVATES.items():
+        require("transformers", Trainer, name, params)
+
+
+def trainer_hooks(base):
+    """`base` (a Trainer subclass) with public-named hooks on four private Trainer methods, none of which
+    has a public equivalent:
+
+    - `_get_train_sampler` -> `self.train_sampler_hook(sampler)`: the run's seed and token-balanced
+      partition for transformers' BatchRebalanceSampler (get_train_dataloader would have to be copied whole).
+    - `_run_epoch` -> `self.epoch_begin_hook(epoch)`: transformers' set_epoch does not reach a batch
+      sampler behind accelerate's SkipBatchSampler (mid-epoch resume), and callbacks get no epoch index.
+    - `_load_from_checkpoint` -> `self.checkpoint_loaded_hook()`: cast reloaded LoRA weights back to their
+      training dtype before the optimizer is built (no callback runs between the two).
+    - `_load_optimizer_and_scheduler` -> `self.optimizer_load_hook(checkpoint, fresh_scheduler_state)`:
+      restart an extended run's schedule over the checkpoint's ended one.
+    """
+    check_trainer()
+
+    class Hooked(base):
+        def train_sampler_hook(self, sampler):
+            return sampler
+
+        def epoch_begin_hook(self, epoch: int) -> None:
+            pass
+
+        def checkpoint_loaded_hook(self) -> None:
+            pass
+
+        def optimizer_load_hook(self, checkpoint, fresh: dict[str, Any] | None) -> None:
+            pass
+
+        def _get_train_sampler(self, train_dataset=None):
+            return self.train_sampler_hook(super()._get_train_sampler(train_dataset))
+
+        def _run_epoch(self, model, epoch, *args, **kwargs):
+            self.epoch_begin_hook(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            self.checkpoint_loaded_hook()
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            import copy
+
+            fresh = copy.deepcopy(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None
+            super()._load_optimizer_and_scheduler(checkpoint)
+            self.optimizer_load_hook(checkpoint, fresh)
+
+    Hooked.__name__ = Hooked.__qualname__ = f"Hooked{base.__name__}"
+    return Hooked
+
+
+def load_checkpoint(trainer, checkpoint: str) -> None:
+    """Trainer._load_from_checkpoint outside train(): restoring a finished run (trainer.restore_finished)
+    loads its adapter exactly as a resume would, through the dtype hook above."""
+    trainer._load_from_checkpoint(checkpoint)
+
+
+def prepare_inputs(trainer, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Trainer._prepare_inputs: a batch on the trainer's device as training_step sees it (the benchmark's
+    loss check calls compute_loss outside a training step)."""
+    return trainer._prepare_inputs(inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# transformers.trainer_pt_utils.BatchRebalanceSampler._assign
+
+
+SAMPLER_ARGS = ("lengths", "effective_batch_size", "dp_size", "grad_accum", "shuffle", "rank", "drop_last")
+
+
+def check_rebalance_sampler():
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    require("transformers", BatchRebalanceSampler, "_assign", ("indices", "lengths"))
+    params = inspect.signature(BatchRebalanceSampler.__init__).parameters
+    missing = [a for a in SAMPLER_ARGS if a not in params]
+    if missing:
+        raise PatchBroken(f"transformers {installed('transformers')}: BatchRebalanceSampler no longer takes {missing} "
+                          f"(train/patches.py was tested with transformers {TESTED['transformers']})")
+    return BatchRebalanceSampler
+
+
+@functools.cache
+def balanced_class(assign):
+    base = check_rebalance_sampler()
+
+    class TokenBalancedSampler(base):
+        """BatchRebalanceSampler whose partition of each global batch is `assign` (train/sampler.py).
+        `_assign` is the only seam: the rest (rank-awareness, seeded shuffle, resume) stays transformers'."""
+
+        def _assign(self, batch_indices, batch_lengths):
+            return assign(batch_indices, batch_lengths, self.dp_size, self.grad_accum)
+
+    return TokenBalancedSampler
+
+
+def rebalanced(sampler, assign):
+    """A copy of transformers' BatchRebalanceSampler `sampler` that partitions each optimizer step's rows with
+    assign(indices, lengths, dp_size, grad_accum) -> [rank][micro-batch] lists of indices."""
+    cls = balanced_class(assign)
+    return cls(sampler.lengths, sampler.effective_batch_size, sampler.dp_size, sampler.grad_accum,
+               shuffle=sampler.shuffle, rank=sampler.rank, drop_last=sampler.drop_last)
+
+
+# --------------------------------------------------------------------------------------------
+# peft: swapping the class of its LoRA modules (no public hook replaces a layer's forward in place;
+# LoraConfig._register_custom_module is private and dispatches on the base layer type, before the
+# bitsandbytes dispatch we need to keep)
+
+PEFT_LORA_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_variant", "scaling", "active_adapters",
+                   "disable_adapters", "merged", "get_base_layer")
+
+
+def check_peft_layer(module) -> None:
+    missing = [a for a in PEFT_LORA_ATTRS if not hasattr(module, a)]
+    if missing:
+        raise PatchBroken(f"peft {installed('peft')}: LoRA layer {type(module).__name__} has no {missing} "
+                          f"(train/kernels/fused_lora.py and train/lora.py were tested with peft {TESTED['peft']})")
+
+
+def swap_class(module, cls) -> None:
+    """Give `module` (a peft LoRA layer, or its lora_A nn.Linear) the forward of `cls`, a subclass of its
+    own class that adds no state: parameters, names and saved adapters stay peft's."""
+    if not issubclass(cls, type(module)):
+        raise PatchBroken(f"{cls.__name__} does not subclass {type(module).__name__}: the class swap would change "
+                          "the module's state")
+    module.__class__ = cls
+
+
+# --------------------------------------------------------------------------------------------
+# bitsandbytes: Linear4bit.support_avx512bf16_for_cpu (an undocumented instance attribute, bnb >= 0.48)
+
+
+def check_bnb_repack_flag() -> None:
+    import bitsandbytes as bnb
+
+    src = inspect.getsource(bnb.nn.Linear4bit)
+    if "support_avx512bf16_for_cpu" not in src:
+        raise PatchBroken(f"bitsandbytes {installed('bitsandbytes')}: Linear4bit no longer reads "
+                          f"support_avx512bf16_for_cpu (tested with {TESTED['bitsandbytes']}); check whether it still "
+                          "repacks 4-bit weights for CPU inference and update train/patches.py")
+
+
+def keep_cpu_weights_exact(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On AVX512-BF16 CPUs, bnb >= 0.48 repacks a Linear4bit weight on its first eval-mode forward, and
+    any later state_dict() (every checkpoint save) converts it back, re-quantizing the double-quant
+    constants lossily: the frozen base drifts, and a reloaded adapter no longer reproduces the
+    trained model's logits. The plain dequantize path is exact and the same in train and eval.
+    No public switch exists.
+    """
+    import bitsandbytes as bnb
+
+    check_bnb_repack_flag()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 and torch FSDP: gathering the sharded LoRA weights for the adapter file
+
+
+def zero3_trainable_state(engine) -> dict[str, Any]:
+    """DeepSpeedEngine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True): the LoRA tensors
+    only, gathered from ZeRO-3 shards. accelerate's public get_state_dict gathers the frozen 4-bit base too
+    (the whole model on rank 0), and save_16bit_model writes a file of its own format."""
+    require("deepspeed", type(engine), "_zero3_consolidated_16bit_state_dict")
+    fn = engine._zero3_consolidated_16bit_state_dict
+    if "exclude_frozen_parameters" not in inspect.signature(fn).parameters:
+        raise PatchBroken(f"deepspeed {installed('deepspeed')}: _zero3_consolidated_16bit_state_dict has no "
+                          "exclude_frozen_parameters")
+    return fn(exclude_frozen_parameters=True)
+
+
+FSDP_WRAPPED = "_fsdp_wrapped_module"  # torch.distributed.fsdp._common_utils.FSDP_WRAPPED_MODULE
+
+
+def fsdp_clean_name(name: str) -> str:
+    """A module name without FSDP(1)'s wrapper prefix (torch's private FSDP_WRAPPED_MODULE) in it."""
+    return name.replace(f"{FSDP_WRAPPED}.", "").replace(f".{FSDP_WRAPPED}", "")
+
+
+def check_fsdp_prefix() -> None:
+    try:
+        from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
+    except ImportError:
+        return  # no distributed build: FSDP is not used
+    if FSDP_WRAPPED_MODULE != FSDP_WRAPPED:
+        raise PatchBroken(f"torch {installed('torch')}: FSDP's wrapper prefix is now {FSDP_WRAPPED_MODULE!r} "
+                          f"(tested with torch {TESTED['torch']})")
