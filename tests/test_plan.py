@@ -434,3 +434,17 @@ def test_plan_main_user_errors(config_file, overrides, gpu_gb, match):
 def test_plan_main_missing_config(tmp_path):
     with pytest.raises(UserError, match="not found"):
         plan.plan_main(str(tmp_path / "nope.yaml"), [], 80)
+
+
+def test_cli_tokens_sets_the_micro_batch_planned(capsys):
+    """`train plan --tokens N` plans N tokens per micro-batch (offline, known base): more tokens, a higher peak."""
+    from conftest import REPO
+    from train.cli import main
+
+    def total(extra):
+        assert main(["plan", str(REPO / "configs/llama-3.1-8b-pricer.yaml"), *extra]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("total (predicted peak)"))
+        return float(line.split()[-1])
+
+    small, large = total(["--tokens", "2048"]), total(["--tokens", "16384"])
+    assert small < large

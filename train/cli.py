@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="YAML config file")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     pl.add_argument("--gpu-gb", type=float, help="GPU memory to check the plan against (GB)")
+    pl.add_argument("--tokens", type=int, help="tokens in the largest micro-batch (default: the worst case, "
+                    "train.batch_size x data.max_length)")
     return p
 
 
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "plan":
         from train.plan import plan_main
 
-        return plan_main(args.config, args.set, args.gpu_gb)
+        return plan_main(args.config, args.set, args.gpu_gb, args.tokens)
     return 0
 
 
