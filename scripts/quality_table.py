@@ -40,17 +40,19 @@ def main(root: Path) -> None:
         for name in ("base", "adapter"):
             print(f"| {run} | {name} | {r[name]['loss']:.4f} | " + " | ".join(fmt(row_of(r[name]['task']), False)) + " |")
     nf4 = [r for run, r in reports.items() if run.startswith("nf4-")]
-    bf16 = [r for run, r in reports.items() if run.startswith("bf16-")]
     print(f"\nNF4 over {len(nf4)} seeds (mean ± half range):")
     print("| model | eval loss | " + " | ".join(name for _, name, _ in COLUMNS) + " |\n|" + " --- |" * (len(COLUMNS) + 2))
     for name in ("base", "adapter"):
         losses = [r[name]["loss"] for r in nf4]
         loss = f"{statistics.mean(losses):.4f} ± {(max(losses) - min(losses)) / 2:.4f}"
         print(f"| {name} | {loss} | " + " | ".join(fmt([row_of(r[name]["task"]) for r in nf4], True)) + " |")
-    for r_bf16, r_nf4 in zip(bf16, nf4):
+    for run, r_bf16 in reports.items():  # each bf16-sN beside nf4-sN: the same recipe and seed
+        r_nf4 = reports.get(run.replace("bf16-", "nf4-", 1)) if run.startswith("bf16-") else None
+        if r_nf4 is None:
+            continue
         a, b = r_nf4["adapter"]["loss"], r_bf16["adapter"]["loss"]
-        print(f"\nNF4 vs bf16 (seed {r_nf4['config_seed'] if 'config_seed' in r_nf4 else 'same'}): eval loss {a:.4f} vs {b:.4f} "
-              f"({(a - b) / b:+.2%}); MAE ${r_nf4['adapter']['task']['mae']:.1f} vs ${r_bf16['adapter']['task']['mae']:.1f}")
+        print(f"\nNF4 vs bf16 ({run[len('bf16-'):]}): eval loss {a:.4f} vs {b:.4f} ({(a - b) / b:+.2%}); "
+              f"MAE ${r_nf4['adapter']['task']['mae']:.1f} vs ${r_bf16['adapter']['task']['mae']:.1f}")
 
 
 if __name__ == "__main__":

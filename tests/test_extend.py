@@ -4,17 +4,15 @@ and moves an eval report of the previous adapter aside. Real 4-bit fits of built
 
 import json
 import logging
-import os
 import shutil
-import signal
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from conftest import small_config
+from test_pipeline import SignalAt
 from train.errors import Interrupted
 from train.fit import fit
 
@@ -24,17 +22,6 @@ STEPS, MORE, NEW_LR = 4, 7, 1e-3
 # The interrupted copy stops at step 5 and so resumes two steps before the end: the first step after a
 # resume runs at the lr the optimizer state restores, the second at the rebuilt schedule's
 QUICK = {"data": {"eval_fraction": 0.0, "max_rows": 32}, "eval": {"task": "none"}}
-
-
-class SignalAt(TrainerCallback):
-    """A real SIGINT during step `step`, like Ctrl-C."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 class Said(logging.Handler):

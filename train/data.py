@@ -373,19 +373,29 @@ def build_split(name: str, source: str, rows: list[dict[str, Any]], tok, d: Data
     return split
 
 
-def sample_rows(rows: list[dict[str, Any]], limit: int | None, how: str, seed: int) -> tuple[list[int], str]:
-    """0-based indices of at most `limit` rows (None = all), in file order, and a note saying which.
-
-    how "random": the first `limit` of one shuffle seeded by `seed` (the same rows on every resume and
-    eval; a smaller limit gives a subset of a larger one); "first": the head of the file."""
-    n = len(rows)
+def sample_indices(n: int, limit: int | None, how: str, seed: int) -> list[int]:
+    """0-based indices of at most `limit` of `n` rows (None = all), in file order: data.max_rows and
+    eval.limit both choose rows with this. how "random": the first `limit` of one shuffle seeded by
+    `seed` (the same rows on every resume and eval; a smaller limit gives a subset of a larger one);
+    "first": the head of the file."""
     if limit is None or limit >= n:
-        return list(range(n)), ""
+        return list(range(n))
     if how == "first":
-        return list(range(limit)), f"data.max_rows: the first {limit} of {n} rows"
+        return list(range(limit))
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return sorted(order[:limit]), f"data.max_rows: a random sample of {limit} of {n} rows, seed {seed}"
+    return sorted(order[:limit])
+
+
+def sample_rows(rows: list[dict[str, Any]], limit: int | None, how: str, seed: int) -> tuple[list[int], str]:
+    """sample_indices of `rows`, and a note saying which (empty when all are kept)."""
+    n = len(rows)
+    keep = sample_indices(n, limit, how, seed)
+    if len(keep) == n:
+        return keep, ""
+    if how == "first":
+        return keep, f"data.max_rows: the first {limit} of {n} rows"
+    return keep, f"data.max_rows: a random sample of {limit} of {n} rows, seed {seed}"
 
 
 def select_rows(cfg: Config) -> dict[str, Any]:

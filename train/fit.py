@@ -159,9 +159,7 @@ def eval_dataset(cfg: Config, eval_split):
     if eval_split is None:
         return None
     ds = eval_split.to_dataset()
-    rows = [{"id": i} for i in range(len(ds))]
-    chosen, _ = evaluate.sample_examples(rows, cfg.eval.limit, evaluate.sample_how(cfg), cfg.run.seed)
-    return ds.select([r["id"] for r in chosen])
+    return ds.select(data.sample_indices(len(ds), cfg.eval.limit, evaluate.sample_how(cfg), cfg.run.seed))
 
 
 def task_scorer(cfg: Config, tok, eval_split):

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +156,9 @@ def sample_examples(examples: list[dict[str, Any]], limit: int | None, how: str,
     gives the same rows and a smaller limit gives a subset of a larger one (the during-training rows
     are among `train eval`'s). how "first": the first `limit` rows."""
     n = len(examples)
-    if limit is None or limit >= n:
-        keep, how = list(range(n)), "all"
-    elif how == "first":
-        keep = list(range(limit))
-    else:
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        keep = sorted(order[:limit])
+    keep = data.sample_indices(n, limit, how, seed)
+    if len(keep) == n:
+        how = "all"
     chosen = [examples[i] for i in keep]
     record = {"count": len(chosen), "of": n, "how": how, "seed": seed if how == "random" else None,
               "row_ids": [e["id"] for e in chosen]}
