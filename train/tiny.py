@@ -83,33 +83,41 @@ def save_weights(model, directory: Path) -> None:
 
     model.config.to_json_file(directory / "config.json")
     model.generation_config.to_json_file(directory / "generation_config.json")
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() not in seen:  # tied weights (lm_head = embeddings) are stored once, as transformers does
+            seen.add(v.data_ptr())
+            tensors[k] = v.contiguous()
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-def build_tokenizer():
-    """Byte-level BPE with no merges: any UTF-8 text round-trips, nothing to download."""
+def build_tokenizer(special_tokens=tuple(SPECIAL_TOKENS), chat_template: str = CHAT_TEMPLATE, bos: str | None = "<s>",
+                    eos: str = "</s>", pad: str | None = "<pad>", unk: str | None = "<unk>"):
+    """Byte-level BPE with no merges: any UTF-8 text round-trips, nothing to download. Special tokens take
+    ids 0.. in the order given, then the 256 bytes; the defaults are builtin:tiny-llama's, and a tiny model
+    of another family passes its own tokens and chat template (tests/families.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(byte_chars)})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    vocab = {tok: i for i, tok in enumerate(special_tokens)}
+    vocab.update({ch: len(special_tokens) + i for i, ch in enumerate(byte_chars)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(SPECIAL_TOKENS)
+    core.add_special_tokens(list(special_tokens))
+    named = (bos, eos, pad, unk)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
-        chat_template=CHAT_TEMPLATE,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        additional_special_tokens=[t for t in special_tokens if t not in named],
+        chat_template=chat_template,
         model_max_length=TINY_LLAMA["max_position_embeddings"],
     )
-    tok.add_bos_token = True
+    tok.add_bos_token = bos is not None  # families without a BOS token (Qwen) start with the text itself
     return tok
 
 
