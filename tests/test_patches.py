@@ -17,7 +17,7 @@ FORBIDDEN = (
     "_get_train_sampler", "_run_epoch", "_load_from_checkpoint", "_load_optimizer_and_scheduler",
     "_prepare_inputs", "_assign", "_zero3_consolidated_16bit_state_dict", "_fsdp_wrapped_module",
     "support_avx512bf16_for_cpu", "_register_custom_module", "_load_rng_state", "_inner_training_loop",
-    "_wrap_model", "_save_checkpoint", "_maybe_log_save_evaluate",
+    "_wrap_model", "_save_checkpoint", "_maybe_log_save_evaluate", "_supports_sdpa",
 )
 
 
@@ -90,6 +90,15 @@ def test_peft_lora_layer_attributes():
 
     check("peft", Linear4bit, "forward", ("x",))
     check("peft", Linear4bit, "__init__", ("base_layer", "adapter_name"))
+
+
+def test_transformers_sdpa_support_flag():
+    """train/kernels/attention.py keeps Gemma 2 (softcap) and gpt-oss (sinks) off sdpa by this flag."""
+    from transformers import Gemma2ForCausalLM, GptOssForCausalLM, LlamaForCausalLM, PreTrainedModel
+
+    check("transformers", PreTrainedModel, "_supports_sdpa", ())
+    assert patches.supports_sdpa(LlamaForCausalLM) and patches.supports_sdpa(None)
+    assert not patches.supports_sdpa(Gemma2ForCausalLM) and not patches.supports_sdpa(GptOssForCausalLM)
 
 
 def test_swap_class_refuses_a_non_subclass():

@@ -148,9 +148,10 @@ def check_writable(run: Path) -> None:
 
 def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
     """Every cheap check of what `fit` will use, in its order, with no weights loaded and nothing written:
-    resume point, model path and config, lora.target_modules. The data rows are checked once, where fit
-    tokenizes them (data.load_splits; eval truths: eval.training_scorer)."""
+    resume point, model path and config, model.attn_implementation for this model, lora.target_modules. The
+    data rows are checked once, where fit tokenizes them (data.load_splits; eval truths: eval.training_scorer)."""
     from train import lora, model
+    from train.kernels import attention
 
     if not (overwrite and cfg.train.resume == "auto"):  # --overwrite removes the old checkpoints
         ckpt = resume_point(cfg, run)
@@ -158,6 +159,7 @@ def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
             check_resume(ckpt, cfg, quiet=True)
     path = model.resolve_model_path(cfg.model)
     model_config = model.load_model_config(path, cfg.model)
+    attention.choose(cfg, model_config)
     if isinstance(cfg.lora.target_modules, list):
         lora.check_targets(model.meta_model(model_config), cfg.lora)
 

@@ -150,7 +150,7 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
         quantization_config=build_bnb_config(cfg.quant, skip),
         dtype=DTYPES[cfg.quant.compute_dtype],
         device_map=device_map(),
-        attn_implementation=attention.resolve(cfg),
+        attn_implementation=attention.resolve(cfg, model_config),
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )

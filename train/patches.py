@@ -170,6 +170,19 @@ def rebalanced(sampler, assign):
 
 
 # --------------------------------------------------------------------------------------------
+# transformers: whether a model class has an sdpa attention (PreTrainedModel._supports_sdpa, a class flag
+# with no public reader; transformers itself reads it to refuse sdpa, and "sdpa_varlen", whose name holds
+# "sdpa"). Read only, never set.
+
+
+def supports_sdpa(model_class) -> bool:
+    """model_class._supports_sdpa; True for None (custom code: transformers decides when it loads)."""
+    if model_class is None:
+        return True
+    return bool(require("transformers", model_class, "_supports_sdpa"))
+
+
+# --------------------------------------------------------------------------------------------
 # peft: swapping the class of its LoRA modules (no public hook replaces a layer's forward in place;
 # LoraConfig._register_custom_module is private and dispatches on the base layer type, before the
 # bitsandbytes dispatch we need to keep)

@@ -1,22 +1,115 @@
-"""Padding-free attention: one varlen FlashAttention call per layer over all rows of a flattened batch.
+"""Owns the choice of attention per model: padding-free varlen FlashAttention where it computes exactly the
+model's own attention, else the model's own (sdpa, or eager where transformers has no sdpa path: Gemma 2).
 
 transformers' sdpa handles a padding-free batch (rows concatenated, positions restarting per row)
 with a dense block-diagonal mask; PyTorch's own varlen kernel (torch >= 2.10, CUDA) skips the masked
 blocks entirely: +72% tokens/s on the 8B benchmark (docs/benchmarks.md). Anything else — padded
 batches, generation, CPU — falls through to plain sdpa, which is correct everywhere.
+
+The kernel is used only where it is exact, layer by layer (kernel_args): a sliding window becomes its
+window_size, while attention logit softcapping (Gemma 2), attention sinks (gpt-oss), attention dropout and
+non-causal layers have no kernel argument, so such a model keeps its own attention (one notice line).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
 
 import torch
+
+from train import patches
+from train.errors import UserError
 
 log = logging.getLogger("train")
 
 NAME = "sdpa_varlen"
-_noted: list[bool] = []  # the CPU fallback notice is said once per process
+_noted: set[str] = set()  # each fallback notice is said once per process
+_fell_back: set[str] = set()  # bases whose `auto` attention left the varlen kernel: effective_packing pads them
+KERNEL_LAYER_TYPES = ("full_attention", "sliding_attention")  # config.layer_types the kernel can compute
+KERNEL_DEVICES = ("cuda",)  # where varlen_attn runs (tests/test_attention.py adds cpu for a reference kernel)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one decoder layer's attention computes, as the model passes it to its attention function."""
+
+    sliding_window: int | None = None  # transformers' W: a query sees itself and the W - 1 tokens before it
+    softcap: float | None = None  # tanh cap on the attention logits (Gemma 2)
+    sinks: bool = False  # learned attention sinks (gpt-oss's s_aux)
+    dropout: float = 0.0  # attention dropout while training
+    causal: bool = True
+    layer_type: str = "full_attention"  # config.layer_types entry (chunked_attention etc. are not the kernel's)
+
+
+def kernel_args(layer: LayerAttention, window_param: bool = True) -> dict | str:
+    """varlen_attn's keyword arguments that compute exactly `layer`'s attention, or why no arguments do.
+
+    transformers' sliding window W keeps keys with kv_idx > q_idx - W (masking_utils.sliding_window_overlay):
+    the query and the W - 1 tokens before it. FlashAttention's window_size (left, right) keeps keys in
+    [q - left, q + right], both ends included, so left = W - 1 (transformers' own flash path passes the same);
+    (-1, 0) is plain causal. window_param=False: torch 2.10's varlen_attn, which takes is_causal only."""
+    if layer.softcap is not None:
+        return f"attention logit softcapping ({layer.softcap:g})"
+    if layer.sinks:
+        return "attention sinks"
+    if layer.dropout:
+        return f"attention dropout ({layer.dropout:g})"
+    if not layer.causal:
+        return "non-causal attention"
+    if layer.layer_type not in KERNEL_LAYER_TYPES:
+        return f"{layer.layer_type} layers"
+    if not window_param:
+        return {"is_causal": True} if layer.sliding_window is None else "a sliding window (needs torch >= 2.11)"
+    return {"window_size": (-1 if layer.sliding_window is None else layer.sliding_window - 1, 0)}
+
+
+def model_layers(model_config) -> list[LayerAttention]:
+    """Each decoder layer's attention as the config describes it: config.layer_types picks the sliding layers
+    (Gemma 2/3, Qwen2 with use_sliding_window, gpt-oss); without it config.sliding_window, when set, applies
+    to every layer (Mistral, Phi-3). attn_logit_softcapping is Gemma's softcap."""
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    window = getattr(c, "sliding_window", None)
+    types = getattr(c, "layer_types", None) or [None] * c.num_hidden_layers
+    softcap = getattr(c, "attn_logit_softcapping", None)
+    dropout = float(getattr(c, "attention_dropout", 0.0) or 0.0)
+    return [LayerAttention(sliding_window=window if t in (None, "sliding_attention") else None, softcap=softcap,
+                           dropout=dropout, layer_type=t or "full_attention") for t in types]
+
+
+def varlen_blocker(model_config, window_param: bool = True) -> str | None:
+    """Why the varlen kernel cannot compute this model's attention exactly (None: it can, in every layer)."""
+    if model_config is None:
+        return None
+    if not patches.supports_sdpa(causal_lm_class(model_config)):
+        return own_attention(model_config)[1]
+    for i, layer in enumerate(model_layers(model_config)):
+        args = kernel_args(layer, window_param)
+        if isinstance(args, str):
+            return f"{args} in layer {i}"
+    return None
+
+
+def own_attention(model_config) -> tuple[str, str | None]:
+    """(implementation, why): sdpa where transformers has it for this model, else eager and the reason."""
+    if model_config is None or patches.supports_sdpa(causal_lm_class(model_config)):
+        return "sdpa", None
+    softcap = next((l.softcap for l in model_layers(model_config) if l.softcap is not None), None)
+    why = f"attention logit softcapping ({softcap:g})" if softcap is not None else "no sdpa path in transformers"
+    return "eager", why
+
+
+def causal_lm_class(model_config):
+    """The class AutoModelForCausalLM builds for this config; None for custom code (trust_remote_code)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+
+
+def arch(model_config) -> str:
+    cls = causal_lm_class(model_config)
+    return cls.__name__ if cls is not None else type(model_config).__name__
 
 
 def available() -> bool:
@@ -34,20 +127,26 @@ def register() -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # torch 2.11+ / 2.10
+    window_param = "window_size" in params  # torch 2.11+; 2.10 takes is_causal only
     gqa = {"enable_gqa": True} if "enable_gqa" in params else {}  # else FlashAttention's native GQA
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
         cu = kw.get("cu_seq_lens_q")  # TRL's padding-free collator sends these; padded batches do not
-        if cu is None or query.shape[0] != 1 or not query.is_cuda:
+        layer = LayerAttention(sliding_window=kw.get("sliding_window"), softcap=kw.get("softcap"),
+                               sinks=kw.get("s_aux") is not None, dropout=dropout, causal=is_causal is not False)
+        args = kernel_args(layer, window_param)
+        if isinstance(args, str) and (layer.softcap is not None or layer.sinks):  # resolve() keeps such models off
+            raise RuntimeError(f"sdpa_varlen: layer {getattr(module, 'layer_idx', '?')} has {args}, which neither "
+                               "the varlen kernel nor sdpa computes; set model.attn_implementation: eager")
+        if cu is None or query.shape[0] != 1 or query.device.type not in KERNEL_DEVICES or isinstance(args, str):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kw)
-        if query.dtype == torch.float32:
+                                          scaling=scaling, is_causal=is_causal, **kw)  # the mask has the window
+        if query.dtype == torch.float32 and query.is_cuda:  # FlashAttention takes 16-bit inputs only
             query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
         cu = cu.to(torch.int32)
         n = int(kw["max_length_q"])
-        out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, **causal, **gqa)
+        out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, **args, **gqa)
         return out[None], None  # (1, tokens, heads, head_dim), as transformers expects
 
     AttentionInterface.register(NAME, attention)
@@ -56,27 +155,63 @@ def register() -> str:
 
 
 def effective_packing(cfg) -> str:
-    """train.packing as run: without the varlen kernel (CPU, old torch), `auto` attention turns the
-    default padding_free into padded batches — sdpa's dense block-diagonal mask over a flattened batch
-    costs (rows x length)^2, far more than padding. Explicit choices are kept."""
-    if cfg.train.packing == "padding_free" and cfg.model.attn_implementation == "auto" and not available():
+    """train.packing as run: without the varlen kernel (CPU, old torch, or a model it cannot compute exactly),
+    `auto` attention turns the default padding_free into padded batches — sdpa's dense block-diagonal mask
+    over a flattened batch costs (rows x length)^2, far more than padding. Explicit choices are kept."""
+    auto = cfg.model.attn_implementation == "auto"
+    if cfg.train.packing == "padding_free" and auto and (not available() or cfg.model.name_or_path in _fell_back):
         return "none"
     return cfg.train.packing
 
 
-def resolve(cfg) -> str:
-    """model.attn_implementation as passed to from_pretrained; "auto" picks varlen for padding-free
-    training on a GPU that has it, else sdpa (with a one-line notice when the fast path is off)."""
-    want = cfg.model.attn_implementation
-    padding_free = cfg.train.packing in ("padding_free", "bfd")
-    if want == NAME or (want == "auto" and padding_free and available()):
-        if not available():
-            from train.errors import UserError
+def kernel_has_window() -> bool:
+    """Whether varlen_attn takes window_size (torch >= 2.11): without it, no sliding layer is the kernel's."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "window_size" in inspect.signature(varlen_attn).parameters
 
-            raise UserError("model.attn_implementation: sdpa_varlen needs a CUDA GPU and torch >= 2.10; use auto or sdpa")
+
+def choose(cfg, model_config=None) -> tuple[str, str | None]:
+    """(attn_implementation for from_pretrained, a notice or None); no side effects. "auto": varlen for
+    padding-free training on a GPU that has it, where it computes exactly this model's attention, else the
+    model's own (sdpa, or eager: Gemma 2). An explicit choice the model cannot run exactly is a UserError."""
+    want = cfg.model.attn_implementation
+    own, why = own_attention(model_config)
+    name = arch(model_config) if model_config is not None else "this model"
+    if want == NAME and not available():
+        raise UserError("model.attn_implementation: sdpa_varlen needs a CUDA GPU and torch >= 2.10; use auto or sdpa")
+    blocker = varlen_blocker(model_config, kernel_has_window()) if available() else "no varlen kernel"
+    if want == NAME and blocker:
+        raise UserError(f"model.attn_implementation: sdpa_varlen cannot compute {name}'s attention exactly "
+                        f"({blocker}); use auto (picks {own}) or {own}")
+    if want == "sdpa" and own != "sdpa":
+        raise UserError(f"model.attn_implementation: {name} has no sdpa attention ({why}); use auto (picks {own}) "
+                        f"or {own}")
+    if want != "auto":
+        return want, None
+    if cfg.train.packing in ("padding_free", "bfd") and available():
+        if blocker is None:
+            return NAME, None
+        return own, (f"attention: {name} has {blocker}, which the varlen kernel cannot compute: {own} attention "
+                     "instead of the padding-free fast path")
+    return own, None if own == "sdpa" else f"attention: {name}: {own} ({why}; transformers has no sdpa path for it)"
+
+
+def resolve(cfg, model_config=None) -> str:
+    """model.attn_implementation as passed to from_pretrained (choose(); registers the varlen attention when
+    chosen), with a one-line notice when the fast path is off."""
+    impl, notice = choose(cfg, model_config)
+    if impl == NAME:
         return register()
-    if want == "auto" and padding_free and not _noted:
-        _noted.append(True)
-        log.info("attention: no varlen kernel here (CPU or torch < 2.10): padded batches and sdpa instead of "
-                 "the padding-free fast path")
-    return "sdpa" if want == "auto" else want
+    auto, padding_free = cfg.model.attn_implementation == "auto", cfg.train.packing in ("padding_free", "bfd")
+    if auto and padding_free and available():
+        _fell_back.add(cfg.model.name_or_path)  # its padding-free batches are padded (effective_packing)
+    elif auto and padding_free:
+        notice = notice or ("attention: no varlen kernel here (CPU or torch < 2.10): padded batches and sdpa instead "
+                            "of the padding-free fast path")
+    if notice and notice not in _noted:
+        _noted.add(notice)
+        log.info(notice)
+    return impl
