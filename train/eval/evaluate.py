@@ -76,10 +76,43 @@ def completion_loss(model, examples: list[dict[str, Any]], pad_id: int, batch_si
 # Generation and task metrics
 
 
+END_OF_TURN_PROBE = "\u2063answer\u2063"  # assistant text no template alters: what follows it closes the turn
+
+
+def end_of_turn_id(tok) -> int | None:
+    """The special token the chat template writes right after an assistant message (<|im_end|>,
+    <end_of_turn>, <|eot_id|>, <|end|>, </s>); None without a template or where plain text follows."""
+    from jinja2 import TemplateError
+
+    if not getattr(tok, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
+    try:
+        text = tok.apply_chat_template(turns, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError):  # a template that wants other turns: no stop from it
+        return None
+    if END_OF_TURN_PROBE not in text:
+        return None
+    after = text[text.index(END_OF_TURN_PROBE) + len(END_OF_TURN_PROBE):].lstrip()
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids and ids[0] in tok.all_special_ids else None
+
+
+def stop_ids(model, tok) -> list[int]:
+    """Every token that ends an answer: the model's generation_config EOS ids (instruct models list their
+    end-of-turn ids there), the tokenizer's EOS (what prompt_completion training appends) and the chat
+    template's end of turn (end_of_turn_id)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys(i for i in [*listed, tok.eos_token_id, end_of_turn_id(tok)] if i is not None))
+
+
 @torch.no_grad()
 def generate(model, tok, examples: list[dict[str, Any]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Batched greedy decoding with left padding (so every row's last prompt token is aligned)."""
+    """Batched greedy decoding with left padding (so every row's last prompt token is aligned), each row
+    stopping at any of stop_ids."""
     device = next(model.parameters()).device
+    stops = stop_ids(model, tok)
     outputs = []
     for start in range(0, len(examples), batch_size):
         prompts = [e["prompt_ids"] for e in examples[start : start + batch_size]]
@@ -87,7 +120,7 @@ def generate(model, tok, examples: list[dict[str, Any]], max_new_tokens: int, ba
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                             pad_token_id=tok.pad_token_id, eos_token_id=stops)
         outputs += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
     return outputs
 
