@@ -298,7 +298,8 @@ def test_bad_tokens_is_a_user_error(tiny):
 # Parameter counts the model cards publish (the planner builds each known base on the meta device)
 KNOWN_PARAMS = {"meta-llama/Llama-3.1-8B": 8_030_261_248, "Qwen/Qwen2.5-7B": 7_615_616_512,
                 "mistralai/Mistral-7B-v0.3": 7_248_023_552, "google/gemma-2-9b": 9_241_705_984,
-                "HuggingFaceTB/SmolLM2-135M": 134_515_008}
+                "HuggingFaceTB/SmolLM2-135M": 134_515_008, "Qwen/Qwen3-8B": 8_190_735_360,
+                "google/gemma-3-1b-pt": 999_885_952, "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552}
 
 
 @pytest.mark.parametrize("name", sorted({*plan.KNOWN_BASES, *plan.KNOWN_VARIANTS}))
@@ -316,6 +317,44 @@ def test_known_base_shapes():
     assert qwen.params["linear_bias"] == 28 * (3584 + 2 * 512)  # q/k/v biases
     smol = plan.model_shape(plan.known_base("HuggingFaceTB/SmolLM2-135M"))
     assert (smol.hidden, smol.n_heads, smol.n_kv_heads, smol.head_dim, smol.vocab) == (576, 9, 3, 64, 49152)
+
+
+def test_known_family_shapes_gemma3_vocab_qwen3_norms_phi3_fused():
+    """Gemma 3's 262,144-token vocabulary tied to its embeddings: one bf16 matrix, never quantized, and the fused
+    loss head's fixed tiles instead of full logits; Qwen3's q/k norms; Phi-3's fused qkv_proj and gate_up_proj."""
+    g3 = plan.model_shape(plan.known_base("google/gemma-3-1b-it"))
+    assert (g3.arch, g3.vocab, g3.head_dim, g3.lm_head) == ("Gemma3ForCausalLM", 262144, 256, "lm_head")
+    assert g3.params["lm_head"] == 0 and g3.params["embedding"] == 262144 * 1152  # tied: counted once
+    assert all(l.name != "lm_head" for l in g3.quantized_linears())
+    quant = QuantCfg()
+    assert plan.base_weight_bytes(g3, quant)["other"] >= 2 * 262144 * 1152  # the tied matrix, in bf16, once
+    tokens = 16 * 1024
+    fused, full = plan.loss_head_bytes(g3, quant, tokens), plan.loss_head_bytes(g3, quant, tokens, fused=False)
+    assert full > 20 * fused  # full logits: 16k x 262k x 10 B = 43 GB; the fused head: under 1 GB
+    q3 = plan.model_shape(plan.known_base("Qwen/Qwen3-8B-Base"))
+    assert q3.params["norm"] == 36 * (2 * 4096 + 2 * 128) + 4096  # 2 RMSNorms + q_norm, k_norm per layer
+    phi = plan.model_shape(plan.known_base("microsoft/Phi-3-mini-4k-instruct"))
+    assert {l.name.rsplit(".", 1)[-1] for l in phi.linears} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                                               "lm_head"}
+    fused_shapes = {l.name.rsplit(".", 1)[-1]: (l.in_features, l.out_features) for l in phi.linears
+                    if ".layers.0." in l.name}
+    assert fused_shapes["qkv_proj"] == (3072, 3 * 3072) and fused_shapes["gate_up_proj"] == (3072, 2 * 8192)
+    lora = LoraCfg(r=16, target_modules=["qkv_proj", "gate_up_proj"])
+    assert plan.lora_param_count(phi, lora) == 32 * 16 * ((3072 + 9216) + (3072 + 16384))
+    with pytest.raises(UserError, match=r"\['q_proj'\] not found .*'qkv_proj'"):
+        plan.lora_targets(phi, ["q_proj"])
+
+
+@pytest.mark.parametrize("name, arch", [("Qwen/Qwen3-8B", "Qwen3ForCausalLM"),
+                                        ("google/gemma-3-1b-it", "Gemma3ForCausalLM"),
+                                        ("microsoft/Phi-3-mini-4k-instruct", "Phi3ForCausalLM")])
+def test_plan_main_new_families_offline(name, arch, tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"model:\n  name_or_path: {name}\ndata:\n  train: train.jsonl\n  max_length: 1024\n",
+                    encoding="utf-8")
+    assert plan.plan_main(str(path), [], 24) == 0
+    out = capsys.readouterr().out
+    assert f"({arch}, " in out and "fits on a 24 GB GPU" in out
 
 
 def test_local_folder_and_config_json(tmp_path, tiny):

@@ -7,8 +7,8 @@ and, for the bases in KNOWN_BASES, no network either; model.name_or_path resolve
 (plan_model_config):
 
 1. a local model folder, its config.json, or a .gguf file (architecture from the GGUF metadata);
-2. a known base (KNOWN_BASES: Llama-3.1-8B, Qwen2.5-7B, Mistral-7B-v0.3, gemma-2-9b, SmolLM2-135M and
-   their instruct variants), from the table below;
+2. a known base (KNOWN_BASES: Llama-3.1-8B, Qwen2.5-7B, Qwen3-8B, Mistral-7B-v0.3, gemma-2-9b, gemma-3-1b,
+   Phi-3-mini-4k-instruct, SmolLM2-135M and their instruct or base variants), from the table below;
 3. the hub's config.json; offline, an unknown id is a one-line UserError naming the fix.
 
 What the prediction models (the pipeline in train/model.py, train/lora.py, train/trainer.py):
@@ -173,6 +173,24 @@ KNOWN_BASES: dict[str, dict[str, Any]] = {
         model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=8192),
+    # Qwen/Qwen3-8B: 8.19 B params, q/k norms (Qwen3's architecture), head_dim 128, untied (the 4B and smaller
+    # tie their embeddings)
+    "Qwen/Qwen3-8B": dict(
+        model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        tie_word_embeddings=False, max_position_embeddings=40960),
+    # google/gemma-3-1b-pt: 1.00 B params, text only (Gemma3ForCausalLM), 262,144-token vocabulary tied to the
+    # embeddings (30% of the parameters), 5 sliding layers of 512 tokens to 1 global
+    "google/gemma-3-1b-pt": dict(
+        model_type="gemma3_text", hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+        tie_word_embeddings=True, max_position_embeddings=32768, sliding_window=512),
+    # microsoft/Phi-3-mini-4k-instruct: 3.82 B params, q/k/v fused in qkv_proj and gate/up in gate_up_proj,
+    # no GQA (32 KV heads), sliding window 2047; published as an instruct model only
+    "microsoft/Phi-3-mini-4k-instruct": dict(
+        model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False,
+        max_position_embeddings=4096, sliding_window=2047),
 }
 KNOWN_VARIANTS = {  # instruct/chat ids -> the base whose architecture they share
     "meta-llama/Llama-3.1-8B-Instruct": "meta-llama/Llama-3.1-8B",
@@ -180,6 +198,8 @@ KNOWN_VARIANTS = {  # instruct/chat ids -> the base whose architecture they shar
     "mistralai/Mistral-7B-Instruct-v0.3": "mistralai/Mistral-7B-v0.3",
     "google/gemma-2-9b-it": "google/gemma-2-9b",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M",
+    "Qwen/Qwen3-8B-Base": "Qwen/Qwen3-8B",
+    "google/gemma-3-1b-it": "google/gemma-3-1b-pt",
 }
 
 
