@@ -2,6 +2,7 @@
 README's layout map lists exactly the files of train/."""
 
 import ast
+import types
 import re
 from pathlib import Path
 
@@ -100,3 +101,32 @@ def test_readme_layout_map_lists_every_train_file():
     assert len(listed) == len(set(listed)), "a file is listed twice"
     assert sorted(listed) == actual, (f"missing from the README: {sorted(set(actual) - set(listed))}; "
                                       f"listed but absent: {sorted(set(listed) - set(actual))}")
+
+
+def test_gpu_tests_name_only_what_exists():
+    """tests/test_gpu.py is skipped without CUDA, so a name it uses that a refactor removed (once
+    `lora_kernels._triton`) would only fail on a GPU. Every train module attribute and every name it imports
+    from train must exist, checked here on CPU."""
+    import importlib
+
+    tree = ast.parse((ROOT / "tests" / "test_gpu.py").read_text(encoding="utf-8"))
+    aliases, missing = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("train"):
+            parent = importlib.import_module(node.module)
+            for a in node.names:
+                if not hasattr(parent, a.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{a.name}")
+                    except ImportError:
+                        missing.append(f"{node.module}.{a.name}")
+                        continue
+                target = getattr(parent, a.name, None) or importlib.import_module(f"{node.module}.{a.name}")
+                if isinstance(target, types.ModuleType):
+                    aliases[a.asname or a.name] = target
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            if not hasattr(aliases[node.value.id], node.attr):
+                missing.append(f"{aliases[node.value.id].__name__}.{node.attr} (line {node.lineno})")
+    assert aliases, "test_gpu.py imports no train module: this check would check nothing"
+    assert not missing, f"tests/test_gpu.py uses names that do not exist: {missing}"

@@ -95,7 +95,7 @@ def convert(path: Path, dest: Path, arch: str) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.bfloat16,
+            folder, gguf_file=name, dtype=torch.bfloat16, use_kernels=False,  # a conversion needs no hub kernels
             quantization_config=GgufConfig(gguf_file=name, dequantize=True))
     except (ValueError, KeyError, NotImplementedError) as e:  # transformers: unsupported arch or quant type
         raise UserError(f"model.name_or_path: {path}: transformers cannot load this GGUF ({arch}): "

@@ -57,7 +57,7 @@ def load_with_adapter(path: str, adapter_dir: Path, cfg):
 
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=model_lib.device_map(),
                                                 trust_remote_code=cfg.model.trust_remote_code,
-                                                revision=cfg.model.revision)
+                                                revision=cfg.model.revision, use_kernels=cfg.model.hub_kernels)
     return PeftModel.from_pretrained(base, str(adapter_dir)).to(torch.float32).eval()
 
 
