@@ -25,7 +25,10 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))  # top level only: configs/a
 # quant.* -> BitsAndBytesConfig
 
 
-def test_bnb_defaults_are_qlora_nf4():
+def test_bnb_defaults_are_qlora_nf4(monkeypatch):
+    from train import precision
+
+    monkeypatch.setattr(precision, "probe_cpu", lambda: precision.Probe(fp32_ms=1.0, bf16_ms=0.5))  # a bf16 CPU
     b = build_bnb_config(QuantCfg())
     assert b.load_in_4bit is True
     assert b.load_in_8bit is False
@@ -172,8 +175,10 @@ def test_fast_path_is_the_default():
 
 def test_sft_gradient_checkpointing_is_reentrant(tmp_path):
     _, a = sft(tmp_path)
-    assert a.gradient_checkpointing is True
+    assert a.gradient_checkpointing is torch.cuda.is_available()  # default: on a GPU, off on a CPU
     assert a.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    _, on = sft(tmp_path, train={"gradient_checkpointing": True})
+    assert on.gradient_checkpointing is True
     _, off = sft(tmp_path, train={"gradient_checkpointing": False})
     assert off.gradient_checkpointing is False
 

@@ -14,7 +14,7 @@ from train import adapter
 from train.eval import evaluate
 from train.errors import Interrupted, UserError
 from train.fit import fit
-from train.trainer import precision_context
+from train.precision import precision_context
 
 
 class SignalAt(TrainerCallback):

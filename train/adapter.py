@@ -182,7 +182,7 @@ def load(adapter_dir: Path, cfg: Config, tok=None):
         tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     base = model_lib.prepare_for_kbit(model_lib.load_base(cfg, path), cfg)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    lora.match_training_dtypes(peft_model, cfg.quant.mode)
+    lora.match_training_dtypes(peft_model, cfg.quant)
     peft_model.eval()
     return peft_model, tok, path
 

@@ -37,13 +37,18 @@ class ModelCfg:
     revision: Optional[str] = None  # pin a hub commit for reproducibility; None = the default branch
     # auto: varlen flash attention for padding-free batches on GPU (train/kernels/attention.py), else sdpa
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    # transformers' hub kernels (on by default from 5.25) fetch code from the hub when a model loads and replace
+    # layers under our own kernels; our kernels are the fast path and loading never depends on the hub
+    hub_kernels: bool = False
 
 
 @dataclass
 class QuantCfg:
     mode: Literal["nf4", "fp4", "int8", "none"] = "nf4"  # NF4 is the QLoRA paper's best 4-bit type
     double_quant: bool = True  # quantizes the quantization constants too: ~0.4 bit/param saved, no quality cost
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # bf16 matmuls: fast, no overflow
+    # auto: bf16 on GPU (fast, no overflow); on CPU bf16 only where the CPU computes it natively (AVX512-BF16,
+    # AMX), measured at start-up, else float32 (emulated bf16 matmuls run 8-180x slower than fp32: train/precision.py)
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     storage_dtype: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = None  # None=uint8; bf16 for FSDP
 
 
@@ -98,7 +103,9 @@ class TrainCfg:
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"] = "paged_adamw_32bit"
     weight_decay: float = 0.0  # LoRA weights are few; decay rarely helps
     max_grad_norm: float = 0.3  # QLoRA paper's clip; stabilises 4-bit training
-    gradient_checkpointing: bool = True  # trades ~30% compute for most activation memory
+    # recompute each layer in the backward instead of keeping its activations: most activation memory for a third
+    # more compute. None = on a GPU (memory is what runs out), off on a CPU (RAM is plentiful, compute is not)
+    gradient_checkpointing: Optional[bool] = None
     save_every: int = 100  # optimizer steps between checkpoints
     save_total_limit: Optional[int] = 3  # keep the newest N checkpoints; None keeps all
     eval_every: Optional[int] = None  # steps between evals; None = only at the end

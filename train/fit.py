@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from train import adapter, checkpoints, data, lora, model, patches, trainer
+from train import adapter, checkpoints, data, lora, model, patches, precision, trainer
 from train.eval import evaluate
 from train.config import Config, dump_config
 from train.errors import Interrupted, UserError
@@ -28,6 +28,7 @@ class Fitted:
 def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     run = Path(cfg.run.output_dir)
     main = is_main_process()
+    cfg = precision.resolved(cfg, quiet=not main)  # compute_dtype auto -> what this machine computes fast (one line)
     check_launch(cfg)
 
     # 1. Tokenizer and data (before anything is written or the weights load: bad rows fail fast)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from train import patches
+from train import patches, precision
 from train.config import LoraCfg
 from train.errors import UserError
 
@@ -85,16 +85,17 @@ def _note_dropout_path(peft_model, fused_layers: int) -> None:
                  "/".join(map(str, lora_kernels.RANKS)), p.r)
 
 
-def match_training_dtypes(peft_model, quant_mode: str) -> None:
-    """TRL 1.x trains the LoRA weights of a quantized base in bf16 (QLoRA paper), but peft upcasts
-    adapters it loads to fp32. Cast them back wherever an adapter is reloaded (resume, eval), so the
-    reloaded model computes exactly what the trained one did."""
-    if quant_mode == "none":
+def match_training_dtypes(peft_model, quant) -> None:
+    """The LoRA weights of a quantized base train in bf16 (TRL 1.x casts them, as the QLoRA paper does), except
+    with fp32 compute: a CPU without native bf16 would run every LoRA matmul emulated, ~30x slower. peft upcasts
+    adapters it loads to fp32. Cast them to the training dtype after TRL and wherever an adapter is reloaded
+    (resume, eval), so the reloaded model computes exactly what the trained one did."""
+    if quant.mode == "none":
         return
+    dtype = torch.float32 if precision.compute_dtype(quant) == "float32" else torch.bfloat16
     for name, param in peft_model.named_parameters():
         if "lora_" in name and "lora_magnitude_vector" not in name:
-            param.data = param.data.to(torch.bfloat16)
-
+            param.data = param.data.to(dtype)
 
 
 def use_lean_dropout(peft_model) -> int:

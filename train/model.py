@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from train import gguf, patches, tiny
+from train import gguf, patches, precision, tiny
 from train.kernels import attention
 from train.config import Config, ModelCfg, QuantCfg
 from train.errors import UserError
 
 log = logging.getLogger("train")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+DTYPES = precision.DTYPES
 
 # bitsandbytes' CPU 4-bit decode kernel asserts out_features % 32 == 0 (see DEVELOPERS.md).
 CPU_BNB_MULTIPLE = 32
@@ -35,7 +35,7 @@ def build_bnb_config(q: QuantCfg, skip_modules: list[str] | None = None):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.mode,  # "nf4" | "fp4"
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_compute_dtype=precision.torch_dtype(q),
         bnb_4bit_quant_storage=DTYPES[q.storage_dtype or "uint8"],
         llm_int8_skip_modules=skip_modules or None,  # transformers reads this for 4-bit too
     )
@@ -142,14 +142,17 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
             log.warning(
                 "CPU: bitsandbytes' 4-bit CPU kernels need out_features %% %d == 0; keeping %s in %s, "
                 "quantizing the rest (on GPU every layer is quantized)",
-                CPU_BNB_MULTIPLE, ", ".join(skip), cfg.quant.compute_dtype,
+                CPU_BNB_MULTIPLE, ", ".join(skip), precision.compute_dtype(cfg.quant),
             )
         skip = skip and skip + output_embedding(model_config)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=build_bnb_config(cfg.quant, skip),
-        dtype=DTYPES[cfg.quant.compute_dtype],
+        dtype=precision.torch_dtype(cfg.quant),
         device_map=device_map(),
+        # the hub's kernels (transformers >= 5.25 turns them on by default): they need the hub at load time, and
+        # would swap layers under our fused LoRA path; model.hub_kernels opts in
+        use_kernels=cfg.model.hub_kernels,
         attn_implementation=attention.resolve(cfg, model_config),
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
@@ -207,11 +210,12 @@ def load_tokenizer(path: str, m: ModelCfg, padding_side: str = "right", quiet: b
 
 
 def prepare_for_kbit(model, cfg: Config):
-    """Freeze the base; with fp16/fp32 compute also cast the unquantized weights to fp32 (peft's prep).
+    """Freeze the base; with fp16 compute also cast the unquantized weights to fp32 (peft's prep).
 
     With bf16 compute the embeddings, norms and lm_head stay bf16: peft's upcast to fp32 makes every
     hidden state fp32, costing 6.3 GB and 42% of tokens/s on an 8B model (docs/benchmarks.md) for no
-    stability gain, since bf16 has fp32's range. TRL's own QLoRA path does not upcast either.
+    stability gain, since bf16 has fp32's range. TRL's own QLoRA path does not upcast either. With fp32 compute
+    they were loaded in fp32 already.
 
     Gradient checkpointing and input-grad hooks are NOT enabled here: the Trainer enables
     checkpointing from SFTConfig (use_reentrant=True) and TRL 1.x calls enable_input_require_grads
@@ -219,7 +223,7 @@ def prepare_for_kbit(model, cfg: Config):
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.quant.mode == "none" or cfg.quant.compute_dtype == "bfloat16":
+    if cfg.quant.mode == "none" or precision.compute_dtype(cfg.quant) != "float16":
         return model
     from peft import prepare_model_for_kbit_training
 

@@ -123,7 +123,7 @@ CUDA_OVERHEAD_BYTES = 0.5e9  # CUDA context + cuBLAS workspaces + allocator slac
 # (the context is outside torch.cuda.max_memory_allocated; nvidia-smi includes it)
 DEFAULT_GPU_GB = 80.0  # an H100 80GB when --gpu-gb is not given
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "auto": 2}  # auto is bf16 on a GPU
 
 COMPONENTS = {  # estimate() keys, in table order, with their labels
     "base_weights": "base weights as loaded",
@@ -488,8 +488,8 @@ class Precision:
 
 
 def upcasts(quant: QuantCfg) -> bool:
-    """Whether train/model.py prepare_for_kbit casts the unquantized weights to fp32 (not with bf16 compute)."""
-    return quant.mode != "none" and quant.compute_dtype != "bfloat16"
+    """Whether train/model.py prepare_for_kbit casts the unquantized weights to fp32 (fp16 compute only)."""
+    return quant.mode != "none" and quant.compute_dtype == "float16"
 
 
 def precision(quant: QuantCfg) -> Precision:
@@ -606,7 +606,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     shared = ROPE_TENSORS * shape.head_dim * p.residual + INPUT_BYTES_PER_TOKEN
     bwd -= lora_freed_before_mlp_peak(shape, cfg.lora, cfg.quant)
     dequant = dequant_workspace_bytes(shape, cfg.quant)
-    if cfg.train.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing is not False:  # None = on, on the GPU this plans for
         alias = p.residual * shape.hidden if p.residual == NORM_SAVED_BYTES else 0
         return {"saved": tokens * (shape.n_layers * p.residual * shape.hidden + shared),
                 "working": tokens * (layer - alias + bwd) + dequant}
@@ -717,7 +717,7 @@ def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, g
     lines = [
         f"memory plan: {cfg.model.name_or_path} ({shape.arch}, {sum(shape.params.values()):,} params)",
         f"  quant {quant}; LoRA r={cfg.lora.r} on {targets} ({n_lora:,} trainable); {cfg.train.optimizer}; "
-        f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
+        f"gradient checkpointing {'off' if cfg.train.gradient_checkpointing is False else 'on'}",
         f"  micro-batch: {tokens:,} tokens"
         + (f" ({cfg.train.batch_size} x {cfg.data.max_length}, every row at full length)"
            if tokens == micro_batch_tokens(cfg) else " (override)"),

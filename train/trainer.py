@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from train import checkpoints, lora, patches, sampler
+from train.precision import use_bf16
 from train.kernels import attention
 from train.config import Config
 
@@ -39,19 +40,10 @@ def use_liger(cfg: Config) -> bool:
     return True
 
 
-def use_bf16(cfg: Config) -> bool:
-    if cfg.train.bf16 is not None:
-        return cfg.train.bf16
-    if cfg.quant.compute_dtype != "bfloat16":
-        return False
-    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
-
-
-def precision_context(cfg: Config):
-    """The autocast training runs under (accelerate wraps the trained model's forward in it).
-    Evaluation uses it too, so a reloaded adapter computes exactly what the trained model did."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16(cfg))
+def checkpointing(cfg: Config) -> bool:
+    """train.gradient_checkpointing as run: None means on a GPU only (config.py says why)."""
+    t = cfg.train.gradient_checkpointing
+    return torch.cuda.is_available() if t is None else t
 
 
 def build_sft_config(cfg: Config, run: Path, has_eval: bool):
@@ -74,7 +66,7 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         optim=t.optimizer if torch.cuda.is_available() or "paged" not in t.optimizer else "adamw_torch",
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=checkpointing(cfg),
         # reentrant: the first forward runs under no_grad, so no autograd graph or saved-tensor hooks are built
         # for it: +7% tokens/s on the host-bound fast path (docs/benchmarks.md). TRL makes the frozen base's
         # inputs require grad so gradients still reach LoRA; PEFT + ZeRO-3 needs reentrant anyway
@@ -387,7 +379,7 @@ def trainer_class():
 
         def checkpoint_loaded_hook(self):
             if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # they keep fp32 master weights
-                lora.match_training_dtypes(self.model, self.quant_mode)
+                lora.match_training_dtypes(self.model, self.quant)
 
         extension_start = None  # step where a finished run's schedule ended and a new one began (extend_schedule)
 
@@ -445,7 +437,7 @@ def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbac
     setup_reporting(cfg)
     args = build_sft_config(cfg, run, eval_ds is not None)
     cls = trainer_class()
-    cls.quant_mode = cfg.quant.mode
+    cls.quant = cfg.quant
     cls.task_scorer = staticmethod(task_scorer) if task_scorer else None
     trainer = cls(
         model=model,
@@ -455,6 +447,7 @@ def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbac
         processing_class=tok,
         callbacks=[MetricsFile(run / "metrics.jsonl"), MarkComplete(cfg), *callbacks],
     )
+    lora.match_training_dtypes(trainer.model, cfg.quant)  # after TRL's bf16 cast: fp32 LoRA with fp32 compute
     # the one progress display: no tqdm bar, and not the raw dict per log PrinterCallback prints under disable_tqdm
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)

@@ -21,7 +21,7 @@ from train.eval import metrics
 from train import model as model_lib
 from train.config import Config, from_dict, parse_override, set_dotted, template_fields
 from train.errors import UserError
-from train.trainer import precision_context
+from train.precision import precision_context
 
 log = logging.getLogger("train")
 
