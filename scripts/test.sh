@@ -35,13 +35,18 @@ PY
 )
 echo "newest releases installed in $venv:"
 echo "$versions"
+# the tree under test, as it is when the suite starts
+tree=$(git rev-parse --short HEAD 2>/dev/null || echo "no git")
+if [[ -n $(git status --porcelain -- train tests configs pyproject.toml 2>/dev/null) ]]; then
+  tree="$tree + uncommitted changes"
+fi
 set +e
 "$py" -m pytest -q tests "$@" 2>&1 | tee "$venv/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
 summary=$(grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$venv/pytest.log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
 {
-  echo "$(date -u +%Y-%m-%d) newest releases: ${summary:-no pytest summary (exit $rc)} (exit $rc; bash scripts/test.sh --latest${*:+ $*}; Python $("$py" -c 'import platform; print(platform.python_version())'), $(uname -s) $(uname -m))"
+  echo "$(date -u +%Y-%m-%d) newest releases: ${summary:-no pytest summary (exit $rc)} (exit $rc; bash scripts/test.sh --latest${*:+ $*}; commit $tree; Python $("$py" -c 'import platform; print(platform.python_version())'), $(uname -s) $(uname -m))"
   echo "$versions"
   grep -E '^(FAILED|ERROR) ' "$venv/pytest.log" || true
 } >"$out"
