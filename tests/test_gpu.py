@@ -463,3 +463,57 @@ def test_cuda_resume_reproduces_the_uninterrupted_losses(cuda_runs):
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=0, atol=1e-6, msg=key)
     rows = [json.loads(x) for x in (cuda_runs["whole"].run / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("gpu_peak_gb", 0) for r in rows) > 0  # the metrics came from the GPU
+
+
+# ---------------------------------------------------------------- (e) every model family: its own attention on the GPU
+
+def packed_vs_padded_gap(net, device="cuda") -> float:
+    """Largest per-row loss difference between test_packing's ROWS packed (padding-free) and padded."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from test_packing import ROWS, per_row_losses
+
+    lengths, width = list(map(len, ROWS)), max(map(len, ROWS))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in ROWS], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ROWS], device=device)
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": r, "labels": r} for r in ROWS])
+    batch.pop("labels")
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.no_grad():
+        padded = net(input_ids=ids, attention_mask=mask).logits
+        padded = [per_row_losses(padded[i], ids[i], [n])[0] for i, n in enumerate(lengths)]
+        packed = per_row_losses(net(**batch).logits[0], batch["input_ids"][0], lengths)
+    return max(abs(a - b) for a, b in zip(packed, padded))
+
+
+@on_gpu
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"])
+def test_each_family_runs_its_own_attention_packed_as_padded(tmp_path, monkeypatch, name):
+    """Each family's tiny model (tests/families.py) on the GPU path (NF4, bf16, LoRA): `auto` picks the varlen
+    kernel with each layer's window (Gemma 2: eager, its softcap has no kernel argument), and a packed batch gives
+    each row the loss and LoRA gradients it gets padded and alone, rows longer than the window (16; Phi-3: 24)
+    included (check_varlen). Negative control for the windowed families: the kernel told to ignore the window
+    moves the rows past it."""
+    from families import family_config
+    from train import lora, model
+    from train.kernels import attention
+
+    cfg = family_config(tmp_path / "run", name, quant={"compute_dtype": "bfloat16"})
+    base = model.prepare_for_kbit(model.load_base(cfg, model.resolve_model_path(cfg.model), quiet=True), cfg)
+    varlen = name != "gemma2"
+    assert base.config._attn_implementation == (attention.NAME if varlen else "eager")
+    base.config.use_cache = False
+    torch.manual_seed(0)
+    net = lora.wrap(base, cfg.lora)
+    for pname, p in net.named_parameters():  # non-zero B, so the adapter is in the computation
+        if "lora_B" in pname:
+            p.data.normal_(0, 0.05)
+    net.eval()
+    check_varlen(net, _varlen_spy(monkeypatch), expect_varlen=varlen)
+    if varlen and any(layer.sliding_window for layer in attention.model_layers(base.config)):
+        assert packed_vs_padded_gap(net) < 2e-2
+        monkeypatch.setattr(attention, "kernel_args", lambda layer, window_param=True: {"window_size": (-1, 0)})
+        assert packed_vs_padded_gap(net) > 2e-2, "without its window the kernel must compute another attention"
+    monkeypatch.undo()
+    attention.register()  # the real varlen_attn again for later tests
