@@ -71,7 +71,7 @@ def model_layers(model_config) -> list[LayerAttention]:
     to every layer (Mistral, Phi-3). attn_logit_softcapping is Gemma's softcap."""
     c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     window = getattr(c, "sliding_window", None)
-    types = getattr(c, "layer_types", None) or [None] * c.num_hidden_layers
+    types = getattr(c, "layer_types", None) or [None] * (getattr(c, "num_hidden_layers", None) or 0)
     softcap = getattr(c, "attn_logit_softcapping", None)
     dropout = float(getattr(c, "attention_dropout", 0.0) or 0.0)
     return [LayerAttention(sliding_window=window if t in (None, "sliding_attention") else None, softcap=softcap,
@@ -138,7 +138,9 @@ def register() -> str:
         if isinstance(args, str) and (layer.softcap is not None or layer.sinks):  # resolve() keeps such models off
             raise RuntimeError(f"sdpa_varlen: layer {getattr(module, 'layer_idx', '?')} has {args}, which neither "
                                "the varlen kernel nor sdpa computes; set model.attn_implementation: eager")
-        if cu is None or query.shape[0] != 1 or query.device.type not in KERNEL_DEVICES or isinstance(args, str):
+        other_v = value.shape[-1] != query.shape[-1]  # e.g. MLA's narrower values: sdpa takes them, FlashAttention not
+        if cu is None or query.shape[0] != 1 or query.device.type not in KERNEL_DEVICES or isinstance(args, str) \
+                or other_v:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kw)  # the mask has the window
         if query.dtype == torch.float32 and query.is_cuda:  # FlashAttention takes 16-bit inputs only
