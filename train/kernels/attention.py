@@ -178,7 +178,8 @@ def kernel_has_window() -> bool:
 def choose(cfg, model_config=None) -> tuple[str, str | None]:
     """(attn_implementation for from_pretrained, a notice or None); no side effects. "auto": varlen for
     padding-free training on a GPU that has it, where it computes exactly this model's attention, else the
-    model's own (sdpa, or eager: Gemma 2). An explicit choice the model cannot run exactly is a UserError."""
+    model's own (sdpa, or eager: Gemma 2). An explicit choice the model cannot run exactly is a UserError.
+    model_config None (a caller that has none): treated as a Llama-like model, whose every layer the kernel runs."""
     want = cfg.model.attn_implementation
     own, why = own_attention(model_config)
     name = arch(model_config) if model_config is not None else "this model"
