@@ -28,7 +28,6 @@ class Fitted:
 def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     run = Path(cfg.run.output_dir)
     main = is_main_process()
-    cfg = precision.resolved(cfg, quiet=not main)  # compute_dtype auto -> what this machine computes fast (one line)
     check_launch(cfg)
 
     # 1. Tokenizer and data (before anything is written or the weights load: bad rows fail fast)
@@ -36,6 +35,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     tok = model.load_tokenizer(path, cfg.model)
     train_split, eval_split = data.load_splits(cfg, tok)
     cfg = data.with_resolved_budget(cfg, train_split)  # what config.yaml records, for `train eval`
+    cfg = precision.resolved(cfg, quiet=not main)  # compute_dtype auto -> what this machine computes fast (one line)
     scorer = task_scorer(cfg, tok, eval_split)
 
     # 2. Run directory and resume point
@@ -237,7 +237,8 @@ def check_launch(cfg: Config) -> None:
         raise UserError(f"{gpus} GPUs are visible to one process; use them all with `accelerate launch "
                         "--config_file configs/accelerate/ddp.yaml -m train fit ...`, or one with CUDA_VISIBLE_DEVICES=0")
     sharded, q = model.sharded_launch(), cfg.quant
-    if sharded and q.mode != "none" and (q.storage_dtype != "bfloat16" or q.compute_dtype != "bfloat16"):
+    # (compute_dtype auto is bf16 there: FSDP and ZeRO-3 run on GPUs)
+    if sharded and q.mode != "none" and (q.storage_dtype != "bfloat16" or q.compute_dtype not in ("bfloat16", "auto")):
         raise UserError(f"quant.storage_dtype: {sharded} shards only bf16 tensors here; set "
                         "quant.storage_dtype: bfloat16 and quant.compute_dtype: bfloat16 (or launch with ddp.yaml)")
     if sharded == "fsdp" and (cfg.lora.use_dora or cfg.lora.modules_to_save):
