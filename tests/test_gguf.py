@@ -77,18 +77,22 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-def test_gguf_converts_once_to_the_same_model(tiny_gguf, caplog):
+def test_gguf_converts_once_to_the_same_model(tiny_gguf, caplog, monkeypatch):
     """The cached folder holds the GGUF's own weights (bf16 of the F32 file) and tokenizer; the second
-    resolve reuses it without converting again."""
+    resolve reuses it without converting, parsing or hashing the file again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train import gguf, tiny
 
     with caplog.at_level("INFO", logger="train"):
         folder = gguf.resolve(str(tiny_gguf))
+        reads = []
+        monkeypatch.setattr(gguf, "check_readable", lambda path: reads.append(path))
+        monkeypatch.setattr(gguf.hashlib, "sha256", lambda: reads.append("hash"))
         again = gguf.resolve(str(tiny_gguf))
     assert folder == again and (folder / gguf.COMPLETE).is_file()
     assert sum("converting" in r.message for r in caplog.records) == 1
+    assert reads == []  # a converted file is neither parsed (~10 s for a real vocabulary) nor hashed twice
 
     ref_dir = tiny.materialize("builtin:tiny-llama")
     ref, ref_tok = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.bfloat16), AutoTokenizer.from_pretrained(ref_dir)

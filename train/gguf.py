@@ -8,6 +8,7 @@ with the same file loads that folder in NF4 like any other base, without re-read
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -29,6 +30,13 @@ def is_gguf(name: str) -> bool:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's SHA-256, computed once per process for one version of the file (its path, size and mtime)."""
+    st = path.stat()
+    return _sha256(path, st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.cache
+def _sha256(path: Path, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(chunk):
@@ -67,10 +75,12 @@ def check_readable(path: Path) -> str:
 def resolve(name: str) -> Path:
     """The cached HF folder for GGUF file `name`, converting it first when this file was never seen."""
     path = Path(name).expanduser().resolve()
-    arch = check_readable(path)
+    if not path.is_file():
+        check_readable(path)  # the one-line error for a missing file
     target = cached_folder(path)
-    if (target / COMPLETE).is_file():
+    if (target / COMPLETE).is_file():  # this exact file (its SHA-256) was read and converted before
         return target
+    arch = check_readable(path)  # parsing every field (a 49k-token vocabulary) takes ~10 s: only before converting
     log.info("converting %s (%s) to a Hugging Face folder, once: %s", path.name, arch, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
