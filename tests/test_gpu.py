@@ -36,7 +36,7 @@ def on_gpu(test):
 def compiled_triton() -> None:
     """Skip unless Triton compiles for the GPU in this session (conftest.py keeps its CPU interpreter on
     for every run but `pytest -m gpu` on a CUDA machine)."""
-    if K._triton() is None:
+    if K.triton_module() is None:
         pytest.skip("triton is not installed")
     if K._interpreting():
         pytest.skip("Triton runs in its CPU interpreter in this session (TRITON_INTERPRET=1): "
@@ -153,7 +153,7 @@ def fused_and_peft(tmp_path, compute_dtype: str, dropout: float, kernel: str, **
     ref, _ = _peft_4bit(tmp_path / "peft", compute_dtype, dropout, kernel="peft", **lora_cfg)
     if compute_dtype == "bfloat16":
         for m in (fused, ref):
-            lora.match_training_dtypes(m, cfg.quant.mode)  # TRL trains a 4-bit base's LoRA weights in bf16
+            lora.match_training_dtypes(m, cfg.quant)  # TRL trains a 4-bit base's LoRA weights in bf16
     elif compute_dtype == "float16":  # (CPU runs of these checks: the interpreter has no bf16)
         for m in (fused, ref):
             for name, p in m.named_parameters():
@@ -426,12 +426,12 @@ def cuda_runs(tmp_path_factory):
 def test_cuda_fit_runs_the_gpu_fast_path(cuda_runs):
     import importlib.util
 
-    from train import trainer
+    from train import precision, trainer
     from train.kernels import attention
 
     net = cuda_runs["whole"].model
     cfg = cuda_config(cuda_runs["root"] / "whole")
-    assert trainer.use_bf16(cfg) and trainer.precision_context(cfg).fast_dtype == torch.bfloat16
+    assert precision.use_bf16(cfg) and precision.precision_context(cfg).fast_dtype == torch.bfloat16
     assert net.config._attn_implementation == attention.NAME
     assert next(p for n, p in net.named_parameters() if "lora_A" in n).is_cuda
     assert cuda_runs["kernel_calls"] > 0, "lora.kernel=fused_triton must run the Triton dropout"
