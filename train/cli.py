@@ -1,4 +1,4 @@
-"""Command line: `python -m train {fit,eval} ...`. Bad input -> one line on stderr, exit code 2."""
+"""Command line: `python -m train {fit,eval,merge,generate,plan} ...`. Bad input -> one line on stderr, exit code 2."""
 
 from __future__ import annotations
 

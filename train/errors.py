@@ -1,4 +1,5 @@
-"""The one exception type that means "the user's input is wrong" (exit code 2, one line, no traceback)."""
+"""User-facing exceptions: UserError (bad input: exit code 2, one line, no traceback) and Interrupted (stopped by a
+signal after saving a checkpoint)."""
 
 
 class UserError(Exception):

@@ -19,7 +19,7 @@ log = logging.getLogger("train")
 
 DTYPES = precision.DTYPES
 
-# bitsandbytes' CPU 4-bit decode kernel asserts out_features % 32 == 0 (see DEVELOPERS.md).
+# bitsandbytes' CPU 4-bit decode kernel asserts out_features % 32 == 0 (its CPU backend, bitsandbytes >= 0.48).
 CPU_BNB_MULTIPLE = 32
 
 

@@ -17,7 +17,7 @@ import inspect
 from typing import Any
 
 # Versions every patch below was tested with (the environment of tests/).
-TESTED = {"transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2", "torch": "2.13.0",
+TESTED = {"transformers": "5.25.0", "peft": "0.21.2", "bitsandbytes": "0.50.2", "torch": "2.13.0",
           "deepspeed": None}  # deepspeed: not installed where tests run; ZeRO-3 runs on the GPU host only
 
 

@@ -4,7 +4,7 @@ peft computes lora_B(lora_A(dropout(x))): autograd then keeps, per LoRA layer, t
 input feature per token) and its mask (1 B) for lora_A's weight gradient, although the frozen base layer
 already keeps x itself. On the 8B benchmark that is 7 extra copies per decoder layer, 0.65 GB of the
 recompute peak. Here lora_A applies the dropout itself, keeps only x and the RNG state, and replays the
-same mask in the backward: the same distribution and the same gradients (tests/test_builders.py checks
+same mask in the backward: the same distribution and the same gradients (tests/test_lora_dropout.py checks
 them against peft's own path), a third fewer bytes. train/lora.py installs it (use_lean_dropout).
 """
 

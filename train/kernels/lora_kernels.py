@@ -28,7 +28,7 @@ CHUNK = 1024  # input columns per forward program: 4-14 programs per 64 rows on 
 
 def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
     """The kernels handle this call: CUDA (or Triton's CPU interpreter), 16-bit inputs, a supported rank,
-    and element indices that fit Philox's 32-bit offsets."""
+    and element indices that fit the mask hash's 32-bit input."""
     interpretable = _interpreting() and x.dtype == torch.float16  # the CPU interpreter has no bf16
     # kernels launch on the current device: a layer placed on another GPU of this process takes the torch path
     on_device = x.is_cuda and x.device.index == torch.cuda.current_device()
