@@ -7,7 +7,7 @@
     python scripts/bench.py --tiny                     # CPU smoke test of ways c, a, b: tiny Llama, 3 steps
     python scripts/bench.py --cpu --model /tmp/smollm2 # CPU: our fit step against a plain peft + bnb step
 
-Workload (train/bench_workload.py; docs/benchmarks.md): Llama-3.1-8B's architecture with random bf16 weights on
+Workload (scripts/bench_workload.py; docs/benchmarks.md): Llama-3.1-8B's architecture with random bf16 weights on
 local disk, NF4 + double quant + bf16 compute; LoRA r=16 alpha=32 dropout=0.05 on all linear layers; 1,500 rows
 of random letters, lognormal token lengths (mean 400, sigma 1) capped at 2048; 16 sequences per optimizer step
 (b packs rows into 2048-token bins, so its batch counts bins); paged_adamw_32bit, lr 2e-4 cosine, clip 0.3.
@@ -21,7 +21,7 @@ Ways, each in its own process (clean peak memory, nothing leaks between ways):
   a        TRL defaults: SFTTrainer, pad to longest, sdpa, gradient checkpointing, batch 4 x accumulation 4
   b        TRL's best flags: a + packing (BFD bins of 2048) + use_liger_kernel
 
-Reported (train/bench_measure.py): tok/s = real tokens of the timed steps / their wall time, the first step
+Reported (scripts/bench_measure.py): tok/s = real tokens of the timed steps / their wall time, the first step
 apart, peak torch.cuda.max_memory_allocated, MFU (6N FLOP per token: forward, recompute, input-gradient backward),
 the first losses; for c also `train plan`'s peak at its largest micro-batch, the per-sequence loss check (the same
 8 rows alone, padded, packed) and the fused-layer check.
@@ -77,7 +77,7 @@ def run_ours(way: dict, ctx: dict) -> dict:
     train.trainer.build_trainer; the wrapper only adds the timer and counts what the collator returns."""
     import train.trainer as trainer_mod
     from train import cli
-    from train.bench_measure import (count_batches, fused_layer_check, make_timer, packing_check, plan_prediction,
+    from bench_measure import (count_batches, fused_layer_check, make_timer, packing_check, plan_prediction,
                                      summarize)
 
     timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"])
@@ -125,7 +125,7 @@ def run_trl(way: dict, ctx: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from train.bench_measure import count_batches, make_timer, summarize
+    from bench_measure import count_batches, make_timer, summarize
 
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(ctx["model_dir"])
@@ -160,7 +160,7 @@ def run_trl(way: dict, ctx: dict) -> dict:
 def run_unsloth(way: dict, ctx: dict) -> dict:
     """Unsloth on the same ids, model folder and LoRA settings, 16 rows per padding-free step. Runs in a process
     whose PYTHONPATH starts with Unsloth's own packages (its pinned TRL/peft/bitsandbytes, the image's
-    transformers), never the project's; train.bench_measure imports nothing of the project."""
+    transformers), never the project's; bench_measure imports nothing of the project."""
     import torch
 
     if not torch.cuda.is_available():
@@ -170,7 +170,7 @@ def run_unsloth(way: dict, ctx: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
-    from train.bench_measure import count_batches, make_timer, summarize
+    from bench_measure import count_batches, make_timer, summarize
 
     t0 = time.perf_counter()
     model, tok = FastLanguageModel.from_pretrained(model_name=ctx["model_dir"], max_seq_length=ctx["max_length"],
@@ -212,7 +212,7 @@ def run_cpu_ours(way: dict, ctx: dict) -> dict:
     from transformers import set_seed
 
     from train import lora, model as model_mod, trainer as trainer_mod
-    from train.bench_measure import count_batches, make_timer, summarize
+    from bench_measure import count_batches, make_timer, summarize
     from train.config import load_config
 
     cfg = load_config(None, [  # our defaults; the batch and the step count set
@@ -251,7 +251,7 @@ def run_cpu_plain(way: dict, ctx: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_cosine_schedule_with_warmup
 
-    from train.bench_measure import summarize
+    from bench_measure import summarize
 
     t0 = time.perf_counter()
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -311,7 +311,7 @@ def child(name: str, ctx_file: Path) -> int:
 
     import torch
 
-    from train.bench_measure import versions
+    from bench_measure import versions
 
     res.update(way=name, desc=way["desc"], warmup=ctx["warmup"], process_s=round(time.perf_counter() - t0, 1),
                versions=versions(), peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
@@ -378,8 +378,8 @@ def main(argv=None) -> int:
     if args.child:
         return child(args.child[0], Path(args.child[1]))
 
-    from train import bench_workload as wl
-    from train.bench_measure import cpu_table, plan_check_table, side_by_side, versions
+    import bench_workload as wl
+    from bench_measure import cpu_table, plan_check_table, side_by_side, versions
 
     start = time.perf_counter()
     small = args.tiny or args.cpu
