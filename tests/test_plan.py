@@ -345,6 +345,35 @@ def test_known_family_shapes_gemma3_vocab_qwen3_norms_phi3_fused():
         plan.lora_targets(phi, ["q_proj"])
 
 
+@pytest.mark.parametrize("targets, ok", [(["mlp.down_proj"], True), (["self_attn.q_proj", "up_proj"], True),
+                                         (["q_proj", "nope_proj"], False), ([".*_proj"], False)])
+def test_plan_and_fit_agree_on_targets(tiny, targets, ok):
+    """plan.lora_targets and the fit's lora.check_targets take and refuse the same list (one shared rule)."""
+    from train import lora
+    from train.model import meta_model
+
+    shape, cfg = plan.model_shape(tiny), LoraCfg(r=8, target_modules=targets)
+    if ok:
+        lora.check_targets(meta_model(tiny), cfg)
+        leaves = {t.rsplit(".", 1)[-1] for t in targets}
+        assert {l.name.rsplit(".", 1)[-1] for l in plan.lora_targets(shape, targets)} == leaves
+        return
+    for call in (lambda: lora.check_targets(meta_model(tiny), cfg), lambda: plan.lora_targets(shape, targets)):
+        with pytest.raises(UserError, match=r"lora.target_modules: \[.*\] not found in the model"):
+            call()
+
+
+def test_plan_reads_a_name_as_the_fit_does(tmp_path, monkeypatch):
+    """A local-looking path without config.json: the same one-line error from train plan and from the fit."""
+    from train import model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name" / "x").mkdir(parents=True)
+    for call in (plan.plan_model_config, model.resolve_model_path):
+        with pytest.raises(UserError, match="org/name/x is not a model directory"):
+            call(ModelCfg(name_or_path="org/name/x"))
+
+
 @pytest.mark.parametrize("name, arch", [("Qwen/Qwen3-8B", "Qwen3ForCausalLM"),
                                         ("google/gemma-3-1b-it", "Gemma3ForCausalLM"),
                                         ("microsoft/Phi-3-mini-4k-instruct", "Phi3ForCausalLM")])

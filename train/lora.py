@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -32,15 +33,29 @@ def build_lora_config(l: LoraCfg):
 
 def check_targets(model, l: LoraCfg) -> None:
     """lora.target_modules must name modules the model has (works on a meta-device model: no weights)."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    if isinstance(l.target_modules, list):
-        missing = [t for t in l.target_modules if t not in names]
-        if missing:
-            linear = sorted({n for n in names if n.endswith("proj") or n in ("fc1", "fc2", "c_attn", "dense")})
-            raise UserError(
-                f"lora.target_modules: {missing} not found in the model; its linear layers are {linear} "
-                "(or use all-linear)"
-            )
+    names = [n for n, _ in model.named_modules()]
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    linear = sorted({n for n in leaves if n.endswith("proj") or n in ("fc1", "fc2", "c_attn", "dense")})
+    check_target_names(names, l.target_modules, linear)
+
+
+def target_matches(name: str, targets: str | list[str]) -> bool:
+    """peft's rule: a list entry matches a module name or its dotted suffix; a string is a regex that must
+    fullmatch the name (all-linear is peft's own: the caller resolves it)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_target_names(names: list[str], targets: str | list[str], linear: list[str]) -> None:
+    """A list entry that matches none of the module `names` is a one-line UserError listing `linear`.
+    Shared with `train plan` (train/plan.py), which has the names without a model."""
+    if not isinstance(targets, list):
+        return
+    missing = [t for t in targets if not any(target_matches(n, [t]) for n in names)]
+    if missing:
+        raise UserError(f"lora.target_modules: {missing} not found in the model; its linear layers are {linear} "
+                        "(or use all-linear)")
 
 
 def wrap(model, l: LoraCfg):

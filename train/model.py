@@ -49,16 +49,22 @@ def resolve_model_path(m: ModelCfg) -> str:
         return str(tiny.materialize(name))
     if gguf.is_gguf(name):
         return str(gguf.resolve(name))
+    path = local_model_dir(name)
+    return name if path is None else str(path)
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The local model folder `name` means, None for a hub id; a local-looking name without config.json is a
+    UserError. Shared with `train plan` (train/plan.py), so both read a name the same way."""
     path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
-    if looks_local:
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model.name_or_path: {name} is not a model directory (no config.json); "
-                "give a local HF-format model dir, a .gguf file, a hub id like Qwen/Qwen2.5-0.5B, or builtin:tiny-llama"
-            )
-        return str(path)
-    return name
+    if not (name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1):
+        return None
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"model.name_or_path: {name} is not a model directory (no config.json); "
+            "give a local HF-format model dir, a .gguf file, a hub id like Qwen/Qwen2.5-0.5B, or builtin:tiny-llama"
+        )
+    return path
 
 
 def load_model_config(path: str, m: ModelCfg):
