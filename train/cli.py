@@ -30,10 +30,13 @@ def parser() -> argparse.ArgumentParser:
                     "file order (--set eval.sample=first takes the first N)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
-    mg = sub.add_parser("merge", help="merge the adapter into a bf16 copy of the base and verify it")
+    mg = sub.add_parser("merge", help="merge the adapter into the dequantized base it was trained on; report the gap")
     mg.add_argument("run", help="run directory (or adapter directory)")
     mg.add_argument("--out", required=True, help="directory for the merged model")
-    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    mg.add_argument("--overwrite", action="store_true", help="replace a previous merge's output in --out (only that)")
+    mg.add_argument("--base", choices=("dequantized", "original"), default="dequantized",
+                    help="dequantized (default): the 4-bit base as trained; original: the base's unquantized weights")
+    mg.add_argument("--limit", type=int, help="eval rows the merged model is compared on (default: eval.limit)")
 
     gen = sub.add_parser("generate", help="greedy generation with the adapter, for a quick look",
                          description="Each --prompt is wrapped as the run's training prompts were: data.format "
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "merge":
         from train.merge import merge
 
-        merge(args.run, args.out, overwrite=args.overwrite)
+        merge(args.run, args.out, overwrite=args.overwrite, base=args.base, limit=args.limit)
     elif args.command == "generate":
         from train.eval.evaluate import GENERATION_SEPARATOR, format_generation, generate_text
 
