@@ -15,7 +15,7 @@ from train.config import Config, LoraCfg, QuantCfg, dump_config, load_config
 from train.errors import UserError
 from train.lora import build_lora_config
 from train.model import build_bnb_config
-from train.trainer import build_sft_config
+from train.sft_config import build_sft_config
 
 DEMO = REPO / "configs" / "tiny.yaml"
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))  # top level only: configs/accelerate/ are accelerate's

@@ -426,7 +426,7 @@ def cuda_runs(tmp_path_factory):
 def test_cuda_fit_runs_the_gpu_fast_path(cuda_runs):
     import importlib.util
 
-    from train import precision, trainer
+    from train import precision, sft_config
     from train.kernels import attention
 
     net = cuda_runs["whole"].model
@@ -436,7 +436,7 @@ def test_cuda_fit_runs_the_gpu_fast_path(cuda_runs):
     assert next(p for n, p in net.named_parameters() if "lora_A" in n).is_cuda
     assert cuda_runs["kernel_calls"] > 0, "lora.kernel=fused_triton must run the Triton dropout"
     assert importlib.util.find_spec("liger_kernel"), "liger-kernel is a dependency on Linux (pyproject.toml)"
-    assert trainer.use_liger(cfg)
+    assert sft_config.use_liger(cfg)
     liger = [m for m in net.modules()  # Liger binds its own forward to each RMSNorm instance
              if getattr(getattr(m.forward, "__func__", None), "__module__", "").startswith("liger_kernel")]
     assert len(liger) >= 2 * net.config.num_hidden_layers + 1, "Liger's RMSNorm must run in every norm"

@@ -13,7 +13,8 @@ import yaml
 
 from conftest import REPO
 from train.fit import summary_lines
-from train.trainer import LibraryLogFilter, StepLines, format_duration
+from train.callbacks import StepLines, format_duration
+from train.reporting import LibraryLogFilter
 
 
 def run_cli(tmp_path: Path, *sets: str) -> str:

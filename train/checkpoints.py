@@ -59,7 +59,7 @@ def checkpoint_step(path: Path) -> int:
 
 def mark_complete(ckpt: Path, cfg: Config, schedule_start: int | None = None) -> None:
     """`schedule_start`: the step where this checkpoint's lr schedule began, when the run was extended
-    past the end of its first one (a resume from it rebuilds that schedule: trainer.extend_schedule)."""
+    past the end of its first one (a resume from it rebuilds that schedule: schedule.extend_schedule)."""
     write_atomic(ckpt / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if schedule_start is not None:
         write_atomic(ckpt / SCHEDULE, json.dumps({"start": schedule_start}) + "\n")
@@ -79,8 +79,8 @@ def latest_complete(ckpt_dir: Path) -> Path | None:
 def prepare_run_dir(run: Path, cfg: Config, overwrite: bool) -> None:
     """Refuse to mix two runs' files; never delete anything that is not ours.
 
-    Everything that can reject this run (directory, resume point, model; fit has already loaded and checked
-    every data row) is checked first, so a refused run leaves the disk exactly as it was: nothing created,
+    Everything that can reject this run (directory, resume point; fit has already checked the model, its LoRA
+    targets and every data row) is checked first, so a refused run leaves the disk exactly as it was: nothing created,
     nothing removed.
     """
     if run.exists() and not run.is_dir():
@@ -147,21 +147,12 @@ def check_writable(run: Path) -> None:
 
 
 def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
-    """Every cheap check of what `fit` will use, in its order, with no weights loaded and nothing written:
-    resume point, model path and config, model.attn_implementation for this model, lora.target_modules. The
-    data rows are checked once, where fit tokenizes them (data.load_splits; eval truths: eval.training_scorer)."""
-    from train import lora, model
-    from train.kernels import attention
-
+    """The resume point and its saved config, with nothing written. fit has already checked the model, its
+    attention and lora.target_modules (model.preflight, lora.preflight) and every data row (data.load_splits)."""
     if not (overwrite and cfg.train.resume == "auto"):  # --overwrite removes the old checkpoints
         ckpt = resume_point(cfg, run)
         if ckpt is not None:
             check_resume(ckpt, cfg, quiet=True)
-    path = model.resolve_model_path(cfg.model)
-    model_config = model.load_model_config(path, cfg.model)
-    attention.choose(cfg, model_config)
-    if isinstance(cfg.lora.target_modules, list):
-        lora.check_targets(model.meta_model(model_config), cfg.lora)
 
 
 def resume_point(cfg: Config, run: Path) -> Path | None:
@@ -215,7 +206,7 @@ def check_resume(ckpt: Path, cfg: Config, quiet: bool = False) -> list[str]:
 
 
 # Keys of the lr schedule. Past the end of a finished run, they shape the extra steps' new schedule
-# (trainer.extend_schedule says how), so a change there is no surprise worth a warning.
+# (schedule.extend_schedule says how), so a change there is no surprise worth a warning.
 SCHEDULE_KEYS = ("train.lr", "train.lr_scheduler", "train.warmup_ratio")
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from transformers import set_seed
 
-from train import adapter, checkpoints, data, lora, model, patches, precision, trainer
+from train import adapter, checkpoints, data, lora, model, patches, precision, schedule, stop, trainer
+from train.callbacks import truncate_metrics
 from train.eval import evaluate
 from train.config import Config, dump_config
 from train.errors import Interrupted, UserError
@@ -35,6 +36,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     tok = model.load_tokenizer(path, cfg.model)
     train_split, eval_split = data.load_splits(cfg, tok)
     cfg = data.with_resolved_budget(cfg, train_split)  # what config.yaml records, for `train eval`
+    lora.preflight(model.preflight(cfg, path), cfg.lora)  # model config, attention, LoRA targets: no weights
     cfg = precision.resolved(cfg, quiet=not main)  # compute_dtype auto -> what this machine computes fast (one line)
     scorer = task_scorer(cfg, tok, eval_split)
 
@@ -58,12 +60,12 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
 
     # 4. Train (SIGINT/SIGTERM save a checkpoint and stop)
     eval_ds = eval_dataset(cfg, eval_split)
-    with trainer.GracefulStop() as stop:
+    with stop.GracefulStop() as stopper:
         sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_ds, run,
-                                    callbacks=[stop, *callbacks], task_scorer=scorer)
+                                    callbacks=[stopper, *callbacks], task_scorer=scorer)
         metrics = {**train_or_restore(sft, resume_from), "epoch": sft.state.epoch}
-    if stop.requested:
-        raise Interrupted(stop.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"),
+    if stopper.requested:
+        raise Interrupted(stopper.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"),
                           cfg.train.resume)
 
     # 5. Save the adapter, tokenizer, config and model card
@@ -82,19 +84,19 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
 def train_or_restore(sft, resume_from: Path | None) -> dict[str, Any]:
     """Train from the start or `resume_from`. A checkpoint at the end of its lr schedule is only restored
     when this config asks for no more steps; asked for more, the extra steps get a schedule of their own
-    (trainer.extend_schedule). A checkpoint inside such an extension resumes that extension's schedule."""
+    (schedule.extend_schedule). A checkpoint inside such an extension resumes that extension's schedule."""
     if resume_from is not None:
         step = checkpoints.checkpoint_step(resume_from)
         if checkpoints.ended(resume_from):
-            target = trainer.target_steps(sft)
+            target = schedule.target_steps(sft)
             if target <= step:
                 if target < step:
                     log.warning("%s is past this config's last step (%d): restoring it as trained, %d steps; "
                                 "pass --overwrite to train %d steps instead", resume_from.name, target, step, target)
-                return trainer.restore_finished(sft, resume_from)
-            trainer.extend_schedule(sft, step, target)
+                return schedule.restore_finished(sft, resume_from)
+            schedule.extend_schedule(sft, step, target)
         elif (start := checkpoints.schedule_start(resume_from)) is not None:
-            trainer.extend_schedule(sft, start)
+            schedule.extend_schedule(sft, start)
     result = sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return {"train_loss": result.training_loss, "global_step": result.global_step}
 
@@ -222,7 +224,7 @@ def start_or_resume(cfg: Config, run: Path, main: bool) -> Path | None:
                     "GPU and DDP it is not yet tested to reproduce an uninterrupted run step for step",
                     model.sharded_launch())
     if main:
-        trainer.truncate_metrics(run / "metrics.jsonl", checkpoints.checkpoint_step(resume_from))
+        truncate_metrics(run / "metrics.jsonl", checkpoints.checkpoint_step(resume_from))
     return resume_from
 
 

@@ -58,6 +58,14 @@ def check_target_names(names: list[str], targets: str | list[str], linear: list[
                         "(or use all-linear)")
 
 
+def preflight(model_config, l: LoraCfg) -> None:
+    """lora.target_modules against the model's module tree on the meta device, before any weights load."""
+    from train.model import meta_model
+
+    if isinstance(l.target_modules, list):  # "all-linear" matches whatever the model has
+        check_targets(meta_model(model_config), l)
+
+
 def wrap(model, l: LoraCfg):
     from peft import get_peft_model
 

@@ -85,6 +85,14 @@ def load_model_config(path: str, m: ModelCfg):
         raise UserError(f"model.name_or_path: {path}: {str(e).splitlines()[0]}") from None
 
 
+def preflight(cfg: Config, path: str):
+    """Before any weights load: the model's config loads and model.attn_implementation can run this model
+    (one-line UserError otherwise). Returns the model config (lora.preflight checks the targets on it)."""
+    model_config = load_model_config(path, cfg.model)
+    attention.choose(cfg, model_config)
+    return model_config
+
+
 def meta_model(model_config):
     """The model's module tree on the meta device: shapes and names, no memory, no weights read."""
     from accelerate import init_empty_weights

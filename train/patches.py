@@ -117,7 +117,7 @@ def trainer_hooks(base):
 
 
 def load_checkpoint(trainer, checkpoint: str) -> None:
-    """Trainer._load_from_checkpoint outside train(): restoring a finished run (trainer.restore_finished)
+    """Trainer._load_from_checkpoint outside train(): restoring a finished run (schedule.restore_finished)
     loads its adapter exactly as a resume would, through the dtype hook above."""
     trainer._load_from_checkpoint(checkpoint)
 
