@@ -138,7 +138,9 @@ def _fake_report(adapter_preds, truths, baseline=49.0):
         stats = metrics.prediction_stats(truths, preds)
         stats.pop("r2")
         report[name] = {"loss": 1.0, "perplexity": 2.7, "collapsed": stats.pop("collapsed"),
-                        "collapse_reasons": stats.pop("collapse_reasons"), "task": {**scores, **stats}}
+                        "collapse_reasons": stats.pop("collapse_reasons"), "task": {**scores, **stats},
+                        "rows_detail": [{"parsed": p} for p in preds]}
+    report["compared"] = metrics.compare_on_common_rows(report, truths, list(range(1, len(truths) + 1)), "numeric")
     return report
 
 
@@ -157,13 +159,38 @@ def test_collapsed_adapter_warns_once_and_table_shows_the_baseline(caplog):
     lines = evaluate.summary_lines(report)
     assert lines[0] == "20 of 40 eval rows (a random sample, seed 7) from eval.jsonl"
     assert lines[1].startswith("baseline: constant median of the train answers = 49")
-    header = lines[2].split()
+    assert lines[2] == ("compared on 20 of 20 rows: the rows every model parsed (parsed: baseline 20, base 20, "
+                        "adapter 20); hit/near/miss rates over all rows, an unparseable answer a miss")
+    assert lines[3] == "FEW ROWS: only 20 rows compared (under 30): the differences between models are mostly noise"
+    header = lines[4].split()
     assert header == ["metric", "baseline", "base", "adapter"]
     mae = next(line.split() for line in lines if line.startswith("mae "))
     assert float(mae[1]) == pytest.approx(report["baseline"]["task"]["mae"], rel=1e-3)
     assert mae[1] == mae[3]  # the collapsed adapter answers the baseline's constant: same MAE
     distinct = next(line.split() for line in lines if line.startswith("distinct "))
     assert distinct == ["distinct", "-", "20", "1"]
+
+
+def test_summary_table_compares_on_the_rows_every_model_parsed():
+    """The base parses 4 of 40 rows: the table's MAE is on those 4 for every column, the parsed counts show."""
+    truths = [10.0 * (i + 1) for i in range(40)]
+    report = _fake_report([t + 1 for t in truths], truths, baseline=205.0)
+    few = {0, 13, 26, 39}
+    outputs = [f"{t + 5}" if i in few else "no idea" for i, t in enumerate(truths)]
+    scores = metrics.summarize("numeric", truths, outputs)
+    report["base"] = {"loss": 1.0, "perplexity": 2.7, "collapsed": False, "collapse_reasons": [],
+                      "rows_detail": scores.pop("rows"), "task": scores}
+    for name in ("base", "adapter"):
+        report[name]["task"] = {k: v for k, v in report[name]["task"].items() if k != "common_rows"}
+    report["baseline"]["task"] = report["baseline"].pop("own_rows")
+    report["compared"] = metrics.compare_on_common_rows(report, truths, list(range(1, 41)), "numeric")
+    lines = evaluate.summary_lines(report)
+    assert "(parsed: baseline 40, base 4, adapter 40)" in lines[2] and lines[3].startswith("FEW ROWS: only 4 rows")
+    mae = next(line.split() for line in lines if line.startswith("mae "))
+    assert [float(x) for x in mae[1:]] == pytest.approx([130.0, 5.0, 1.0])  # the 4 rows: constant 205, +5, +1
+    assert report["adapter"]["own_rows"]["mae"] == pytest.approx(1.0) and report["base"]["own_rows"]["parsed"] == 4
+    unparseable = next(line.split() for line in lines if line.startswith("unparseable "))
+    assert unparseable == ["unparseable", "0", "36", "0"]
 
 
 # ---------------------------------------------------------------- `train generate` prompts
@@ -242,13 +269,24 @@ def test_eval_report_has_baseline_distribution_and_sample(run):
     baseline = saved["baseline"]
     assert baseline["answer"] == pytest.approx(float(np.median(_train_truths(cfg))))
     truths = [metrics.parse_number(p["truth"]) for p in preds]
-    assert baseline["task"] == pytest.approx(metrics.numeric_metrics(truths, [baseline["answer"]] * 12))
+    parsed = {name: [p[f"{name}_parsed"]["parsed"] for p in preds] for name in ("base", "adapter")}
+    common = metrics.common_rows(parsed)  # every model is scored on the rows all of them parsed
+    compared = saved["compared"]
+    assert compared["rows"] == len(common) and compared["of"] == 12 and compared["row_ids"] == [ids[i] for i in common]
+    assert compared["parsed"] == {"baseline": 12, **{n: sum(v is not None for v in parsed[n]) for n in parsed}}
+    assert compared["few_rows"] is True and compared["min_rows"] == metrics.FEW_ROWS  # 12 rows are few
+    constant = [baseline["answer"]] * 12
+    assert baseline["own_rows"] == pytest.approx({"note": baseline["own_rows"]["note"],
+                                                  **metrics.numeric_metrics(truths, constant)})
+    assert baseline["task"] == pytest.approx(metrics.scores_on_rows(truths, constant, common, stats=False))
     for name in ("base", "adapter"):
         task = saved[name]["task"]
-        parsed = [p[f"{name}_parsed"]["parsed"] for p in preds]
-        stats = metrics.prediction_stats(truths, parsed)
-        assert task["distinct"] == stats["distinct"] and task["spread_ratio"] == stats["spread_ratio"]
-        assert task["pearson"] == stats["pearson"] and task["spearman"] == stats["spearman"]
+        on_common = metrics.scores_on_rows(truths, parsed[name], common)
+        for key in ("mae", "r2", "distinct", "spread_ratio", "pearson", "spearman", "hit_rate", "unparseable"):
+            assert task[key] == pytest.approx(on_common[key]), key
+        stats = metrics.prediction_stats(truths, parsed[name])  # its own rows: labelled, and what collapse reads
+        assert saved[name]["own_rows"]["distinct"] == stats["distinct"]
+        assert saved[name]["own_rows"]["pearson"] == stats["pearson"] and "NOT comparable" in saved[name]["own_rows"]["note"]
         assert saved[name]["collapsed"] == stats["collapsed"] and "r2" in task
     assert report["baseline"]["answer"] == baseline["answer"]
 
@@ -278,13 +316,14 @@ def test_eval_flags_and_warns_a_collapsed_adapter(run, monkeypatch, caplog, caps
     with caplog.at_level(logging.WARNING, logger="train"):
         report = evaluate.evaluate_run(str(run))
     saved = json.loads((run / "eval" / "report.json").read_text())
-    assert saved["adapter"]["collapsed"] is True and saved["adapter"]["task"]["distinct"] == 1
+    assert saved["adapter"]["collapsed"] is True and saved["adapter"]["own_rows"]["distinct"] == 1
     assert any("distinct" in r for r in saved["adapter"]["collapse_reasons"])
     assert saved["adapter"]["task"]["mae"] == pytest.approx(saved["baseline"]["task"]["mae"])
     warned = [r.getMessage() for r in caplog.records if "PREDICTION COLLAPSE" in r.getMessage()]
     assert any(w.startswith("adapter: PREDICTION COLLAPSE: 1 distinct answers") for w in warned)
     assert report["adapter"]["collapsed"] is True
-    assert "baseline" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "baseline" in out and "\ncompared on " in out and "\nFEW ROWS: only " in out  # at most 12 rows
 
 
 def test_eval_of_a_missing_folder_says_no_such_folder(tmp_path, capsys):

@@ -305,7 +305,7 @@ def test_numeric_scatter_plots_each_point_in_its_category_colour(tmp_path: Path)
     # base: |6-5| = 1 < 40 hit; 300 vs 500: err 200, rel 0.4 (not < 0.4), not < 80: miss;
     # 4000 vs 5000: err 1000, rel 0.2 (not < 0.2) but < 0.4: near; None: left out, counted in the title.
     # MAE (1 + 200 + 1000) / 3 = 400.3; hits over all 4 rows: 25%
-    assert left.get_title() == "base \u2014 MAE \\$400.3, hits 25% (1 unparseable)"
+    assert left.get_title() == "base \u2014 MAE \\$400.3 on 3 common rows, hits 25% (1 unparseable)"
     got = _scatters(left)
     assert list(got) == ["hit (1)", "near (1)", "miss (1)"]
     np.testing.assert_array_equal(got["hit (1)"][0], [[5.0, 6.0]])
@@ -313,11 +313,16 @@ def test_numeric_scatter_plots_each_point_in_its_category_colour(tmp_path: Path)
     np.testing.assert_array_equal(got["miss (1)"][0], [[500.0, 300.0]])
     for label, colour in (("hit (1)", "tab:green"), ("near (1)", "tab:orange"), ("miss (1)", "tab:red")):
         assert got[label][1] == tuple(np.round(_rgba(colour, 0.7), 6)), label
-    # adapter: errors 0, 6, 20, 100 (rel 0.02): all hits; MAE 126 / 4 = 31.5
-    assert right.get_title() == "base + adapter \u2014 MAE \\$31.5, hits 100%"
+    # adapter: errors 0, 6, 20, 100 (rel 0.02): all hits over the 4 rows; its MAE is on the 3 rows the base
+    # parsed too (rows 1, 3, 4): (0 + 20 + 100) / 3 = 40.0 (126 / 4 = 31.5 on its own rows); row 2 is grey
+    assert right.get_title() == "base + adapter \u2014 MAE \\$40.0 on 3 common rows, hits 100%"
     got = _scatters(right)
-    assert list(got) == ["hit (4)"]
-    np.testing.assert_array_equal(got["hit (4)"][0], list(zip(truths, adapter)))
+    assert list(got) == ["hit (3)", "parsed by this model only (1)"]
+    np.testing.assert_array_equal(got["hit (3)"][0], [[5.0, 5.0], [500.0, 480.0], [5000.0, 5100.0]])
+    np.testing.assert_array_equal(got["parsed by this model only (1)"][0], [[50.0, 56.0]])
+    assert got["parsed by this model only (1)"][1] == tuple(np.round(_rgba("lightgrey", 0.7), 6))
+    assert fig._suptitle.get_text() == ("MAE on the 3 of 4 rows both models parsed\nFEW ROWS: only 3 rows compared "
+                                        "(under 30): the differences between models are mostly noise")
     # 5 .. 5100 spans 3 decades: log-log, shared limits padded by 1.2x, and the y = x diagonal across them
     for ax in (left, right):
         assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
@@ -387,17 +392,14 @@ def test_charts_empty_inputs(tmp_path: Path, truths: list, base: list, adapter: 
     assert len(noted) == empty_panels
     for ax in noted:
         assert not ax.collections
-    if empty_panels == 1:
-        np.testing.assert_array_equal(_scatters(fig.axes[1])["hit (2)"][0], [[1.0, 1.5], [2.0, 2.0]])
+    if empty_panels == 1:  # no row both parsed: the adapter's points are all its own, grey, and no MAE is compared
+        assert list(_scatters(fig.axes[1])) == ["parsed by this model only (2)"]
+        np.testing.assert_array_equal(_scatters(fig.axes[1])["parsed by this model only (2)"][0], [[1.0, 1.5], [2.0, 2.0]])
+        assert fig.axes[1].get_title() == "base + adapter, hits 100%"
     _close(fig)
     fig = charts.build_error_histogram(truths, base, adapter)
-    ax, = fig.axes
-    if empty_panels == 2:
-        assert _notes(ax) == ["no parseable predictions"] and not ax.patches
-    else:  # base: nothing parsed, a legend line only; adapter: |1.5 - 1| and |2 - 2|
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-            "base: no parseable predictions", "base + adapter: MAE 0.2 (n=2)"]
-        assert sum(p.get_height() for p in ax.patches) == 2
+    ax, = fig.axes  # nothing both models parsed: no errors to compare, whatever the adapter parsed
+    assert _notes(ax) == ["no row that both models parsed"] and not ax.patches and ax.get_legend() is None
     _close(fig)
     _assert_png(charts.numeric_scatter(tmp_path / "s.png", truths, base, adapter, {}))
     _assert_png(charts.error_histogram(tmp_path / "h.png", truths, base, adapter))
@@ -408,10 +410,12 @@ def test_error_histogram_bars_count_the_absolute_errors(tmp_path: Path) -> None:
     fig = charts.build_error_histogram(truths, base, adapter)
     ax, = fig.axes
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("absolute error", "rows")
-    assert ax.get_title() == "Absolute error distribution"
-    # base errors [10, 10] (None left out), adapter [1, 1, 2]; shared 30 bins over 1..10 (width 0.3)
+    assert ax.get_title() == ("Absolute error on the 2 of 3 rows both models parsed\nFEW ROWS: only 2 rows compared "
+                              "(under 30): the differences between models are mostly noise")
+    # the rows both parsed are the first two (the base gave nothing for the third): base errors [10, 10],
+    # adapter [1, 1] (its third row, error 2, is not compared); shared 30 bins over 1..10 (width 0.3)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "base: MAE 10.0 (n=2)", "base + adapter: MAE 1.3 (n=3)"]
+        "base: MAE 10.0 (n=2; parsed 2 of 3)", "base + adapter: MAE 1.0 (n=2; parsed 3 of 3)"]
     bars = ax.patches
     assert len(bars) == 60
     base_bars, adapter_bars = bars[:30], bars[30:]
@@ -419,8 +423,8 @@ def test_error_histogram_bars_count_the_absolute_errors(tmp_path: Path) -> None:
         np.testing.assert_allclose([b.get_x() for b in group], np.linspace(1, 10, 31)[:-1])
         np.testing.assert_allclose([b.get_width() for b in group], [0.3] * 30)
     assert [b.get_height() for b in base_bars] == [0] * 29 + [2]
-    # 1 and 1 in the first bin, 2 in [1.9, 2.2)
-    assert {i: b.get_height() for i, b in enumerate(adapter_bars) if b.get_height()} == {0: 2, 3: 1}
+    # 1 and 1 in the first bin; the 2 of the row the base did not parse is not drawn
+    assert {i: b.get_height() for i, b in enumerate(adapter_bars) if b.get_height()} == {0: 2}
     assert _rgba(base_bars[0].get_facecolor()) == _rgba("tab:blue", 0.5)
     assert _rgba(adapter_bars[0].get_facecolor()) == _rgba("tab:purple", 0.5)
     _close(fig)
@@ -586,3 +590,84 @@ def test_baseline_scored_like_the_models() -> None:
     assert c["accuracy"] == pytest.approx(2 / 3) and c["invalid"] == 0
     e = baseline_metrics("exact", ["Paris", "Rome"], "paris")
     assert e == {"n": 2, "correct": 1, "accuracy": 0.5}
+
+
+# ---------------------------------------------------------------- one comparison, on the same rows (issue #22)
+
+def _model_entry(truths, outputs):
+    """A report entry as evaluate_run builds it: task scores with the spread stats, and the per-row details."""
+    scores = summarize("numeric", truths, outputs)
+    rows = scores.pop("rows")
+    stats = prediction_stats(truths, [r["parsed"] for r in rows])
+    stats.pop("r2")
+    return {"task": {**scores, **{k: v for k, v in stats.items() if not k.startswith("collapse")}},
+            "collapsed": stats["collapsed"], "rows_detail": rows}
+
+
+def test_base_parsing_4_of_40_rows_is_compared_on_those_4() -> None:
+    """The issue's case: the base parses 4 of 40 rows and looks better on its own rows than the adapter on its
+    40; on the 4 rows both parsed the adapter is the better one, and the comparison is flagged as few rows."""
+    from train.eval import metrics
+
+    truths = [10.0 * (i + 1) for i in range(40)]  # 10 .. 400
+    few = (0, 13, 26, 39)  # the rows the base answers with a number, 5 off each
+    base = [f"{truths[i] + 5:.2f}" if i in few else "I cannot say" for i in range(40)]
+    adapter = [f"{t + (1 if i in few else 150 * (-1) ** i):.2f}" for i, t in enumerate(truths)]
+    report = {"base": _model_entry(truths, base), "adapter": _model_entry(truths, adapter),
+              "baseline": {"answer": 205.0, "task": baseline_metrics("numeric", truths, 205.0)}}
+    own = {m: dict(report[m]["task"]) for m in ("base", "adapter")}
+    assert own["base"]["mae"] == pytest.approx(5.0) and own["base"]["pearson"] == pytest.approx(1.0)
+    assert own["adapter"]["mae"] > 100 and own["adapter"]["pearson"] < 0.7  # the base looks far better alone
+    ids = [100 + i for i in range(40)]
+    compared = metrics.compare_on_common_rows(report, truths, ids, "numeric")
+    assert compared["rows"] == 4 and compared["of"] == 40 and compared["row_ids"] == [100, 113, 126, 139]
+    assert compared["parsed"] == {"baseline": 40, "base": 4, "adapter": 40}
+    assert compared["few_rows"] is True and compared["few_rows_reason"].startswith("only 4 rows compared (under 30)")
+    base_t, adapter_t, constant_t = report["base"]["task"], report["adapter"]["task"], report["baseline"]["task"]
+    assert base_t["mae"] == pytest.approx(5.0) and adapter_t["mae"] == pytest.approx(1.0)  # the order flips
+    assert base_t["common_rows"] == adapter_t["common_rows"] == constant_t["common_rows"] == 4
+    # the baseline on the same 4 rows: |205 - 10|, |205 - 140|, |205 - 270|, |205 - 400| -> 520 / 4
+    assert constant_t["mae"] == pytest.approx(130.0) and report["baseline"]["own_rows"]["mae"] == pytest.approx(100.0)
+    # counts and rates stay over all 40 rows, an unparseable answer a miss
+    assert (base_t["n"], base_t["parsed"], base_t["unparseable"]) == (40, 4, 36)
+    assert base_t["hit_rate"] == own["base"]["hit_rate"] == pytest.approx(4 / 40)
+    assert adapter_t["hit_rate"] == own["adapter"]["hit_rate"]
+    # own-rows numbers are kept, labelled
+    for m in ("base", "adapter"):
+        assert report[m]["own_rows"]["mae"] == pytest.approx(own[m]["mae"])
+        assert report[m]["own_rows"]["pearson"] == pytest.approx(own[m]["pearson"])
+        assert report[m]["own_rows"]["parsed"] == own[m]["parsed"]
+        assert "NOT comparable" in report[m]["own_rows"]["note"]
+    lines = metrics.compared_lines(compared)
+    assert lines[0] == ("compared on 4 of 40 rows: the rows every model parsed (parsed: baseline 40, base 4, "
+                        "adapter 40); hit/near/miss rates over all rows, an unparseable answer a miss")
+    assert lines[1].startswith("FEW ROWS: only 4 rows compared")
+    json.dumps(report), json.dumps(compared)
+
+
+@pytest.mark.parametrize(("common", "total", "flag"), [(30, 40, None), (30, 60, None), (29, 29, "only 29 rows"),
+                                                       (30, 61, "30 of 61 rows"), (0, 0, "only 0 rows")])
+def test_few_rows_thresholds(common: int, total: int, flag: str | None) -> None:
+    from train.eval import metrics
+
+    reason = metrics.few_rows_reason(common, total)
+    assert (reason is None) if flag is None else reason.startswith(flag)
+
+
+def test_common_rows_and_choice_comparison() -> None:
+    from train.eval import metrics
+
+    assert metrics.common_rows({"a": [1.0, None, 3.0, float("nan")], "b": [None, 2.0, 3.0, 4.0]}) == [2]
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.common_rows({"a": [1.0], "b": [1.0, 2.0]})
+    # choice: accuracy counts a non-answer as wrong over all rows: every model is on all rows, nothing moves
+    truths = ["yes", "no", "no"]
+    report = {}
+    for m, outs in (("base", ["maybe", "no", "hm"]), ("adapter", ["yes", "no", "yes"])):
+        scores = summarize("choice", truths, outs, labels=["yes", "no"])
+        report[m] = {"rows_detail": scores.pop("rows"), "task": scores}
+    before = {m: dict(report[m]["task"]) for m in report}
+    compared = metrics.compare_on_common_rows(report, truths, [1, 2, 3], "choice", labels=["yes", "no"])
+    assert compared["rows"] == 3 and compared["parsed"] == {"base": 1, "adapter": 3}
+    assert compared["how"].startswith("all rows") and compared["few_rows"] is True
+    assert {m: report[m]["task"] for m in report} == before and "own_rows" not in report["base"]

@@ -57,10 +57,11 @@ def _use_log(values: list[float]) -> bool:
 
 
 def _panel_title(name: str, result: dict[str, Any], unit: str) -> str:
+    """Name, then MAE on the rows both models parsed and hits over all rows (metrics.scores_on_rows' result)."""
     unit = unit.replace("$", r"\$")  # a bare "$" would start matplotlib mathtext
     parts = [name]
     if result["mae"] is not None:
-        parts.append(f" \u2014 MAE {unit}{result['mae']:,.1f}")
+        parts.append(f" \u2014 MAE {unit}{result['mae']:,.1f} on {result['common_rows']} common rows")
     if result["hit_rate"] is not None:
         parts.append(f", hits {result['hit_rate'] * 100:.0f}%")
     if result["unparseable"]:
@@ -68,25 +69,41 @@ def _panel_title(name: str, result: dict[str, Any], unit: str) -> str:
     return "".join(parts)
 
 
+OWN_ONLY = "parsed by this model only"  # legend of the points outside the common rows (grey)
+
+
 def _scatter_panel(ax: Axes, name: str, truths: Sequence[float], preds: Sequence[float | None],
-                   thresholds: dict[str, float], unit: str, baseline: float | None = None) -> None:
-    pairs = _parsed_pairs(truths, preds)
-    result = metrics.numeric_metrics(truths, preds, **thresholds)
+                   thresholds: dict[str, float], unit: str, common: list[int], baseline: float | None = None) -> None:
+    """Points of the rows both models parsed, coloured hit/near/miss; the model's other parsed rows in grey."""
+    result = metrics.scores_on_rows(truths, preds, common, stats=False, **thresholds)
     ax.set_title(_panel_title(name, result, unit), fontsize=10)
     ax.set_xlabel("truth")
     ax.set_ylabel("prediction")
+    pairs = _parsed_pairs(truths, preds)
     if not pairs:
         _note(ax, "no parseable predictions")
         return
+    shared = set(common)
     for cat, colour in COLOURS.items():
-        pts = [(t, p) for t, p in pairs if metrics.category(t, p, **thresholds) == cat]
+        pts = [(float(truths[i]), float(preds[i])) for i in common
+               if metrics.category(truths[i], preds[i], **thresholds) == cat]
         if pts:
             xs, ys = zip(*pts)
             ax.scatter(xs, ys, s=12, c=colour, alpha=0.7, label=f"{cat} ({len(pts)})")
+    own = [(float(truths[i]), float(preds[i])) for i in range(len(preds)) if i not in shared and _is_number(preds[i])]
+    if own:
+        xs, ys = zip(*own)
+        ax.scatter(xs, ys, s=12, c="lightgrey", alpha=0.7, label=f"{OWN_ONLY} ({len(own)})")
     if baseline is not None:
         label = f"constant baseline {unit}{baseline:,.2f}".replace("$", r"\$")
         ax.axhline(baseline, color="tab:blue", linestyle=":", linewidth=1.5, label=label)
     ax.legend(loc="upper left", fontsize=8)
+
+
+def _common_title(common: int, total: int) -> str:
+    """The figure's title: how many rows the two models are compared on, and the few-rows flag (metrics.FEW_ROWS)."""
+    reason = metrics.few_rows_reason(common, total)
+    return f"the {common} of {total} rows both models parsed" + (f"\nFEW ROWS: {reason}" if reason else "")
 
 
 def numeric_scatter(path: str | Path, truths: Sequence[float], base_preds: Sequence[float | None],
@@ -102,7 +119,10 @@ def build_numeric_scatter(truths: Sequence[float], base_preds: Sequence[float | 
     """Prediction vs truth for "base" and "base + adapter", side by side, coloured hit/near/miss.
 
     ``thresholds`` are metrics.category's hit_abs/hit_rel/near_abs/near_rel (missing keys use the
-    defaults). Unparseable predictions (None) are omitted from the plot and counted in the title.
+    defaults). The MAE in each title is on the rows BOTH models parsed (metrics.common_rows), the same
+    rows for both; their points are coloured, a model's other parsed rows grey; hits are over all rows.
+    Unparseable predictions (None) are omitted from the plot and counted in the title. The figure's
+    title gives the common rows and flags few of them (metrics.few_rows_reason).
     ``baseline``: the constant baseline's answer (e.g. the train median), drawn as a dotted
     horizontal line in both panels; None (default) draws none.
     Both panels share axes; log-log when all plotted values are positive and span > 2 decades.
@@ -115,8 +135,10 @@ def build_numeric_scatter(truths: Sequence[float], base_preds: Sequence[float | 
         baseline = None
     if baseline is not None and values and _use_log(values) and baseline <= 0:
         baseline = None  # a log axis cannot show it
+    common = metrics.common_rows({"base": base_preds, "adapter": adapter_preds})
     for ax, (name, preds) in zip(axes, panels):
-        _scatter_panel(ax, name, truths, preds, thresholds, unit, baseline)
+        _scatter_panel(ax, name, truths, preds, thresholds, unit, common, baseline)
+    fig.suptitle(f"MAE on {_common_title(len(common), len(truths))}", fontsize=10)
     if values and baseline is not None:
         values.append(baseline)  # keep the line inside the axes
     if values:
@@ -135,8 +157,8 @@ def build_numeric_scatter(truths: Sequence[float], base_preds: Sequence[float | 
     return fig
 
 
-def _abs_errors(truths: Sequence[float], preds: Sequence[float | None]) -> np.ndarray:
-    return np.array([abs(p - t) for t, p in _parsed_pairs(truths, preds)], dtype=float)
+def _abs_errors(truths: Sequence[float], preds: Sequence[float | None], rows: list[int]) -> np.ndarray:
+    return np.array([abs(float(preds[i]) - float(truths[i])) for i in rows], dtype=float)
 
 
 def error_histogram(path: str | Path, truths: Sequence[float], base_preds: Sequence[float | None],
@@ -147,25 +169,28 @@ def error_histogram(path: str | Path, truths: Sequence[float], base_preds: Seque
 
 def build_error_histogram(truths: Sequence[float], base_preds: Sequence[float | None],
                           adapter_preds: Sequence[float | None]) -> Figure:
-    """Overlaid histograms of |prediction - truth| for base and adapter (parsed rows only).
+    """Overlaid histograms of |prediction - truth| for base and adapter on the rows BOTH parsed
+    (metrics.common_rows): the same rows for both, so the two MAEs compare.
 
-    Both use the same bins; the legend gives each one's MAE and parsed-row count.
+    Both use the same bins; the legend gives each one's MAE and its own parsed count; the title says how
+    many rows are compared and flags few of them (metrics.few_rows_reason).
     """
-    errors = {"base": _abs_errors(truths, base_preds), "base + adapter": _abs_errors(truths, adapter_preds)}
+    _parsed_pairs(truths, base_preds), _parsed_pairs(truths, adapter_preds)  # length checks
+    common = metrics.common_rows({"base": base_preds, "adapter": adapter_preds})
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.set_xlabel("absolute error")
     ax.set_ylabel("rows")
-    ax.set_title("Absolute error distribution")
-    combined = np.concatenate(list(errors.values()))
-    if combined.size == 0:
-        _note(ax, "no parseable predictions")
+    ax.set_title(f"Absolute error on {_common_title(len(common), len(truths))}", fontsize=9)
+    if not common:
+        _note(ax, "no row that both models parsed")
         return fig
-    bins = np.histogram_bin_edges(combined, bins=30)
+    panels = {"base": base_preds, "base + adapter": adapter_preds}
+    errors = {name: _abs_errors(truths, preds, common) for name, preds in panels.items()}
+    bins = np.histogram_bin_edges(np.concatenate(list(errors.values())), bins=30)
     for (name, err), colour in zip(errors.items(), ("tab:blue", "tab:purple")):
-        if err.size:
-            ax.hist(err, bins=bins, alpha=0.5, color=colour, label=f"{name}: MAE {err.mean():,.1f} (n={err.size})")
-        else:
-            ax.plot([], [], color=colour, label=f"{name}: no parseable predictions")
+        parsed = len(_parsed_pairs(truths, panels[name]))
+        ax.hist(err, bins=bins, alpha=0.5, color=colour,
+                label=f"{name}: MAE {err.mean():,.1f} (n={err.size}; parsed {parsed} of {len(truths)})")
     ax.legend()
     return fig
 

@@ -270,7 +270,7 @@ def warn_collapse(name: str, entry: dict[str, Any]) -> None:
     """One loud line when a model's answers look constant (metrics.collapse_reasons)."""
     if not entry.get("collapsed"):
         return
-    task = entry["task"]
+    task = entry.get("own_rows") or entry["task"]  # collapse is about a model's own answers, all it parsed
     spread = task.get("spread_ratio")
     log.warning("%s: PREDICTION COLLAPSE: %d distinct answers, spread %s of the truths' (%s); the metric gains "
                 "may be a constant answer, not learning: compare with the baseline column", name,
@@ -345,6 +345,9 @@ def evaluate_run(target: str, data: str | None = None, limit: int | None = None,
                 report[name]["collapsed"] = scores.pop("collapsed")
                 report[name]["collapse_reasons"] = scores.pop("collapse_reasons")
                 report[name]["task"] = scores
+    if cfg.eval.task != "none":  # base, adapter and baseline on the rows all of them parsed (issue #22)
+        report["compared"] = metrics.compare_on_common_rows(report, truths_for_task(examples, cfg),
+                                                            [e["id"] for e in examples], cfg.eval.task, **thresholds(cfg))
     write_outputs(run / "eval", report, examples, outputs, cfg)
     print_summary(report)
     for name in ("base", "adapter"):
@@ -395,6 +398,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"baseline: {baseline['kind']} = {_fmt(baseline['answer'])} ({baseline['from']})")
         if baseline["note"]:
             lines.append(f"baseline note: {baseline['note']}")
+    if report.get("compared"):
+        lines += metrics.compared_lines(report["compared"])
     cols = {"baseline": baseline.get("task", {}) if baseline else None, "base": report["base"],
             "adapter": report["adapter"]}
     cols = {k: v for k, v in cols.items() if v is not None}

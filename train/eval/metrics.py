@@ -434,3 +434,109 @@ def train_answers(examples: list[dict[str, Any]]) -> dict[str, Any]:
     majority, count = majority_answer(texts)
     return {"rows": len(texts), "median": median, "median_parsed": parsed, "majority": majority,
             "majority_count": count}
+
+
+# --------------------------------------------------------------------------------------------
+# One comparison, on the same rows. A model that parses 4 of 40 rows and one that parses all 40
+# cannot be compared on their own rows: the 4 may be the easy ones. So the error and correlation
+# metrics of every model (and of the constant baseline) are taken on the rows ALL of them parsed;
+# the rates (hit/near/miss) stay over all rows, an unparseable answer a miss, which is the same
+# rows for everyone already. Each model's own-rows numbers are kept under "own_rows", labelled.
+
+# Fewer common rows than this is flagged: at 30 rows a Pearson r's 95% interval is still about
+# +-0.36 (Fisher z, 1.96 / sqrt(n - 3)), so smaller samples cannot separate models' correlations,
+# and a MAE over fewer rows moves with one or two outliers.
+FEW_ROWS = 30
+# Fewer than this share of the evaluated rows in common is flagged too, whatever the count: the
+# comparison is then on the rows the weakest parser could answer, a selection, not the eval set.
+FEW_SHARE = 0.5
+COMMON_KEYS = ("mae", "rmse", "rmsle", "mape", "r2", "distinct", "truth_distinct", "spread_ratio", "pearson",
+               "spearman")  # what moves to the common rows; n, parsed, unparseable and the rates stay over all rows
+OWN_ROWS_NOTE = ("this model's own parsed rows: NOT comparable across models (each parsed different rows); "
+                 "the comparison is under task")
+
+
+def common_rows(preds_by_model: dict[str, Sequence[Any]]) -> list[int]:
+    """0-based indices of the rows where every model's prediction parsed (a finite number)."""
+    lengths = {len(p) for p in preds_by_model.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"predictions differ in length: {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+    return [i for i in range(n) if all(_is_finite_number(p[i]) for p in preds_by_model.values())]
+
+
+def few_rows_reason(common: int, total: int) -> str | None:
+    """Why a comparison on `common` of `total` rows rests on few rows (FEW_ROWS, FEW_SHARE); None if it does not."""
+    if common < FEW_ROWS:
+        return f"only {common} rows compared (under {FEW_ROWS}): the differences between models are mostly noise"
+    if common < FEW_SHARE * total:
+        return (f"{common} of {total} rows every model parsed (under {FEW_SHARE:.0%}): a selection of the rows "
+                "the weakest parser could answer, not the eval set")
+    return None
+
+
+def scores_on_rows(truths: Sequence[float], preds: Sequence[float | None], rows: Sequence[int],
+                   stats: bool = True, **thresholds: float) -> dict[str, Any]:
+    """numeric_metrics over all rows (n, parsed, unparseable, rates), with COMMON_KEYS taken on `rows` only
+    (prediction_stats' spread and correlations too when `stats`); "common_rows" says how many."""
+    out = numeric_metrics(truths, preds, **thresholds)
+    t = np.array([truths[i] for i in rows], dtype=float)
+    p = np.array([preds[i] for i in rows], dtype=float)
+    out.update(_error_metrics(t, p))
+    if stats:
+        s = prediction_stats(t.tolist(), p.tolist())
+        out.update({k: s[k] for k in COMMON_KEYS if k in s and k != "r2"})
+    out["common_rows"] = len(rows)
+    return out
+
+
+def _parsed_counts(task: str, report: dict[str, Any], models: list[str], n: int) -> dict[str, int]:
+    counts = {"baseline": n} if "task" in (report.get("baseline") or {}) else {}  # a constant always answers
+    for m in models:
+        if task == "numeric":
+            counts[m] = sum(_is_finite_number(r["parsed"]) for r in report[m]["rows_detail"])
+        else:  # exact: every output is an answer; choice: the ones naming a label
+            counts[m] = sum(r["parsed"] is not None for r in report[m]["rows_detail"])
+    return counts
+
+
+def compare_on_common_rows(report: dict[str, Any], truths: Sequence[Any], row_ids: Sequence[Any],
+                           task: str, **thresholds: Any) -> dict[str, Any]:
+    """Put base, adapter and the baseline of an eval report (as evaluate_run builds it: report[m]["rows_detail"],
+    report[m]["task"], report["baseline"]["task"]) on the same rows, and return what report["compared"] keeps:
+    rows, of, how, row_ids, parsed (each model's own count), few_rows (bool), few_rows_reason, min_rows.
+
+    numeric: each report[m]["task"] gets COMMON_KEYS on the rows all of them parsed (scores_on_rows); the
+    numbers of its own parsed rows move to report[m]["own_rows"], labelled (OWN_ROWS_NOTE). exact/choice:
+    accuracy already counts a non-answer as wrong over all rows, so every model is on all rows; nothing moves."""
+    models = [m for m in ("base", "adapter") if "rows_detail" in report.get(m, {})]
+    n = len(truths)
+    counts = _parsed_counts(task, report, models, n)
+    rows = list(range(n))
+    if task == "numeric":
+        preds = {m: [r["parsed"] for r in report[m]["rows_detail"]] for m in models}
+        rows = common_rows(preds)
+        options = {k: v for k, v in thresholds.items() if k in THRESHOLD_KEYS}
+        for m in models:
+            own = report[m]["task"]
+            report[m]["own_rows"] = {"note": OWN_ROWS_NOTE, "parsed": own["parsed"], **{k: own.get(k) for k in COMMON_KEYS}}
+            report[m]["task"] = {**report[m]["task"], **scores_on_rows(truths, preds[m], rows, **options)}
+        baseline = report.get("baseline") or {}
+        if "task" in baseline:
+            constant = [baseline["answer"]] * n
+            baseline["own_rows"] = {"note": "every row (a constant always parses)", **baseline["task"]}
+            baseline["task"] = scores_on_rows(truths, constant, rows, stats=False, **options)
+    reason = few_rows_reason(len(rows), n)
+    how = "the rows every model parsed" if task == "numeric" else "all rows, a non-answer counting as wrong"
+    return {"rows": len(rows), "of": n, "how": how, "row_ids": [row_ids[i] for i in rows], "parsed": counts,
+            "few_rows": reason is not None, "few_rows_reason": reason, "min_rows": FEW_ROWS}
+
+
+def compared_lines(compared: dict[str, Any]) -> list[str]:
+    """The summary's lines about the comparison's rows: how many, each model's parsed count, and the few-rows flag."""
+    parsed = ", ".join(f"{m} {c}" for m, c in compared["parsed"].items())
+    rates = "; hit/near/miss rates over all rows, an unparseable answer a miss" if "parsed" in compared["how"] else ""
+    lines = [f"compared on {compared['rows']} of {compared['of']} rows: {compared['how']} (parsed: {parsed}){rates}"]
+    if compared["few_rows"]:
+        lines.append(f"FEW ROWS: {compared['few_rows_reason']}")
+    return lines
