@@ -468,16 +468,37 @@ def test_json_list(tmp_path):
     assert read_rows(str(path), max_rows=2) == [{"a": 1}, {"a": 2}]
 
 
-def test_csv_numbers_become_numbers(tmp_path):
+def test_csv_cells_stay_the_users_text(tmp_path):
+    """Cells are read as text: "007" and "1.10" keep their zeros; only a field a template formats as a number is
+    converted, for that template alone (issue #22)."""
     path = tmp_path / "r.csv"
-    path.write_text('title,price,qty,note\nChair,12.6,3,"cheap, sturdy"\nDesk,-250,1,\n', encoding="utf-8")
+    path.write_text('title,price,qty,note,code\nChair,12.6,3,"cheap, sturdy",007\nDesk,-250,1,,1.10\n', encoding="utf-8")
     rows = read_rows(str(path))
-    assert rows == [{"title": "Chair", "price": 12.6, "qty": 3, "note": "cheap, sturdy"},
-                    {"title": "Desk", "price": -250, "qty": 1, "note": ""}]
-    assert isinstance(rows[0]["price"], float) and isinstance(rows[0]["qty"], int)
+    assert rows == [{"title": "Chair", "price": "12.6", "qty": "3", "note": "cheap, sturdy", "code": "007"},
+                    {"title": "Desk", "price": "-250", "qty": "1", "note": "", "code": "1.10"}]
+    d = cfg(prompt="{title} #{code} x{qty}", completion="{price:.0f}.00")
+    assert to_example(rows[0], d, "w") == {"prompt": "Chair #007 x3", "completion": "13.00"}
+    assert to_example(rows[1], d, "w") == {"prompt": "Desk #1.10 x1", "completion": "-250.00"}
+    assert rows[0]["price"] == "12.6"  # the row itself is not changed
+    d = cfg(prompt="{code:0>5} {qty:d}", completion="{price:,}")  # text padding; numeric type; grouping
+    assert to_example(rows[0], d, "w") == {"prompt": "00007 3", "completion": "12.6"}
+    assert to_example({"code": "12", "qty": "+4", "price": "1234.5"}, d, "w") == {"prompt": "00012 4",
+                                                                                "completion": "1,234.5"}
+
+
+def test_a_number_format_on_a_text_cell_names_file_row_and_column(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("title,price\nChair,12.6\nDesk,about 40\n", encoding="utf-8")
+    rows = read_rows(str(path))
     d = cfg(prompt="{title}", completion="{price:.0f}.00")
-    assert to_example(rows[0], d, "w") == {"prompt": "Chair", "completion": "13.00"}
-    assert to_example(rows[1], d, "w")["completion"] == "-250.00"
+    assert to_example(rows[0], d, f"{path}: row 1")["completion"] == "13.00"
+    with pytest.raises(UserError) as e:
+        to_example(rows[1], d, f"{path}: row 2")
+    assert str(e.value) == (f"{path}: row 2: column 'price' is 'about 40', not a number, and data.completion "
+                            "'{price:.0f}.00' formats it as a number ({price:.0f}); fix that cell, or drop the format "
+                            "spec to keep it as text")
+    assert "\n" not in str(e.value)
+    assert to_example(rows[1], cfg(prompt="{title}", completion="{price}"), "w")["completion"] == "about 40"
 
 
 def test_csv_ragged_line_is_named(tmp_path):
@@ -490,7 +511,7 @@ def test_csv_ragged_line_is_named(tmp_path):
 def test_csv_with_utf8_bom(tmp_path):
     path = tmp_path / "r.csv"
     path.write_bytes("\ufefftitle,price\nChair,12.6\n".encode("utf-8"))
-    assert read_rows(str(path)) == [{"title": "Chair", "price": 12.6}]
+    assert read_rows(str(path)) == [{"title": "Chair", "price": "12.6"}]
 
 
 def test_parquet(tmp_path):

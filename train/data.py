@@ -95,7 +95,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
             if None in row or None in row.values():  # more / fewer cells than header columns
                 raise UserError(f"{path}: line {reader.line_num} does not have one cell per header column "
                                 f"({reader.fieldnames}); fix that line (quote cells that hold commas)")
-            rows.append({k: _number_or_text(v) for k, v in row.items()})
+            rows.append(dict(row))  # cells stay text ("007", "1.10"): render converts only what a format spec needs
     return rows
 
 
@@ -123,14 +123,39 @@ def json_detail(e: json.JSONDecodeError, text: str) -> str:
     return f"{msg} at column {e.colno}, {where}"
 
 
-_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # a number as a CSV cell writes it
+NUMBER_TYPES = set("bcdeEfFgGnoxX%")  # format types only numbers take ({price:.0f}, {qty:d}, {share:.0%})
 
 
-def _number_or_text(value: str | None) -> Any:
-    """CSV cells are text; numeric-looking cells become numbers so templates like {price:.0f} work."""
-    if value is not None and _NUMBER.match(value.strip()):
-        return float(value) if "." in value else int(value)
-    return value
+def needs_number(spec: str) -> bool:
+    """Whether a format spec ('.0f', ',', '>8') formats only numbers: a numeric type, or one that text refuses."""
+    if spec and spec[-1] in NUMBER_TYPES:
+        return True
+    try:
+        format("", spec)
+    except ValueError:  # ',' or '=' and the like: no meaning for text
+        return True
+    return False
+
+
+def as_numbers(template: str, row: dict[str, Any], where: str, key: str) -> dict[str, Any]:
+    """`row` with the text cells that `template` formats as numbers converted ('7.50' -> 7.5, '007' -> 7): CSV cells
+    are read as text and stay so elsewhere. A cell that is not a number is a one-line error naming it."""
+    out = row
+    for name, spec in _formatted_fields(template):
+        value = row.get(name)
+        if not isinstance(value, str) or not needs_number(spec):
+            continue
+        text = value.strip()
+        if not text:
+            raise UserError(f"{where}: column {name!r} is empty, and {key} {template!r} formats it as a number; "
+                            "fill in that cell or remove the row")
+        if not _NUMBER.match(text):
+            raise UserError(f"{where}: column {name!r} is {value!r}, not a number, and {key} {template!r} formats it "
+                            f"as a number ({{{name}:{spec}}}); fix that cell, or drop the format spec to keep it as text")
+        number = int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+        out = {**out, name: number}
+    return out
 
 
 def _read_hub(spec: str, split: str, key: str = "data.train") -> list[dict[str, Any]]:
@@ -161,12 +186,8 @@ def render(template: str, row: dict[str, Any], where: str, key: str = "template"
     if null:
         raise UserError(f"{where}: field {null[0]!r} (used by {key}) is null; fill it in or remove the row")
     try:
-        return template.format(**row)
+        return template.format(**as_numbers(template, row, where, key))
     except (ValueError, TypeError) as e:
-        empty = [name for name, spec in _formatted_fields(template) if spec and not str(row[name]).strip()]
-        if empty:  # a blank CSV cell is read as "", which a number format such as {price:.0f} cannot take
-            raise UserError(f"{where}: column {empty[0]!r} is empty, and {key} {template!r} formats it as a "
-                            "number; fill in that cell or remove the row") from None
         raise UserError(f"{where}: {key} {template!r} cannot format this row ({e}); fix the row or {key}") from None
 
 
