@@ -199,6 +199,31 @@ def test_messages_multi_turn_labels_both_assistant_turns(tiny_tok):
     assert all(lab == IGNORE for t, lab in zip(enc.input_ids, enc.labels) if t in user_tokens)
 
 
+LAST_TURN_MARKED = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and loop.last %}[final]"
+                    "{% endif %}{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_in_one_line(tiny_tok):
+    """A chat template that renders a turn differently once more turns follow (here: a mark on the last assistant
+    turn, as templates that drop old reasoning do) would shift the labels onto the wrong tokens: refused."""
+    tiny_tok.chat_template = LAST_TURN_MARKED
+    one = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    enc = encode_messages(tiny_tok, one, cfg(format="messages", max_length=128), "t")  # one turn: prefixes hold
+    assert tiny_tok.decode(labelled(enc)) == "[final]A1<|end|>"
+    two = one + [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    with pytest.raises(UserError) as e:
+        encode_messages(tiny_tok, two, cfg(format="messages", max_length=128), "chats.jsonl: row 3")
+    msg = str(e.value)
+    assert msg.startswith(f"chats.jsonl: row 3: the chat template of {tiny_tok.name_or_path} renders the "
+                          "conversation up to message 2 (assistant) differently")
+    assert msg.endswith("or data.format: prompt_completion") and "\n" not in msg
+    # a generation prompt that is not how the template opens an assistant turn is refused the same way
+    tiny_tok.chat_template = LAST_TURN_MARKED.replace("{% if add_generation_prompt %}<|assistant|>",
+                                                      "{% if add_generation_prompt %}<|assistant|>\n")
+    with pytest.raises(UserError, match=r"^t: the chat template .* up to message 2 \(assistant\)"):
+        encode_messages(tiny_tok, one, cfg(format="messages", max_length=128), "t")
+
+
 def test_messages_drop_and_truncate(tiny_tok):
     msgs = [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "y" * 40}]
     assert isinstance(encode_messages(tiny_tok, msgs, cfg(format="messages", max_length=32, truncation="drop"), "t"),

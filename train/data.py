@@ -305,22 +305,36 @@ def encode_messages(tok, messages: list[dict[str, str]], d: DataCfg, where: str)
 
     Each assistant span is found by rendering the conversation up to the turn (with the generation
     prompt) and through it: the tokens in between are the assistant's. This works with any chat
-    template whose renderings are prefixes of each other, without {% generation %} markers.
+    template whose renderings are prefixes of each other, without {% generation %} markers; check_prefixes
+    refuses, in one line, a template that is not (one that rewrites earlier turns, as some drop old reasoning).
     """
     full = chat_ids(tok, messages, False, where)
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(chat_ids(tok, messages[:i], True, where)) if i else 0
-        end = len(chat_ids(tok, messages[: i + 1], False, where))
-        labels[start:end] = full[start:end]
+        before = chat_ids(tok, messages[:i], True, where) if i else []
+        through = chat_ids(tok, messages[: i + 1], False, where)
+        check_prefixes(tok, [before, through, full], i, where)
+        labels[len(before):len(through)] = full[len(before):len(through)]
     if len(full) > d.max_length and d.truncation == "drop":
         return "longer than data.max_length (data.truncation=drop)"
     ids, labels = full[: d.max_length], labels[: d.max_length]
     if all(x == IGNORE for x in labels):
         return "no assistant tokens left within data.max_length"
     return Encoded(ids, labels, truncated=len(full) > d.max_length)
+
+
+def check_prefixes(tok, renderings: list[list[int]], turn: int, where: str) -> None:
+    """Each rendering (the conversation before assistant turn `turn` with the generation prompt, through that
+    turn, the whole) must start with the one before it, or the assistant's tokens cannot be found by position."""
+    for shorter, longer in zip(renderings, renderings[1:]):
+        if longer[: len(shorter)] != shorter:
+            name = getattr(tok, "name_or_path", "") or "this tokenizer"
+            raise UserError(f"{where}: the chat template of {name} renders the conversation up to message {turn + 1} "
+                            "(assistant) differently from how it renders it inside the longer conversation, so the "
+                            "assistant tokens cannot be located; use a chat template whose renderings of a "
+                            "conversation are prefixes of each other, or data.format: prompt_completion")
 
 
 def chat_ids(tok, messages, add_generation_prompt: bool, where: str) -> list[int]:
