@@ -47,6 +47,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     resume_from = start_or_resume(cfg, run, main)
     if main:
         dump_config(cfg, run / "config.yaml")
+        data.write_data_record(cfg, run)  # the data files' hashes, so `train eval` can tell when one changed
     distributed_state().wait_for_everyone()  # other ranks read the run dir only once rank 0 has prepared it
 
     # 3. Model: quantized base -> k-bit prep -> LoRA
@@ -158,7 +159,8 @@ def summary_lines(run: Path, metrics: dict[str, Any]) -> list[str]:
 
 def eval_dataset(cfg: Config, eval_split):
     """The eval loss during training is taken on the rows `train eval` scores (eval.limit, sampled as
-    eval.sample): the same numbers, and on a large eval file a fraction of the time."""
+    eval.sample), by the same token-weighted definition (loss.row_nll): on the same weights the two agree to
+    float rounding (tests/test_eval_loss.py), and on a large eval file this takes a fraction of the time."""
     if eval_split is None:
         return None
     ds = eval_split.to_dataset()

@@ -78,6 +78,9 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         # data.max_length, and TRL refuses max_length without bin packing
         max_length=None if packing == "padding_free" else cfg.data.max_length,
         packing=packing == "bfd",
+        # eval rows stay rows, never packed into bins: the eval loss is summed per row (loss.row_nll), on the rows
+        # `train eval` scores
+        eval_packing=False,
         packing_strategy="bfd",  # best-fit decreasing: whole rows, never split, positions restart per row
         padding_free=packing != "none",
         use_liger_kernel=use_liger(cfg),

@@ -11,7 +11,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from train import checkpoints, lora, patches, sampler
 from train.callbacks import MarkComplete, MetricsFile, StepLines
 from train.config import Config
-from train.loss import labelled_positions_loss
+from train.loss import labelled_positions_loss, row_nll
 from train.reporting import setup_reporting
 from train.schedule import restart_schedule
 from train.sft_config import build_sft_config
@@ -69,6 +69,28 @@ def trainer_class():
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as TRL: DDP averages, the count spans all ranks
             return loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            """Eval loss by loss.row_nll, the definition `train eval` uses: each row's NLL sum and token count,
+            gathered (without the rows accelerate repeats to even out the ranks) for evaluation_loop."""
+            if not prediction_loss_only:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            inputs = patches.prepare_inputs(self, inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                rows = row_nll(model, inputs)
+            self.eval_rows.append(self.gather_function(rows).cpu())
+            total = rows.sum(dim=0)
+            return total[0] / total[1].clamp(min=1), None, None
+
+        def evaluation_loop(self, *args, **kwargs):
+            """The eval loss is token-weighted over the whole eval set (sum of NLL / labelled tokens), not
+            transformers' mean of per-batch means, so it equals `train eval`'s loss on the same rows."""
+            self.eval_rows = []
+            output = super().evaluation_loop(*args, **kwargs)
+            if self.eval_rows:
+                nll, tokens = torch.cat(self.eval_rows).double().sum(dim=0).tolist()
+                output.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_loss"] = nll / max(tokens, 1.0)
+            return output
 
         def evaluate(self, *args, **kwargs):
             """Loss from SFTTrainer, then the task metric (e.g. MAE) on a fixed eval subset, logged

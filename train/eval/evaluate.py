@@ -21,6 +21,7 @@ from train.eval import metrics
 from train import model as model_lib
 from train.config import Config, from_dict, parse_override, set_dotted, template_fields
 from train.errors import UserError
+from train.loss import row_nll
 from train.precision import precision_context
 
 log = logging.getLogger("train")
@@ -53,7 +54,8 @@ def eval_examples(split: data.Split, tok, cfg: Config) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def completion_loss(model, examples: list[dict[str, Any]], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Token-weighted mean NLL over label tokens (completion/assistant tokens only) and perplexity."""
+    """Token-weighted mean NLL over label tokens (completion/assistant tokens only) and perplexity: loss.row_nll,
+    the definition of the Trainer's eval loss too (tests/test_eval_loss.py checks they agree)."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
@@ -62,12 +64,9 @@ def completion_loss(model, examples: list[dict[str, Any]], pad_id: int, batch_si
         ids = torch.tensor([b.input_ids + [pad_id] * (width - len(b.input_ids)) for b in batch], device=device)
         att = torch.tensor([[1] * len(b.input_ids) + [0] * (width - len(b.input_ids)) for b in batch], device=device)
         labels = torch.tensor([b.labels + [data.IGNORE] * (width - len(b.labels)) for b in batch], device=device)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
-        target = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                                ignore_index=data.IGNORE, reduction="sum")
-        total += nll.item()
-        count += int((target != data.IGNORE).sum())
+        rows = row_nll(model, {"input_ids": ids, "attention_mask": att, "labels": labels})
+        total += rows[:, 0].double().sum().item()
+        count += int(rows[:, 1].sum())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
