@@ -366,3 +366,27 @@ def test_generate_raw_sends_the_prompt_unchanged(run, monkeypatch):
     tok = evaluate.model_lib.load_tokenizer(str(run / "adapter"), small_config(run).model)
     assert seen == [tok(TEXT)["input_ids"], tok(TEMPLATE.format(text=TEXT))["input_ids"]]
     assert len(answers) == len(templated) == 1
+
+
+def test_fit_records_its_data_and_eval_refuses_a_changed_file(run, capsys, caplog):
+    """fit writes data_record.json beside config.yaml (a file fit owns: --overwrite may remove it); eval of held-out
+    rows whose data.train no longer matches exits 2 in one line, and eval.on_data_change=warn accepts it."""
+    from train.checkpoints import OUR_ARTIFACTS
+    from train.cli import main
+
+    path = run / data.DATA_RECORD
+    record = json.loads(path.read_text())
+    train = small_config(run).data.train
+    assert record == {"data.train": {"path": train, "sha256": data.file_sha256(evaluate.Path(train))}}
+    assert {p.name for p in run.iterdir()} <= set(OUR_ARTIFACTS)
+    original = path.read_text()
+    try:  # the repo's data file stays as it is: the record says it was another file
+        path.write_text(json.dumps({"data.train": {"path": train, "sha256": "0" * 64}}))
+        assert main(["eval", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {train} changed since this run was fit (sha256 000000000000")
+        with caplog.at_level(logging.WARNING, logger="train"):
+            _, _, _, examples, _ = evaluate.prepare_eval(str(run), None, 3, ["eval.on_data_change=warn"])
+        assert len(examples) == 3 and any("changed since this run was fit" in r.getMessage() for r in caplog.records)
+    finally:
+        path.write_text(original)

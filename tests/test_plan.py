@@ -236,7 +236,7 @@ def test_total_counts_only_the_larger_working_set(tiny):
     est = plan.estimate(make_cfg(), tiny, 4096)
     parts = sum(est[k] for k in plan.COMPONENTS)
     assert est["total"] == pytest.approx(parts - min(est["activations_working"], est["loss_head"]))
-    assert set(est) == set(plan.COMPONENTS) | {"total"}
+    assert set(est) == set(plan.COMPONENTS) | {"total", "host_offload"}
 
 
 # ---------------------------------------------------------------- against measured peaks (H100, docs/benchmarks.md)
@@ -280,6 +280,56 @@ def test_fixed_micro_batch_peaks_match_measured(tokens):
     est = plan.estimate(cfg, plan.known_base("meta-llama/Llama-3.1-8B"), tokens=tokens)
     err = (plan.torch_allocated(est) / plan.GB - MEASURED_FIXED_GB[tokens]) / MEASURED_FIXED_GB[tokens]
     assert 0 <= err <= 0.06
+
+
+# Issue #21 (H200, --plan-check --plan-tokens 1x65536,1x131072, before offload and tiling existed): one row
+MEASURED_LONG_GB = {65536: 37.6, 131072: 69.2}
+
+
+def long_row_cfg(tokens: int, offload, tile) -> Config:
+    cfg = with_(workload_cfg(), "data", max_length=tokens)
+    return with_(cfg, "train", batch_size=1, offload_checkpoints=offload, tile_mlp=tile)
+
+
+@pytest.mark.parametrize("tokens", sorted(MEASURED_LONG_GB))
+def test_long_row_peaks_match_measured_without_offload_and_tiling(tokens):
+    est = plan.estimate(long_row_cfg(tokens, False, False), plan.known_base("meta-llama/Llama-3.1-8B"))
+    err = (plan.torch_allocated(est) / plan.GB - MEASURED_LONG_GB[tokens]) / MEASURED_LONG_GB[tokens]
+    assert 0 <= err <= 0.05 and est["host_offload"] == 0
+
+
+def test_offload_and_tiling_in_the_plan():
+    """At 131K on the 8B: offload keeps 2 of 32 layer inputs on the GPU and puts all 32 in pinned RAM; tiling
+    counts the MLP's tensors for one 16K chunk and keeps the chunk inputs (R * hidden per token) instead."""
+    from train.kernels import tiled_mlp
+
+    model, n = plan.known_base("meta-llama/Llama-3.1-8B"), 131072
+    plain = plan.estimate(long_row_cfg(n, False, False), model)
+    off = plan.estimate(long_row_cfg(n, True, False), model)
+    tiled = plan.estimate(long_row_cfg(n, False, True), model)
+    hidden = 2 * 4096  # bf16 residual
+    assert plain["activations_saved"] - off["activations_saved"] == n * 30 * hidden
+    assert off["host_offload"] == n * 32 * hidden and off["activations_working"] == plain["activations_working"]
+    mlp = (3 + 3) * 2 * 14336  # saved SiLU input/output and up + 3 gradients, bf16, per token
+    assert plain["activations_working"] - tiled["activations_working"] == (n - tiled_mlp.TILE_TOKENS) * mlp \
+        - n * hidden
+    auto = plan.estimate(long_row_cfg(n, "auto", "auto"), model)
+    assert auto["total"] == pytest.approx(plain["total"] - (plain["activations_saved"] - off["activations_saved"])
+                                          - (plain["activations_working"] - tiled["activations_working"]))
+    assert plan.torch_allocated(auto) / plan.GB < 0.5 * plan.torch_allocated(plain) / plan.GB
+
+
+def test_a_350k_row_fits_80_gb_only_with_offload_and_tiling(capsys, tmp_path):
+    model = plan.known_base("meta-llama/Llama-3.1-8B")
+    assert plan.estimate(long_row_cfg(350_000, "auto", "auto"), model)["total"] / plan.GB < 80
+    assert plan.estimate(long_row_cfg(350_000, False, False), model)["total"] / plan.GB > 80
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  name_or_path: meta-llama/Llama-3.1-8B\ndata:\n  train: t.jsonl\n  max_length: 350000\n"
+                    "train:\n  batch_size: 1\n", encoding="utf-8")
+    assert plan.plan_main(str(path), [], 80) == 0
+    out = capsys.readouterr().out
+    assert "inputs offloaded to CPU; MLP in 16,384-token chunks" in out and "pinned CPU RAM" in out
+    assert "fits on a 80 GB GPU: yes" in out
 
 
 def test_torch_allocated_excludes_paged_states_and_context():

@@ -23,7 +23,8 @@ from train.errors import UserError
 log = logging.getLogger("train")
 
 MARKER = "COMPLETE"
-OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "eval.stale", "metrics.jsonl", "config.yaml", "train.log")
+OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "eval.stale", "metrics.jsonl", "config.yaml", "train.log",
+                 "data_record.json")  # the last: data.DATA_RECORD
 SCHEDULE = "schedule.json"  # in a checkpoint of a run extended past its schedule's end: where the new one began
 # Keys whose change makes a checkpoint unusable (the saved tensors would not fit the new model).
 STRUCTURAL = ("model.name_or_path", "quant.mode", "lora.r", "lora.target_modules", "lora.use_dora",

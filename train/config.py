@@ -61,6 +61,9 @@ class LoraCfg:
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r); helps only at large r
     use_dora: bool = False  # weight-decomposed LoRA; slower, sometimes better at low r
     modules_to_save: Optional[list[str]] = None  # extra modules trained in full (e.g. lm_head for new tokens)
+    # LoRA on only the last N decoder layers: the backward pass then stops below them, so a step costs
+    # (1 + N/layers) forwards instead of 2 (the CPU demo's lever); None = every layer, the quality default
+    top_layers: Optional[int] = None
     # fused: each 4-bit layer and its adapter run as one autograd Function with the memory-lean dropout
     # (train/kernels/fused_lora.py, same math and adapter files, faster); fused_triton: the same with the dropout in
     # Triton kernels on GPU (0.3 GB less on an 8B; faster on a fast host CPU, slower on a slow one:
@@ -116,6 +119,13 @@ class TrainCfg:
     # other); bfd: rows packed into data.max_length bins; none: pad to the longest row
     packing: Literal["padding_free", "bfd", "none"] = "padding_free"
     liger: bool = True  # Liger Triton kernels (RMSNorm, SwiGLU, RoPE) on GPU; ignored on CPU
+    # checkpointed layer inputs in pinned CPU RAM, copied back one layer ahead of the recompute (kernels/offload.py).
+    # auto = on a GPU with checkpointing for data.max_length >= 16,384, where they are what runs out (34 GB at 131K
+    # on an 8B); shorter rows keep them on the GPU until the bench has measured the PCIe cost there
+    offload_checkpoints: Literal["auto", True, False] = "auto"
+    # the MLP in token chunks in the forward, recompute and backward (kernels/tiled_mlp.py). auto = calls of
+    # >= 32,768 tokens, where its tokens x intermediate_size tensors dominate; below, the extra forward costs more
+    tile_mlp: Literal["auto", True, False] = "auto"
 
 
 @dataclass
@@ -140,6 +150,11 @@ class EvalCfg:
     hit_rel: float = 0.2  # ... or relative error < this (the course's Tester)
     near_abs: float = 80.0  # numeric: "near" (orange) when |error| < this ...
     near_rel: float = 0.4  # ... or relative error < this; else "miss" (red)
+    # `train eval` when a data file whose rows it scores changed since fit (data_record.json): refuse, because the
+    # held-out rows are re-derived from data.train by a seeded shuffle, so a changed file silently moves trained
+    # rows into the eval set and the report overstates the adapter; a demanding user wants a number they can
+    # trust or none. warn: score the file as it is now, with one warning line
+    on_data_change: Literal["refuse", "warn"] = "refuse"
 
 
 @dataclass
@@ -391,6 +406,8 @@ def validate(cfg: Config, source: str = "config", origins: dict[str, str] | None
     need(bool(cfg.run.output_dir), "run.output_dir", "is required", "")
     need(cfg.lora.r > 0, "lora.r", "must be > 0 (try 16)", cfg.lora.r)
     need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0 (try 2*r)", cfg.lora.alpha)
+    need(cfg.lora.top_layers is None or cfg.lora.top_layers > 0, "lora.top_layers",
+         "must be >= 1 (or null for every layer)", cfg.lora.top_layers)
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)", cfg.lora.dropout)
     need(cfg.train.lr > 0, "train.lr", "must be > 0 (try 2e-4)", cfg.train.lr)
     need(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", cfg.train.warmup_ratio)

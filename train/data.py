@@ -497,3 +497,73 @@ def with_resolved_budget(cfg: Config, train_split: Split) -> Config:
 
 def load_splits_eval_only(cfg: Config, tok) -> tuple[None, Split | None]:
     return load_splits(cfg, tok, train=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The data a fit read: hashed beside config.yaml, so `train eval` knows when a file changed since
+
+DATA_RECORD = "data_record.json"  # in the run directory, beside config.yaml
+HASH_CHUNK = 1 << 20  # bytes read at a time: a multi-GB file hashes in constant memory
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_record(cfg: Config) -> dict[str, Any]:
+    """{"data.train": {"path", "sha256"}, "data.eval": ...} for the files the config reads; sha256 None for a
+    hub dataset (its revision is the hub's to record) or a path that is not a file."""
+    record = {}
+    for key in ("data.train", "data.eval"):
+        spec = getattr(cfg.data, key.split(".")[1])
+        if spec is None:
+            continue
+        path = Path(spec).expanduser()
+        record[key] = {"path": spec, "sha256": file_sha256(path) if path.is_file() else None}
+    return record
+
+
+def write_data_record(cfg: Config, run: Path) -> None:
+    """What `train fit` calls once the run directory is ready: the data files' hashes, beside config.yaml."""
+    from train.checkpoints import write_atomic
+
+    write_atomic(Path(run) / DATA_RECORD, json.dumps(data_record(cfg), indent=1) + "\n")
+
+
+def eval_reads(cfg: Config) -> dict[str, str]:
+    """Files `train eval` reads under `cfg` -> "rows" (the rows it scores) or "baseline" (the train answers only)."""
+    d = cfg.data
+    held_out = d.eval is None and d.eval_fraction > 0
+    uses = {d.train: "rows" if held_out else "baseline"}
+    if d.eval is not None:
+        uses[d.eval] = "rows"
+    return uses
+
+
+def check_data_record(cfg: Config, adapter_dir: Path) -> None:
+    """Before `train eval` scores anything: refuse (UserError) when a file whose rows it scores changed since fit
+    recorded it, unless eval.on_data_change is warn; warn when only the baseline's train file changed, or when
+    the run has no record. A file given with --data, a hub dataset and a missing file are not checked here."""
+    found = [p / DATA_RECORD for p in (adapter_dir, adapter_dir.parent) if (p / DATA_RECORD).is_file()]
+    if not found:
+        log.warning("%s: no %s (fit before data files were recorded): cannot check that the eval data is what "
+                    "fit read", adapter_dir, DATA_RECORD)
+        return
+    record = {e["path"]: e["sha256"] for e in json.loads(found[0].read_text()).values()}
+    for spec, use in eval_reads(cfg).items():
+        path = Path(spec).expanduser()
+        if record.get(spec) is None or not path.is_file() or file_sha256(path) == record[spec]:
+            continue
+        what = ("the eval rows it scores are no longer those fit held out or evaluated, and may include rows the "
+                "adapter trained on" if use == "rows" else "the constant baseline's train answers are re-read from it")
+        msg = f"{spec} changed since this run was fit (sha256 {record[spec][:12]} recorded in {found[0]}): {what}"
+        if use == "rows" and cfg.eval.on_data_change == "refuse":
+            raise UserError(f"{msg}; restore the file, evaluate other data with --data FILE, or accept the change "
+                            "with --set eval.on_data_change=warn")
+        log.warning("%s", msg)

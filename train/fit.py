@@ -48,6 +48,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     if main:
         dump_config(cfg, run / "config.yaml")
         data.write_data_record(cfg, run)  # the data files' hashes, so `train eval` can tell when one changed
+        data.write_data_record(cfg, run)  # the data files' hashes, so `train eval` can tell when one changed
     distributed_state().wait_for_everyone()  # other ranks read the run dir only once rank 0 has prepared it
 
     # 3. Model: quantized base -> k-bit prep -> LoRA

@@ -99,6 +99,8 @@ LORA_MID_BYTES = 2  # lora_B saves lora_A's bf16 output: r values
 INT8_SAVED_INPUTS = True  # LLM.int8 matmul saves its input (attn/mlp norm outputs, attn output, down input)
 ROPE_TENSORS = 2  # cos and sin: head_dim values per token each, in the residual dtype; shared by all layers
 INPUT_BYTES_PER_TOKEN = 3 * 8  # input_ids, attention_mask, labels: int64
+OFFLOAD_GPU_LAYERS = 2  # offloaded checkpoints: the input being recomputed + the next one, prefetched
+
 # Backward of one layer (on top of its saved tensors)
 BWD_MLP_GRAD_TENSORS = 3  # d(act*up), d(SiLU) and d(up) live together in the MLP backward
 BWD_RESIDUAL_GRAD_TENSORS = 1  # gradient of the layer output, held for the residual sum
@@ -385,31 +387,52 @@ def dequant_workspace_bytes(shape: ModelShape, quant: QuantCfg) -> int:
 
 
 def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, float]:
-    """{"saved", "working"}: activations kept across the step, and one layer's recompute + backward.
+    """{"saved", "working", "host"}: activations kept across the step on the GPU, one layer's recompute +
+    backward, and the pinned CPU RAM of offloaded checkpoints.
 
     With gradient checkpointing (transformers checkpoints each decoder layer):
         saved   = tokens * (n_layers * R * hidden + rope + inputs)        one hidden state per layer
         working = tokens * (layer_saved - alias - freed + bwd) + dequant  the layer being recomputed
         (alias = R * hidden in kbit mode: the input norm saves the checkpointed fp32 input itself)
+      offloaded (train.offload_checkpoints, kernels/offload.py): 2 instead of n_layers hidden states stay on the
+      GPU (the layer being recomputed and the one prefetched); host = n_layers * R * hidden * tokens
     Without:
         saved   = tokens * (n_layers * layer_saved + rope + inputs)
         working = tokens * (bwd - freed) + dequant
+    Tiled MLP (train.tile_mlp, kernels/tiled_mlp.py): the MLP's saved tensors and its backward's gradients
+    (mlp_saved + 3 * R * intermediate per token) count for one chunk of TILE_TOKENS, not every token; each
+    chunk's input (R * hidden per token) is kept instead.
     The peak is inside the MLP backward of the last layer, after the down projection's backward
     released its saved LoRA input (freed = lora_freed_before_mlp_peak).
     layer_saved = sum(layer_saved_bytes_per_token), bwd = backward_workspace_bytes_per_token,
     rope = 2 * head_dim * R (cos, sin), inputs = 24 (int64 ids, mask, labels).
     """
+    from train.kernels import long_rows, tiled_mlp
+
     p = precision(cfg.quant)
-    layer = sum(layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant).values())
-    bwd = backward_workspace_bytes_per_token(shape, cfg.quant)
+    parts = layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant)
+    layer = sum(parts.values())
+    bwd = backward_workspace_bytes_per_token(shape, cfg.quant) - lora_freed_before_mlp_peak(shape, cfg.lora, cfg.quant)
     shared = ROPE_TENSORS * shape.head_dim * p.residual + INPUT_BYTES_PER_TOKEN
-    bwd -= lora_freed_before_mlp_peak(shape, cfg.lora, cfg.quant)
     dequant = dequant_workspace_bytes(shape, cfg.quant)
-    if cfg.train.gradient_checkpointing is not False:  # None = on, on the GPU this plans for
-        alias = p.residual * shape.hidden if p.residual == NORM_SAVED_BYTES else 0
-        return {"saved": tokens * (shape.n_layers * p.residual * shape.hidden + shared),
-                "working": tokens * (layer - alias + bwd) + dequant}
-    return {"saved": tokens * (shape.n_layers * layer + shared), "working": tokens * bwd + dequant}
+    chunk_cost = 0.0  # bytes of the MLP that scale with one chunk's tokens instead of the whole micro-batch's
+    if tiled_mlp.tiles(cfg.train.tile_mlp, tokens):
+        mlp = parts["mlp"] + BWD_MLP_GRAD_TENSORS * p.residual * shape.intermediate
+        chunk_cost = min(tokens, tiled_mlp.TILE_TOKENS) * mlp
+        layer += p.residual * shape.hidden - parts["mlp"]
+        bwd -= BWD_MLP_GRAD_TENSORS * p.residual * shape.intermediate
+    gc = cfg.train.gradient_checkpointing is not False  # None = on, on the GPU this plans for
+    if not gc:
+        return {"saved": tokens * (shape.n_layers * layer + shared), "working": tokens * bwd + dequant + chunk_cost,
+                "host": 0.0}
+    alias = p.residual * shape.hidden if p.residual == NORM_SAVED_BYTES else 0
+    on_gpu = shape.n_layers
+    offload = long_rows.wants_offload(cfg.train.offload_checkpoints, gc, cfg.data.max_length)
+    if offload:
+        on_gpu = min(shape.n_layers, OFFLOAD_GPU_LAYERS)
+    hidden = p.residual * shape.hidden
+    return {"saved": tokens * (on_gpu * hidden + shared), "working": tokens * (layer - alias + bwd) + dequant + chunk_cost,
+            "host": float(tokens * shape.n_layers * hidden) if offload else 0.0}
 
 
 def loss_head_bytes(shape: ModelShape, quant: QuantCfg, tokens: int, fused: bool = FUSED_LM_HEAD) -> float:
@@ -496,6 +519,7 @@ def estimate(cfg: Config, model_config, tokens: int | None = None, *, fused_lm_h
         "cuda_overhead": float(CUDA_OVERHEAD_BYTES),
     }
     est["total"] = sum(est.values()) - min(est["activations_working"], est["loss_head"])
+    est["host_offload"] = float(act["host"])  # pinned CPU RAM, not GPU memory: outside the total
     return est
 
 
@@ -507,6 +531,8 @@ def torch_allocated(est: dict[str, float]) -> float:
 
 def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, gpu_gb: float) -> str:
     """The table `train plan` prints: one row per component in GB, the total and the fit verdict."""
+    from train.kernels import tiled_mlp
+
     shape = model_shape(model_config)
     q = cfg.quant
     base = base_weight_bytes(shape, q)
@@ -516,7 +542,9 @@ def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, g
     lines = [
         f"memory plan: {cfg.model.name_or_path} ({shape.arch}, {sum(shape.params.values()):,} params)",
         f"  quant {quant}; LoRA r={cfg.lora.r} on {targets} ({n_lora:,} trainable); {cfg.train.optimizer}; "
-        f"gradient checkpointing {'off' if cfg.train.gradient_checkpointing is False else 'on'}",
+        f"gradient checkpointing {'off' if cfg.train.gradient_checkpointing is False else 'on'}"
+        + (", inputs offloaded to CPU" if est.get("host_offload") else "")
+        + (f"; MLP in {tiled_mlp.TILE_TOKENS:,}-token chunks" if tiled_mlp.tiles(cfg.train.tile_mlp, tokens) else ""),
         f"  micro-batch: {tokens:,} tokens"
         + (f" ({cfg.train.batch_size} x {cfg.data.max_length}, every row at full length)"
            if tokens == micro_batch_tokens(cfg) else " (override)"),
@@ -538,6 +566,8 @@ def format_plan(cfg: Config, model_config, est: dict[str, float], tokens: int, g
     lines += [
         f"{'  of which torch.cuda.max_memory_allocated sees':<{width}}{torch_allocated(est) / GB:>8.3f}"
         "  (no paged states, no CUDA context)",
+        *([f"{'pinned CPU RAM (offloaded checkpoints)':<{width}}{est['host_offload'] / GB:>8.3f}  (not GPU memory)"]
+          if est.get("host_offload") else []),
         "",
         f"fits on a {gpu_gb:g} GB GPU: {verdict} (headroom {headroom:.1f} GB)",
     ]

@@ -315,6 +315,7 @@ def prepare_eval(target: str, data_path: str | None, limit: int | None, override
         raise UserError(f"--limit must be >= 1, got {limit}")
     adapter_dir = find_run(target)
     cfg = resolve_eval_config(adapter_dir, data_path, limit, overrides)
+    data.check_data_record(cfg, adapter_dir)  # a data file changed since fit: refuse or warn (eval.on_data_change)
     adapter_lib.check_same_base(adapter_dir, model_lib.resolve_model_path(cfg.model))
     tok = model_lib.load_tokenizer(str(adapter_dir), cfg.model, padding_side="left")
     split = load_eval_split(cfg, tok)

@@ -1,0 +1,120 @@
+"""Long rows on CPU (issue #21): the tiled MLP computes what the whole MLP does (losses and LoRA gradients, with and
+without gradient checkpointing, and its replay reproduces LoRA dropout), checkpoint offloading moves exactly one
+tensor per checkpointed layer and changes no gradient, and the config switches' rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from train.config import Config, DataCfg, ModelCfg, TrainCfg
+from train.errors import UserError
+from train.kernels import long_rows, offload, tiled_mlp
+
+LAYERS, TOKENS, TILE = 3, 40, 8  # 40 tokens in chunks of 8: five chunks, the last one full
+
+
+def tiny_lora(dropout: float = 0.0, gc: bool = False):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=128)
+    base = LlamaForCausalLM(cfg).float()
+    if gc:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # as ours
+        base.enable_input_require_grads()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # nonzero B: every LoRA weight gets a gradient that depends on the MLP's values
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def step(model, seed: int = 1):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 97, (1, TOKENS))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-6):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=rtol, atol=atol)
+    assert ga.keys() == gb.keys() and len(ga) == LAYERS * 7 * 2
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=rtol, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_tiled_mlp_equals_the_whole_mlp(gc):
+    want = step(tiny_lora(gc=gc))
+    model = tiny_lora(gc=gc)
+    calls = []
+    for layer in offload.checkpointed_layers(model):  # record the token count of every call the MLP itself gets
+        inner = layer.mlp.forward
+        layer.mlp.forward = lambda x, _f=inner: calls.append(x.shape[-2]) or _f(x)
+    assert tiled_mlp.install(model, True, tile=TILE) == LAYERS
+    got = step(model)
+    assert_same(got, want)
+    # chunks only: the forward, the backward's replay and, with checkpointing, the layer's recompute
+    assert calls == [TILE] * (TOKENS // TILE) * LAYERS * (3 if gc else 2)
+
+
+def test_tiled_replay_reproduces_lora_dropout():
+    """With dropout each chunk draws its own mask; the backward's replay must draw the same one again."""
+    model = tiny_lora(dropout=0.3)
+    tiled_mlp.install(model, True, tile=TILE)
+    replayed = step(model)
+    model = tiny_lora(dropout=0.3)
+    for layer in offload.checkpointed_layers(model):
+        inner = layer.mlp.forward
+        layer.mlp.forward = lambda x, _f=inner: tiled_mlp.chunked(_f, x, TILE, replay=False)
+    assert_same(replayed, step(model), rtol=0, atol=0)
+    assert not torch.equal(replayed[0], step(tiny_lora(dropout=0.3))[0])  # dropout is on: masks matter
+
+
+def test_tiles_rule_and_install_once():
+    assert not tiled_mlp.tiles("auto", tiled_mlp.AUTO_MIN_TOKENS - 1)
+    assert tiled_mlp.tiles("auto", tiled_mlp.AUTO_MIN_TOKENS)
+    assert tiled_mlp.tiles(True, tiled_mlp.TILE_TOKENS + 1) and not tiled_mlp.tiles(True, tiled_mlp.TILE_TOKENS)
+    assert not tiled_mlp.tiles(False, 10**6)
+    model = tiny_lora()
+    assert tiled_mlp.install(model, "auto") == LAYERS and tiled_mlp.install(model, "auto") == 0
+    mlp = offload.checkpointed_layers(model)[0].mlp
+    mlp.forward = type(mlp).forward.__get__(mlp)  # what Liger's instance patch does when train() begins
+    assert tiled_mlp.install(model, "auto") == 1
+
+
+def test_offload_moves_each_layer_input_once_and_changes_nothing():
+    want = step(tiny_lora(gc=True))
+    model = tiny_lora(gc=True)
+    off = offload.install(model, "cpu", min_bytes=1)
+    got = step(model)
+    assert_same(got, want, rtol=0, atol=0)
+    assert (off.offloaded, off.prefetched) == (LAYERS, LAYERS - 1)  # layer inputs only; each but the last prefetched
+    assert len(off.slabs) == 1  # one pinned slab holds them all, reused by the next step
+    step(model, seed=2)
+    assert off.offloaded == 2 * LAYERS and len(off.slabs) == 1
+
+
+def test_offload_hooks_stay_off_without_checkpointing():
+    model = tiny_lora(gc=False)
+    off = offload.install(model, "cpu", min_bytes=1)
+    step(model)
+    assert off.offloaded == 0  # without checkpointing every activation is saved: none of them is moved
+
+
+def cfg_with(**train) -> Config:
+    return Config(model=ModelCfg(name_or_path="x"), data=DataCfg(train="t.jsonl", max_length=131072),
+                  train=dataclasses.replace(TrainCfg(), **train))
+
+
+def test_offload_switch_rules():
+    with pytest.raises(UserError, match="train.offload_checkpoints: true .* train.gradient_checkpointing is off"):
+        long_rows.offloads(cfg_with(offload_checkpoints=True, gradient_checkpointing=False))
+    if not torch.cuda.is_available():
+        assert not long_rows.offloads(cfg_with(offload_checkpoints=True, gradient_checkpointing=True))

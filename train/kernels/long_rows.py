@@ -1,0 +1,62 @@
+"""Owns the long-row switches at training time: train.offload_checkpoints (kernels/offload.py) and train.tile_mlp
+(kernels/tiled_mlp.py), installed on the model when training begins, after Liger has bound its MLP forwards."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import TrainerCallback
+
+from train.config import Config
+from train.errors import UserError
+
+log = logging.getLogger("train")
+
+OFFLOAD_AUTO_MIN_TOKENS = 16384  # auto offloads for rows this long: where the saved inputs are what runs out
+
+
+def offloads(cfg: Config) -> bool:
+    """train.offload_checkpoints as run: true needs checkpointing; auto = a GPU, checkpointing on, one process
+    holding the whole model (not FSDP/DeepSpeed), data.max_length >= OFFLOAD_AUTO_MIN_TOKENS."""
+    from train.model import sharded_launch
+
+    setting = cfg.train.offload_checkpoints
+    gc = cfg.train.gradient_checkpointing
+    gc = torch.cuda.is_available() if gc is None else gc  # None = on a GPU (train/config.py)
+    if setting is True and not gc:
+        raise UserError("train.offload_checkpoints: true offloads checkpointed layer inputs, and "
+                        "train.gradient_checkpointing is off; turn it on, or set offload_checkpoints: auto")
+    if not torch.cuda.is_available() or sharded_launch() is not None:
+        return False
+    return wants_offload(setting, gc, cfg.data.max_length)
+
+
+def wants_offload(setting, gc: bool, max_length: int) -> bool:
+    """The rule on a GPU (train plan plans with it): true, or auto with checkpointing and rows this long."""
+    return setting is True or (setting == "auto" and gc and max_length >= OFFLOAD_AUTO_MIN_TOKENS)
+
+
+def install(cfg: Config, model) -> dict:
+    """Both switches on `model` (idempotent); what was installed, for the log line and tests."""
+    from train.kernels import offload, tiled_mlp
+
+    done = {"offload": False, "tiled_mlps": tiled_mlp.install(model, cfg.train.tile_mlp)}
+    if offloads(cfg) and getattr(model, "checkpoint_offload", None) is None:
+        model.checkpoint_offload = offload.install(model, torch.device("cuda", torch.cuda.current_device()))
+        done["offload"] = model.checkpoint_offload is not None
+    if done["offload"] or tiled_mlp.tiles(cfg.train.tile_mlp, cfg.train.batch_size * cfg.data.max_length):
+        log.info("long rows: checkpointed layer inputs %s; MLP in %s-token chunks for calls of %s tokens",
+                 "offloaded to pinned CPU RAM" if done["offload"] else "kept on the device", f"{tiled_mlp.TILE_TOKENS:,}",
+                 f">= {tiled_mlp.AUTO_MIN_TOKENS:,}" if cfg.train.tile_mlp == "auto" else f"> {tiled_mlp.TILE_TOKENS:,}")
+    return done
+
+
+class LongRows(TrainerCallback):
+    """Installs both when training begins: the Trainer applies Liger inside train(), which rebinds MLP forwards."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        install(self.cfg, model)

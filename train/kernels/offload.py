@@ -1,0 +1,143 @@
+"""Owns checkpoint offloading: the input gradient checkpointing keeps for each decoder layer goes to pinned CPU
+memory on a side stream during the forward, and comes back one layer ahead of that layer's recompute.
+
+Why not the stack's own: TRL's `activation_offloading` (trl/models/activation_offloading.py, from torchtune) hooks
+the whole training step, so with our reentrant checkpointing it also offloads every tensor the recompute saves
+inside the backward, and it copies a tensor back only when autograd asks for it (the compute stream waits on that
+copy); torch.autograd.graph.save_on_cpu copies synchronously and has no prefetch; transformers'
+gradient_checkpointing_kwargs only reach torch.utils.checkpoint, which has no offload. Here the hooks are entered
+around each checkpointed decoder layer only (transformers 5 checkpoints `forward`, so module hooks run outside the
+checkpoint), which sees exactly the layer's saved input: one [tokens, hidden] tensor per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("train")
+
+MIN_BYTES = 1 << 20  # smaller saved tensors (position ids, masks) stay where they are: not worth a copy
+ALIGN = 256  # byte alignment of each tensor inside a slab: any dtype view, and aligned DMA
+SLAB_TENSORS = 8  # each pinned slab holds >= 8 tensors: torch's host allocator rounds every block to a power of 2
+
+
+class _Saved:
+    """One offloaded tensor: its pinned copy, and the device copy while it travels back."""
+
+    __slots__ = ("cpu", "gpu", "event", "index")
+
+    def __init__(self, cpu: torch.Tensor, index: int):
+        self.cpu, self.gpu, self.event, self.index = cpu, None, None, index
+
+
+class CheckpointOffload:
+    """saved_tensors_hooks for the checkpointed layers of one model. `device` is where activations live (a CUDA
+    device in training; "cpu" in tests, where the copies run without streams)."""
+
+    def __init__(self, device, min_bytes: int = MIN_BYTES):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.min_bytes = min_bytes
+        self.saved: list[_Saved] = []  # this forward's offloaded tensors, in forward order
+        self.slabs: list[list] = []  # [pinned uint8 tensor, bytes used]; kept across steps
+        self.offloaded = self.prefetched = 0  # counts, for tests and the bench
+
+    def new_step(self) -> None:
+        """A new forward begins: its tensors reuse the pinned slabs from the start."""
+        self.saved = []
+        for slab in self.slabs:
+            slab[1] = 0
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of pinned memory carved from a slab (a new slab when none has room)."""
+        step = -(-nbytes // ALIGN) * ALIGN
+        for slab in self.slabs:
+            if slab[0].numel() - slab[1] >= step:
+                slab[1] += step
+                return slab[0][slab[1] - step:slab[1] - step + nbytes]
+        size = 1 << (SLAB_TENSORS * step - 1).bit_length()  # a power of two: nothing lost to rounding
+        self.slabs.append([torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda), step])
+        return self.slabs[-1][0][:nbytes]
+
+    def pack(self, t: torch.Tensor):
+        if (t.device != self.device or t.nbytes < self.min_bytes or not t.is_contiguous()
+                or isinstance(t, torch.nn.Parameter)):
+            return t
+        cpu = self.host_buffer(t.nbytes).view(t.dtype).view(t.shape)
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                cpu.copy_(t, non_blocking=True)
+            t.record_stream(self.stream)  # its memory is reused only after the copy has read it
+        else:
+            cpu.copy_(t)
+        self.saved.append(_Saved(cpu, len(self.saved)))
+        self.offloaded += 1
+        return self.saved[-1]
+
+    def fetch(self, h: _Saved) -> None:
+        """Start copying `h` back (on the side stream: the compute stream goes on)."""
+        if h.gpu is not None:
+            return
+        if not self.cuda:
+            h.gpu = h.cpu.clone()
+            return
+        with torch.cuda.stream(self.stream):
+            h.gpu = torch.empty(h.cpu.shape, dtype=h.cpu.dtype, device=self.device)
+            h.gpu.copy_(h.cpu, non_blocking=True)
+            h.event = self.stream.record_event()
+
+    def unpack(self, h):
+        if isinstance(h, torch.Tensor):
+            return h
+        prefetched = h.gpu is not None
+        self.fetch(h)
+        if h.index > 0:  # the backward goes from the last layer to the first: the one before is next
+            self.fetch(self.saved[h.index - 1])
+        t, h.gpu = h.gpu, None
+        if self.cuda:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(h.event)
+            t.record_stream(current)  # allocated on the side stream, used on this one
+        self.prefetched += prefetched
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def checkpointed_layers(model) -> list:
+    """The model's decoder layers that transformers checkpoints (GradientCheckpointingLayer), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def install(model, device, min_bytes: int = MIN_BYTES) -> CheckpointOffload | None:
+    """Hooks around every checkpointed decoder layer: while one runs its training forward with checkpointing on,
+    what autograd saves (the layer's input) is offloaded. Returns the offloader, None when the model has no
+    such layers."""
+    layers = checkpointed_layers(model)
+    if not layers:
+        return None
+    off = CheckpointOffload(device, min_bytes)
+    active: list = []  # the hooks context entered by the layer now running (at most one)
+
+    def enter(layer, args, kwargs=None):
+        if layer.training and torch.is_grad_enabled() and getattr(layer, "gradient_checkpointing", False):
+            if layer is layers[0]:
+                off.new_step()
+            active.append(off.hooks())
+            active[-1].__enter__()
+
+    def leave(layer, args, output):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    for layer in layers:
+        layer.register_forward_pre_hook(enter)
+        layer.register_forward_hook(leave, always_call=True)
+    return off
