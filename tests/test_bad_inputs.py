@@ -358,7 +358,7 @@ def test_null_field(tmp_path, expect):
 def test_format_spec_on_text_value(tmp_path, expect):
     path = write_jsonl(tmp_path / "prices.jsonl", [ROWS[0], {"text": "A lamp", "price": "twelve"}])
     expect(fit_args(tmp_path, data_raw(tmp_path, train=path)), "prices.jsonl: row 2", "data.completion",
-           "cannot format this row", "Unknown format code 'f'")
+           "column 'price' is 'twelve', not a number", "formats it as a number ({price:.0f})", "fix that cell")
 
 
 def test_non_numeric_truth_for_numeric_task(tmp_path, expect):
