@@ -1,4 +1,6 @@
-"""Data: read rows (jsonl/json/csv/parquet/hub), render templates, tokenize with explicit loss masks.
+"""Data: read rows (jsonl/json/csv/parquet/hub), render templates, tokenize with loss masks, record the files read.
+
+A fit records its data files' hashes (data_record.json) so that `train eval` can tell when one changed.
 
 We tokenize here instead of letting SFTTrainer do it because (1) we must count and report the rows
 cut by data.max_length and the rows dropped, and why, and (2) TRL truncates the *end* of

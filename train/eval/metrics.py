@@ -10,7 +10,8 @@ evaluation script, the trainer's eval hook and the charts. Three task kinds:
 
 Besides the scores: how the predictions spread and follow the truth (distinct answers, spread
 ratio, Pearson/Spearman, a collapse flag for a (near-)constant answer) and the constant baselines
-(the train median, the majority answer) scored with the very same metrics.
+(the train median, the majority answer) scored with the very same metrics. Models are compared on
+the rows all of them parsed (compare_on_common_rows), with a flag when those are few.
 
 Every value returned is a plain Python ``int``/``float``/``str``/``bool``/``None`` so the
 dicts can be written to JSON as they are.
