@@ -4,6 +4,7 @@ file changed since (issue #22 item 6): held-out rows re-derived from a changed d
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -37,11 +38,16 @@ def test_record_holds_each_files_sha256(tmp_path):
     assert data.data_record(hub) == {"data.train": {"path": "someone/some-dataset", "sha256": None}}
 
 
-def test_unchanged_data_passes_silently(tmp_path, caplog):
+def test_record_found_from_run_adapter_or_checkpoint_and_unchanged_data_passes_silently(tmp_path, caplog):
     cfg, _, adapter = _run(tmp_path)
     with caplog.at_level(logging.WARNING, logger="train"):
         data.check_data_record(cfg, adapter)
         data.check_data_record(cfg, adapter.parent)  # RUN_DIR or ADAPTER_DIR: the record is found either way
+    ckpt = adapter.parent / "checkpoints" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    _append_row(Path(cfg.data.train))
+    with pytest.raises(UserError, match="changed since this run was fit"):  # a checkpoint evaluated: the run's record
+        data.check_data_record(cfg, ckpt)
     assert caplog.records == []
 
 

@@ -552,7 +552,9 @@ def check_data_record(cfg: Config, adapter_dir: Path) -> None:
     """Before `train eval` scores anything: refuse (UserError) when a file whose rows it scores changed since fit
     recorded it, unless eval.on_data_change is warn; warn when only the baseline's train file changed, or when
     the run has no record. A file given with --data, a hub dataset and a missing file are not checked here."""
-    found = [p / DATA_RECORD for p in (adapter_dir, adapter_dir.parent) if (p / DATA_RECORD).is_file()]
+    runs = (adapter_dir, adapter_dir.parent, *([adapter_dir.parent.parent] if adapter_dir.parent.name == "checkpoints"
+                                             else []))  # RUN, RUN/adapter, RUN/checkpoints/checkpoint-N
+    found = [p / DATA_RECORD for p in runs if (p / DATA_RECORD).is_file()]
     if not found:
         log.warning("%s: no %s (fit before data files were recorded): cannot check that the eval data is what "
                     "fit read", adapter_dir, DATA_RECORD)
