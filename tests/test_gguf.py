@@ -138,3 +138,54 @@ def test_unreadable_gguf_is_one_line_exit_2(tmp_path, content, why):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.name_or_path:") and str(path) in last and why in last
     assert not (tmp_path / "run").exists()  # nothing written for a bad model
+
+
+RANK_SCRIPT = """
+import json, logging, sys
+import torch
+from transformers import AutoModelForCausalLM
+from train import gguf
+
+logging.basicConfig(level=logging.INFO)
+folder = gguf.resolve(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+print(json.dumps({"folder": str(folder), "sum": sum(p.double().sum().item() for p in model.parameters())}))
+"""
+
+
+def test_two_ranks_convert_once_and_both_load_the_folder(tiny_gguf, tmp_path):
+    """torchrun, 2 CPU processes (gloo), a leftover of a killed conversion in the cache: the main process converts
+    (once) while the other waits, and both load the same intact folder."""
+    import json
+
+    from train import gguf, tiny
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QLORA_TRAIN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    os.environ["QLORA_TRAIN_CACHE"], saved = str(cache), os.environ["QLORA_TRAIN_CACHE"]
+    try:
+        leftover = gguf.cached_folder(tiny_gguf)
+    finally:
+        os.environ["QLORA_TRAIN_CACHE"] = saved
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")  # a killed conversion: no COMPLETE marker
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script), str(tiny_gguf)], capture_output=True, text=True, cwd=REPO,
+                       env=env, timeout=120, start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2 and ranks[0] == ranks[1] and ranks[0]["folder"] == str(leftover)
+    assert r.stderr.count("converting tiny-llama.gguf") == 1, r.stderr[-3000:]
+    ref = sum(p.double().sum().item() for p in tiny.build_model().to(torch.bfloat16).float().parameters())
+    assert ranks[0]["sum"] == pytest.approx(ref, rel=1e-9)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

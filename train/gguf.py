@@ -8,6 +8,7 @@ with the same file loads that folder in NF4 like any other base, without re-read
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -73,10 +74,37 @@ def check_readable(path: Path) -> str:
 
 
 def resolve(name: str) -> Path:
-    """The cached HF folder for GGUF file `name`, converting it first when this file was never seen."""
+    """The cached HF folder for GGUF file `name`, converting it first when this file was never seen.
+
+    Under a distributed launch the first call converts on each machine's main process while the other ranks
+    wait (accelerate's local_main_process_first), so no rank replaces a folder another one is reading; every
+    process's first call for a file must therefore come at the same point (fit's first step), later ones
+    return at once."""
     path = Path(name).expanduser().resolve()
     if not path.is_file():
         check_readable(path)  # the one-line error for a missing file
+    st = path.stat()
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _RESOLVED or not (_RESOLVED[key] / COMPLETE).is_file():
+        with local_main_first():
+            _RESOLVED[key] = convert_once(path)
+    return _RESOLVED[key]
+
+
+_RESOLVED: dict[tuple, Path] = {}  # (path, size, mtime) -> its folder: one resolve (and one barrier) per process
+
+
+def local_main_first():
+    """accelerate's local_main_process_first under a multi-process launch, else nothing to wait for."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).local_main_process_first()  # as fit's distributed_state
+
+
+def convert_once(path: Path) -> Path:
     target = cached_folder(path)
     if (target / COMPLETE).is_file():  # this exact file (its SHA-256) was read and converted before
         return target
