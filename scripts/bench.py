@@ -51,6 +51,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 WAYS = {
     "c": dict(kind="ours", label="ours", desc="ours: python -m train fit with our defaults"),
+    "c-offload": dict(kind="ours", label="ours, offload", sets=["train.offload_checkpoints=true"],
+                      desc="ours with train.offload_checkpoints=true (issue #21: its cost on this workload)"),
     "unsloth": dict(kind="unsloth", label="Unsloth", dropout=0.05,
                     desc="Unsloth: FastLanguageModel + its SFTTrainer, padding-free 16 rows, same LoRA settings"),
     "unsloth-nodrop": dict(kind="unsloth", label="Unsloth, dropout 0", dropout=0.0,
@@ -63,7 +65,7 @@ WAYS = {
     "cpu-plain": dict(kind="cpu-plain", label="plain peft + bnb", desc="CPU: plain peft + bitsandbytes NF4 loop"),
 }
 DEFAULT_WAYS, TINY_WAYS = "c,unsloth,b,a", "c,a,b"
-SIDE_BY_SIDE = ("c", "unsloth", "unsloth-nodrop", "a", "b")
+SIDE_BY_SIDE = ("c", "c-offload", "unsloth", "unsloth-nodrop", "a", "b")
 PLAN_SETTINGS, PLAN_SETTINGS_TINY = "4x512,16x512,16x1024", "4x32,16x32,16x64"  # B rows x L tokens
 PLAN_TOLERANCE = 0.10  # |predicted - measured| / measured at every setting (measured: +1.8..+5.0 %)
 
@@ -181,7 +183,7 @@ def run_unsloth(way: dict, ctx: dict) -> dict:
                                              random_state=42, max_seq_length=ctx["max_length"])
     timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"])
     ds = Dataset.from_dict({"input_ids": json.loads(Path(ctx["ids_file"]).read_text())})
-    kw = dict(output_dir=str(Path(ctx["work"]) / "runs" / ctx["way"]), per_device_train_batch_size=16,
+    kw = dict(output_dir=str(Path(ctx["work"]) / "runs" / ctx["way"]), per_device_train_batch_size=way.get("batch", 16),
               gradient_accumulation_steps=1, padding_free=True, optim="paged_adamw_32bit", bf16=True,
               learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=0.3, seed=42,
               max_steps=ctx["warmup"] + ctx["steps"] + ctx["profile"], logging_steps=1, save_strategy="no",
@@ -298,7 +300,8 @@ RUNNERS = {"ours": run_ours, "trl": run_trl, "unsloth": run_unsloth, "cpu-ours":
 def child(name: str, ctx_file: Path) -> int:
     ctx = json.loads(ctx_file.read_text())
     way = dict(WAYS.get(name) or ctx["plan_ways"][name])
-    ctx.update(way=name, profile=int(name in ctx["profile_ways"]), **{k: way[k] for k in ("warmup", "steps") if k in way})
+    ctx.update(way=name, profile=int(name in ctx["profile_ways"]),
+               **{k: way[k] for k in ("warmup", "steps", "ids_file", "max_length") if k in way})
     t0 = time.perf_counter()
     try:
         res = RUNNERS[way["kind"]](way, ctx)
@@ -369,6 +372,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, help="start no way after this many seconds")
     p.add_argument("--plan-check", action="store_true", help="train/plan.py against measured peaks: way c at fixed\n"
                    "micro-batches (--plan-tokens); only this unless --ways is given too")
+    p.add_argument("--plan-stacks", default="ours", help="--plan-check: ours, unsloth or ours,unsloth (Unsloth on\n"
+                   "the same rows after each setting: the long-row ladder side by side, issue #21)")
     p.add_argument("--plan-tokens", help=f"BxL settings (default {PLAN_SETTINGS}; --tiny {PLAN_SETTINGS_TINY})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for our ways (c, plan-*, cpu-ours), e.g. lora.kernel=fused_triton")
@@ -379,7 +384,7 @@ def main(argv=None) -> int:
         return child(args.child[0], Path(args.child[1]))
 
     import bench_workload as wl
-    from bench_measure import cpu_table, plan_check_table, side_by_side, versions
+    from bench_measure import cpu_table, long_rows_table, plan_check_table, side_by_side, versions
 
     start = time.perf_counter()
     small = args.tiny or args.cpu
@@ -419,21 +424,23 @@ def main(argv=None) -> int:
                    config=str(config))
     if args.plan_check:
         spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
-        ctx["plan_ways"] = wl.plan_check_ways(work, spec)
+        ctx["plan_ways"] = wl.plan_check_ways(work, spec, args.plan_stacks)
     ctx_file = work / "bench_ctx.json"
     ctx_file.write_text(json.dumps(ctx))
     results: list[dict] = []
 
     def report() -> str:
-        main_rows = [r for r in results if not r["way"].startswith("plan-")]
+        main_rows = [r for r in results if r["way"] not in ctx["plan_ways"]]
         labels = {w: v["label"] for w, v in WAYS.items()}
         table = cpu_table(main_rows, ctx, labels) if args.cpu else side_by_side(main_rows, labels, SIDE_BY_SIDE)
         parts = [table] if main_rows else []
         doc = {"meta": meta, "results": results}
         if ctx["plan_ways"]:
-            text, doc["plan_check_verdict"] = plan_check_table(results, ctx["plan_ways"], PLAN_TOLERANCE)
+            ours = {k: w for k, w in ctx["plan_ways"].items() if w["kind"] == "ours" and not w.get("skip")}
+            text, doc["plan_check_verdict"] = plan_check_table(results, ours, PLAN_TOLERANCE)
             parts.append(f"Plan check (train/plan.py torch_allocated vs max_memory_allocated, tolerance "
                          f"{PLAN_TOLERANCE:.0%})\n\n{text}")
+            parts.append(f"Long rows, ours and Unsloth side by side\n\n{long_rows_table(results, ctx['plan_ways'])}")
         text = "\n\n".join(parts)
         for d in {out, Path(args.report).resolve() if args.report else out}:
             d.mkdir(parents=True, exist_ok=True)
@@ -441,7 +448,7 @@ def main(argv=None) -> int:
             (d / "table.md").write_text(text + "\n")
         return text
 
-    for name in [*ways, *ctx["plan_ways"]]:
+    for name in [*ways, *(k for k, w in ctx["plan_ways"].items() if not w.get("skip"))]:
         way = WAYS.get(name) or ctx["plan_ways"][name]
         left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
         res = ({"way": name, "error": f"skipped: {left:.0f}s of budget left"} if left is not None and left < 45

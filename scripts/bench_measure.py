@@ -255,6 +255,38 @@ def plan_check_table(results: list[dict], plan_ways: dict, tolerance: float) -> 
     return "\n".join(rows + ["", verdict]), verdict
 
 
+UNSLOTH_CLAIM = 342_733  # tokens in one Llama-3.1-8B QLoRA row on an 80 GB GPU, as Unsloth states it (issue #21)
+
+
+def long_rows_table(results: list[dict], plan_ways: dict) -> str:
+    """--plan-check --plan-unsloth: per row length, ours (tok/s, peak, plan) beside Unsloth (tok/s, peak), and the
+    longest row each trained here next to Unsloth's claim."""
+    by = {r["way"]: r for r in results}
+    rows = ["| tokens | ours tok/s | ours peak GB | plan GB | Unsloth tok/s | Unsloth peak GB |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    longest = {"ours": 0, "unsloth": 0}
+
+    def cell(r, key, fmt):
+        if not r:
+            return "not run"
+        return fmt.format(r[key]) if r.get(key) is not None else (r.get("error") or "n/a")[:40]
+
+    for name, way in plan_ways.items():
+        if way["kind"] != "ours":
+            continue
+        o, u = by.get(name), by.get(name.replace("plan-", "unsloth-", 1))
+        for who, r in (("ours", o), ("unsloth", u)):
+            if r and r.get("peak_alloc_gb") and not r.get("error"):
+                longest[who] = max(longest[who], way["tokens"])
+        pred = ((o or {}).get("plan") or {}).get("predicted_gb")
+        rows.append(f"| {way['tokens']:,} | {cell(o, 'tok_per_s', '{:,.0f}')} | {cell(o, 'peak_alloc_gb', '{:.2f}')} |"
+                    f" {f'{pred:.2f}' if pred is not None else ''} | {cell(u, 'tok_per_s', '{:,.0f}')} |"
+                    f" {cell(u, 'peak_alloc_gb', '{:.2f}')} |")
+    rows += ["", f"Longest row trained here: ours {longest['ours']:,} tokens, Unsloth {longest['unsloth']:,} "
+             f"(Unsloth claims {UNSLOTH_CLAIM:,} on an 80 GB GPU)"]
+    return "\n".join(rows)
+
+
 def profile_summary(prof, wall_s: float) -> dict:
     """GPU time of the profiled step by kernel group, kernel launches, sync-like calls, top kernels and host ops."""
     groups: dict = {}

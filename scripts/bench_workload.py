@@ -147,22 +147,36 @@ def ensure_fixed_data(work: Path, length: int, rows: int) -> Path:
         rng = np.random.default_rng(SEED + length)
         tok = tiny_mod.build_tokenizer()
         texts = [random_letters(rng, length - 2) for _ in range(rows)]
-        assert all(len(tok(t)["input_ids"]) + 1 == length for t in texts)
+        ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]  # what train/data.py encode_text makes
+        assert all(len(x) == length for x in ids)
+        (target.parent / "ids.json").write_text(json.dumps(ids))  # the Unsloth way's rows: the same tokens
         tmp = target.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         os.replace(tmp, target)  # a cut-short file is never mistaken for a finished one
     return target
 
 
-def plan_check_ways(work: Path, spec: str) -> dict:
-    """--plan-check: way c per "BxL" setting, B rows of exactly L tokens, one micro-batch a step (B*L tokens)."""
+LONG_ROW_TOKENS = 131072  # micro-batches this long run 0 + 1 steps: one 350K step takes ~7 min on an H200
+
+
+def plan_check_ways(work: Path, spec: str, stacks: str = "ours") -> dict:
+    """--plan-check: per "BxL" setting, B rows of exactly L tokens, one micro-batch a step (B*L tokens): way c
+    ("ours" in `stacks`) and Unsloth on the same rows ("unsloth"). A long micro-batch (>= LONG_ROW_TOKENS) runs one step,
+    timed from the start (its minutes dwarf the start-up); shorter ones 1 warm-up + 2 timed."""
     ways = {}
     for b, n in ((int(x) for x in item.lower().split("x")) for item in spec.split(",") if item.strip()):
-        data = ensure_fixed_data(work, n, max(64, 4 * b))
-        ways[f"plan-{b}x{n}"] = dict(kind="ours", label=f"plan {b}x{n}", tokens=b * n, warmup=1, steps=2, check=False,
-                                     desc=f"plan check: way c, {b} rows x {n} tokens", sets=[
+        long = b * n >= LONG_ROW_TOKENS
+        data = ensure_fixed_data(work, n, 4 * b if long else max(64, 4 * b))  # long: 1 step needs b rows
+        warmup, steps = (0, 1) if long else (1, 2)
+        ways[f"plan-{b}x{n}"] = dict(kind="ours", label=f"plan {b}x{n}", tokens=b * n, warmup=warmup, steps=steps,
+                                     skip="ours" not in stacks, check=False, desc=f"plan check: way c, {b} rows x {n} tokens", sets=[
                                          f"train.batch_size={b}", "train.grad_accum=1", f"data.train={data}",
                                          f"data.max_length={n}"])
+        if "unsloth" in stacks:
+            ways[f"unsloth-{b}x{n}"] = dict(kind="unsloth", label=f"Unsloth {b}x{n}", tokens=b * n, warmup=warmup,
+                                            steps=steps, dropout=0.05, batch=b, max_length=n,
+                                            ids_file=str(data.parent / "ids.json"),
+                                            desc=f"Unsloth, {b} rows x {n} tokens, same LoRA settings")
     return ways
 
 

@@ -517,3 +517,64 @@ def test_each_family_runs_its_own_attention_packed_as_padded(tmp_path, monkeypat
         assert packed_vs_padded_gap(net) > 2e-2, "without its window the kernel must compute another attention"
     monkeypatch.undo()
     attention.register()  # the real varlen_attn again for later tests
+
+
+# ---------------------------------------------------------------- long rows (issue #21): offload and tiled MLP
+
+
+def long_row_model(layers: int = 4, dropout: float = 0.0):
+    """A bf16 Llama on CUDA, LoRA on all linear layers (nonzero B), reentrant checkpointing as our fit runs it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192)
+    base = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.enable_input_require_grads()
+    net = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return net.train()
+
+
+def long_row_step(net, tokens: int = 4096):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 512, (1, tokens), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = net(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    return loss.detach().float(), {n: p.grad.float() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@on_gpu
+def test_offloaded_checkpoints_train_exactly_as_resident_ones():
+    """Side-stream copies out and one-layer-ahead prefetch back: bit-identical loss and LoRA gradients."""
+    from train.kernels import offload
+
+    want = long_row_step(long_row_model())
+    net = long_row_model()
+    off = offload.install(net, "cuda")
+    for _ in range(2):  # the second step reuses the pinned slabs
+        for p in net.parameters():
+            p.grad = None
+        got = long_row_step(net)
+        assert torch.equal(got[0], want[0])
+        assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+    assert (off.offloaded, off.prefetched, len(off.slabs)) == (8, 6, 1)  # 4 layer inputs a step; slabs reused
+
+
+@on_gpu
+def test_tiled_mlp_matches_the_whole_mlp_in_bf16():
+    from train.kernels import tiled_mlp
+
+    want = long_row_step(long_row_model())
+    net = long_row_model()
+    assert tiled_mlp.install(net, True, tile=1024) == 4
+    got = long_row_step(net)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-2)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=5e-2, atol=5e-3, msg=n)

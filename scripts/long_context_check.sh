@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue #21 on one H200 (scripts/bench.py): ours against Unsloth on memory and context length, with train plan's
+# prediction beside every measured peak. In stages that each fit one 10-minute device call: one 350K-token step
+# alone takes ~7 min (the issue's 65K and 131K steps took 21 s and 74 s; attention grows with the square).
+#   default        the 8B workload: ours (offload auto = off at 2,048 tokens), ours with offload on, Unsloth
+#   ladder         one row of 16,384 and of 131,072 tokens: ours, then Unsloth on the same rows
+#   350k           one row of 350,000 tokens: ours (offload + tiled MLP, both auto at this length)
+#   unsloth-350k   the same row through Unsloth
+#   all            every stage in one run (no 10-minute limit)
+# Usage, from the repo root with .gpu-wheels/ and .unsloth-wheels/ (../shared/tools/unsloth-wheels.sh) carried:
+#   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
+set -uo pipefail
+stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|all [OUT_DIR]}
+out=${2:-${OUT:-/tmp/long-context}}/$stage
+budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
+site=/tmp/unsloth-site
+if [ -d .unsloth-wheels ] && [ ! -d "$site" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .unsloth-wheels/*.whl
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+free -g | head -2  # pinned CPU RAM: the 350K row offloads ~92 GB of layer inputs
+bench() { python3 scripts/bench.py --work /tmp/qb --report "$out" --unsloth-site "$site" --budget-s "$budget" "$@"; }
+case $stage in
+  default) bench --ways c,c-offload,unsloth --warmup 2 --steps 4 ;;
+  ladder) bench --plan-check --plan-tokens 1x16384,1x131072 --plan-stacks ours,unsloth ;;
+  350k) bench --plan-check --plan-tokens 1x350000 ;;
+  unsloth-350k) bench --plan-check --plan-tokens 1x350000 --plan-stacks unsloth ;;
+  all) budget=100000; bench --ways c,c-offload,unsloth --warmup 2 --steps 4 --plan-check \
+         --plan-tokens 1x16384,1x131072,1x262144,1x350000 --plan-stacks ours,unsloth ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
