@@ -118,3 +118,14 @@ def test_offload_switch_rules():
         long_rows.offloads(cfg_with(offload_checkpoints=True, gradient_checkpointing=False))
     if not torch.cuda.is_available():
         assert not long_rows.offloads(cfg_with(offload_checkpoints=True, gradient_checkpointing=True))
+
+
+def test_the_trainer_installs_both_when_training_begins():
+    """build_trainer adds LongRows; its on_train_begin (after the Trainer bound Liger's forwards) wraps the MLPs."""
+    from train import trainer
+
+    assert "LongRows(cfg)" in __import__("inspect").getsource(trainer.build_trainer)
+    model = tiny_lora()
+    long_rows.LongRows(cfg_with(tile_mlp="auto")).on_train_begin(None, None, None, model=model)
+    assert all(getattr(layer.mlp.forward, "tiled", False) for layer in offload.checkpointed_layers(model))
+    assert getattr(model, "checkpoint_offload", None) is None or torch.cuda.is_available()

@@ -11,6 +11,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from train import checkpoints, lora, patches, sampler
 from train.callbacks import MarkComplete, MetricsFile, StepLines
 from train.config import Config
+from train.kernels.long_rows import LongRows
 from train.loss import labelled_positions_loss, row_nll
 from train.reporting import setup_reporting
 from train.schedule import restart_schedule
@@ -123,4 +124,5 @@ def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbac
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)
     trainer.add_callback(StepLines())
+    trainer.add_callback(LongRows(cfg))  # train.offload_checkpoints, train.tile_mlp: installed as training begins
     return trainer
