@@ -303,18 +303,19 @@ def test_eval_with_other_data_keeps_the_trained_train_split_for_the_baseline(run
 
 def test_eval_flags_and_warns_a_collapsed_adapter(run, monkeypatch, caplog, capsys):
     median = float(np.median(_train_truths(small_config(run))))
-    real = evaluate.generate
+    real = metrics.summarize
     calls = []
 
-    def base_real_adapter_constant(model, tok, examples, max_new_tokens, batch_size):
+    def base_real_adapter_constant(task, truths, outputs, **options):
+        """The answers as scored, however evaluate_run generated them: the base's real ones (scored first), then
+        the adapter answering the train median for every row."""
         calls.append(1)
-        if len(calls) == 1:  # evaluate_run scores the base first
-            return real(model, tok, examples, max_new_tokens, batch_size)
-        return [f"{median:.2f}"] * len(examples)
+        return real(task, truths, outputs if len(calls) == 1 else [f"{median:.2f}"] * len(outputs), **options)
 
-    monkeypatch.setattr(evaluate, "generate", base_real_adapter_constant)
+    monkeypatch.setattr(metrics, "summarize", base_real_adapter_constant)
     with caplog.at_level(logging.WARNING, logger="train"):
         report = evaluate.evaluate_run(str(run))
+    assert len(calls) == 2  # base, then adapter: nothing else is scored through summarize
     saved = json.loads((run / "eval" / "report.json").read_text())
     assert saved["adapter"]["collapsed"] is True and saved["adapter"]["own_rows"]["distinct"] == 1
     assert any("distinct" in r for r in saved["adapter"]["collapse_reasons"])
