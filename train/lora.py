@@ -14,21 +14,50 @@ from train.errors import UserError
 log = logging.getLogger("train")
 
 
-def build_lora_config(l: LoraCfg):
-    """lora.* -> peft.LoraConfig. Pure: no model needed."""
+def build_lora_config(l: LoraCfg, num_layers: int | None = None, linear: list[str] | None = None):
+    """lora.* -> peft.LoraConfig. Pure: no model needed. lora.top_layers needs the model's `num_layers`, and
+    with all-linear its `linear` leaf names too: peft takes a layer subset only with a list of targets."""
     from peft import LoraConfig
 
+    targets = l.target_modules
+    if l.top_layers is not None and targets == "all-linear":
+        targets = linear
     return LoraConfig(
         r=l.r,
         lora_alpha=l.alpha,
         lora_dropout=l.dropout,
-        target_modules=l.target_modules,
+        target_modules=targets,
         use_rslora=l.use_rslora,
         use_dora=l.use_dora,
         modules_to_save=l.modules_to_save,
+        layers_to_transform=top_layer_indices(l, num_layers),
         bias="none",  # bias terms stay frozen: standard LoRA, and adapters stay small
         task_type="CAUSAL_LM",
     )
+
+
+def top_layer_indices(l: LoraCfg, num_layers: int | None) -> list[int] | None:
+    """lora.top_layers -> the decoder layer indices peft adapts (None: all of them)."""
+    if l.top_layers is None:
+        return None
+    if num_layers is None:
+        raise ValueError("lora.top_layers needs the model's layer count")
+    if l.top_layers > num_layers:
+        raise UserError(f"lora.top_layers: {l.top_layers} but the model has {num_layers} decoder layers "
+                        f"(use at most {num_layers}, or null for all)")
+    return list(range(num_layers - l.top_layers, num_layers))
+
+
+def num_decoder_layers(model_config) -> int:
+    """Decoder layer count of a (possibly multimodal) model config."""
+    return model_config.get_text_config().num_hidden_layers
+
+
+def linear_leaf_names(model) -> list[str]:
+    """What peft's all-linear adapts, as leaf names: every nn.Linear (4-bit ones included) but the LM head."""
+    head = model.get_output_embeddings()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
 
 
 def check_targets(model, l: LoraCfg) -> None:
@@ -62,6 +91,7 @@ def preflight(model_config, l: LoraCfg) -> None:
     """lora.target_modules against the model's module tree on the meta device, before any weights load."""
     from train.model import meta_model
 
+    top_layer_indices(l, num_decoder_layers(model_config))  # lora.top_layers beyond the model: before the weights load
     if isinstance(l.target_modules, list):  # "all-linear" matches whatever the model has
         check_targets(meta_model(model_config), l)
 
@@ -70,12 +100,15 @@ def wrap(model, l: LoraCfg):
     from peft import get_peft_model
 
     check_targets(model, l)
-    peft_model = get_peft_model(model, build_lora_config(l))
+    config = build_lora_config(l, num_decoder_layers(model.config), linear_leaf_names(model))
+    peft_model = get_peft_model(model, config)
     if l.kernel != "peft":
         use_fused_kernels(peft_model, triton_dropout=l.kernel == "fused_triton")
     trainable, total = peft_model.get_nb_trainable_parameters()
+    where = l.target_modules if l.top_layers is None else \
+        f"{l.target_modules} of the last {l.top_layers} of {num_decoder_layers(model.config)} layers"
     log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)",
-             l.r, l.alpha, l.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+             l.r, l.alpha, where, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return peft_model
 
 
@@ -123,21 +156,7 @@ def match_training_dtypes(peft_model, quant) -> None:
 
 def use_lean_dropout(peft_model) -> int:
     """Move each LoRA layer's dropout into its lora_A (train/kernels/dropout.py); returns how many adapters changed.
-    Plain LoRA only: DoRA and other variants read the dropout output themselves."""
-    from peft.tuners.lora import LoraLayer
-
+    Plain LoRA only: DoRA and other variants read the dropout output themselves (patches.lean_dropout)."""
     from train.kernels.dropout import LeanDropoutLinear
 
-    changed = 0
-    for module in peft_model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for name, drop in list(module.lora_dropout.items()):
-            lora_a = module.lora_A[name] if name in module.lora_A else None
-            if isinstance(drop, torch.nn.Dropout) and drop.p > 0 and name not in module.lora_variant \
-                    and type(lora_a) is torch.nn.Linear:
-                patches.swap_class(lora_a, LeanDropoutLinear)
-                lora_a.dropout_p = drop.p
-                module.lora_dropout[name] = torch.nn.Identity()
-                changed += 1
-    return changed
+    return patches.lean_dropout(peft_model, LeanDropoutLinear)

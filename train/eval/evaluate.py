@@ -17,7 +17,7 @@ import torch
 
 from train import adapter as adapter_lib
 from train import checkpoints, data
-from train.eval import metrics
+from train.eval import metrics, one_pass
 from train import model as model_lib
 from train.config import Config, from_dict, parse_override, set_dotted, template_fields
 from train.errors import UserError
@@ -67,8 +67,29 @@ def completion_loss(model, examples: list[dict[str, Any]], pad_id: int, batch_si
         rows = row_nll(model, {"input_ids": ids, "attention_mask": att, "labels": labels})
         total += rows[:, 0].double().sum().item()
         count += int(rows[:, 1].sum())
+    return loss_summary(total, count)
+
+
+def loss_summary(total: float, count: int) -> dict[str, float]:
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def loss_and_answers(model, tok, examples: list[dict[str, Any]], cfg: Config, answers: bool):
+    """completion_loss and (when `answers`) generate's outputs. Where every row is generated from the prefix its
+    loss tokens follow, one forward per batch gives both (one_pass.py: the prompt runs once, not twice)."""
+    if not all(one_pass.shares_prompt(e) for e in examples):
+        loss = completion_loss(model, examples, tok.pad_token_id, cfg.eval.batch_size)
+        return loss, generate(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size) if answers else None
+    stops, size = stop_ids(model, tok), cfg.eval.batch_size
+    total, count, outputs = 0.0, 0, []
+    for start in range(0, len(examples), size):
+        rows, gen = one_pass.loss_and_answers(model, examples[start : start + size], tok.pad_token_id, stops,
+                                              cfg.eval.max_new_tokens if answers else None)
+        total += rows[:, 0].double().sum().item()
+        count += int(rows[:, 1].sum())
+        outputs += tok.batch_decode(gen, skip_special_tokens=True) if answers else []
+    return loss_summary(total, count), outputs if answers else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,10 +172,12 @@ def truths_for_task(examples: list[dict[str, Any]], cfg: Config) -> list[Any]:
     return truths
 
 
-def task_scores(model, tok, examples, cfg: Config) -> tuple[dict[str, Any], list[str]]:
+def task_scores(model, tok, examples, cfg: Config, outputs: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """summarize()'s metrics and rows, plus how the answers spread (metrics.prediction_stats /
-    answer_stats: distinct, spread_ratio, pearson, spearman, collapsed, collapse_reasons)."""
-    outputs = generate(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    answer_stats: distinct, spread_ratio, pearson, spearman, collapsed, collapse_reasons). `outputs`: the
+    answers when already generated (loss_and_answers), else they are generated here."""
+    if outputs is None:
+        outputs = generate(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size)
     truths = truths_for_task(examples, cfg)
     scores = metrics.summarize(cfg.eval.task, truths, outputs, **task_options(cfg))
     parsed = [row["parsed"] for row in scores["rows"]]
@@ -338,9 +361,9 @@ def evaluate_run(target: str, data: str | None = None, limit: int | None = None,
     outputs = {}
     for name, ctx in (("base", adapter_off(model)), ("adapter", contextlib.nullcontext())):
         with ctx, precision_context(cfg):
-            report[name] = completion_loss(model, examples, tok.pad_token_id, cfg.eval.batch_size)
+            report[name], answers = loss_and_answers(model, tok, examples, cfg, cfg.eval.task != "none")
             if cfg.eval.task != "none":
-                scores, outputs[name] = task_scores(model, tok, examples, cfg)
+                scores, outputs[name] = task_scores(model, tok, examples, cfg, answers)
                 report[name]["rows_detail"] = scores.pop("rows")
                 report[name]["collapsed"] = scores.pop("collapsed")
                 report[name]["collapse_reasons"] = scores.pop("collapse_reasons")
