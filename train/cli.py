@@ -1,4 +1,4 @@
-"""Command line: `python -m train {fit,eval,merge,generate,plan} ...`. Bad input -> one line on stderr, exit code 2."""
+"""Command line: `python -m train {fit,eval,merge,export,generate,plan} ...`. Bad input -> one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("--base", choices=("dequantized", "original"), default="dequantized",
                     help="dequantized (default): the 4-bit base as trained; original: the base's unquantized weights")
     mg.add_argument("--limit", type=int, help="eval rows the merged model is compared on (default: eval.limit)")
+
+    ex = sub.add_parser("export", help="write the merged model as one GGUF file (llama.cpp, Ollama) and check it")
+    ex.add_argument("run", help="run directory (or adapter directory)")
+    ex.add_argument("--gguf", required=True, help="the .gguf file to write (never replaces one)")
+    ex.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0"), help="tensor type (default f16: "
+                    "reloads within fp16 rounding; q8_0: half the size)")
+    ex.add_argument("--limit", type=int, help="eval rows the file is checked on (default: eval.limit)")
 
     gen = sub.add_parser("generate", help="greedy generation with the adapter, for a quick look",
                          description="Each --prompt is wrapped as the run's training prompts were: data.format "
@@ -98,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         from train.merge import merge
 
         merge(args.run, args.out, overwrite=args.overwrite, base=args.base, limit=args.limit)
+    elif args.command == "export":
+        from train.export import export
+
+        export(args.run, args.gguf, qtype=args.type, limit=args.limit)
     elif args.command == "generate":
         from train.eval.evaluate import GENERATION_SEPARATOR, format_generation, generate_text
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,25 @@ def merge(target: str, out: str, overwrite: bool = False, base: str = "dequantiz
           limit: int | None = None) -> dict[str, Any]:
     out_dir = Path(out)
     check_out_dir(out_dir, overwrite)
-    merged, tok, cfg, report = build(target, base, limit)
-    save(merged, tok, cfg, out_dir, report, overwrite)
-    return report
+    built = build(target, base, limit)
+    save(built.model, built.tok, built.cfg, out_dir, built.report, overwrite)
+    return built.report
 
 
-def build(target: str, base: str = "dequantized", limit: int | None = None):
-    """(merged fp32 model holding its saved dtype's values, tokenizer, config, report). export.py uses it too."""
+@dataclass
+class Built:
+    """A merged model and what it was checked on: export.py compares its GGUF with the same rows and scores."""
+    model: Any  # fp32 arithmetic, weights holding the values of the dtype it is saved in
+    tok: Any
+    cfg: Any
+    report: dict[str, Any]
+    rows: list[dict[str, Any]]  # the eval rows (prompt_ids, ids) both models were scored on
+    logits: list[torch.Tensor]  # the merged model's, per row (score())
+    answers: list[str]  # the merged model's greedy answers
+
+
+def build(target: str, base: str = "dequantized", limit: int | None = None) -> Built:
+    """Merge, check the arithmetic, round to the saved dtype, and score against the NF4 + adapter model."""
     if base not in BASES:
         raise UserError(f"--base {base}: choose one of {', '.join(BASES)}")
     adapter_dir, cfg, tok, rows, where = eval_rows(target, limit)
@@ -75,7 +88,7 @@ def build(target: str, base: str = "dequantized", limit: int | None = None):
     if agree < len(rows):
         log.warning("the merged model answers %d of %d eval rows differently from the model `train eval` scored",
                     len(rows) - agree, len(rows))
-    return merged, tok, cfg, report
+    return Built(merged, tok, cfg, report, rows, got, merged_answers)
 
 
 def eval_rows(target: str, limit: int | None):

@@ -1,0 +1,93 @@
+"""`train export`: a tiny run of each family we write (Llama, Qwen2, Qwen3, Gemma 3) exported to GGUF, reloaded with
+transformers' GGUF loader, its logits and greedy answers compared with the merged model's; what we cannot write is
+refused with one line, exit 2, nothing written."""
+
+import dataclasses
+
+import pytest
+
+from families import FAMILIES, build_model, build_tokenizer, family_config, one_thread  # noqa: F401  (fixture)
+from test_bad_inputs import expect  # noqa: F401  (fixture: exit 2, one `error:` line, nothing written)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FIT = dict(train={"max_steps": 3, "grad_accum": 1, "save_every": 3, "eval_every": None, "lr": 1e-2},
+           data={"max_rows": 24}, eval={"task": "numeric", "limit": 8, "batch_size": 8, "max_new_tokens": 4})
+
+
+def qwen2_without_window(root):
+    """The tiny Qwen2 as Qwen2.5's released models are: no sliding window (llama.cpp's qwen2 has none)."""
+    from train import tiny
+
+    family = dataclasses.replace(FAMILIES["qwen2"], config={})
+    folder = root / "tiny-qwen2-full"
+    folder.mkdir()
+    tok = build_tokenizer(family)
+    tok.save_pretrained(folder)
+    tiny.save_weights(build_model(family, tok), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
+def run(request, tmp_path_factory):
+    from train.fit import fit
+
+    root = tmp_path_factory.mktemp(request.param)
+    model = {"name_or_path": qwen2_without_window(root)} if request.param == "qwen2" else {}
+    return request.param, fit(family_config(root / "run", request.param, model=model, **FIT)).run
+
+
+def test_export_reloads_with_the_merged_models_logits_and_answers(run, tmp_path):
+    """f16: the reloaded file's logits within fp16 rounding of the merged model's, the same greedy answers, the same
+    token ids from its vocabulary; the stop tokens and chat template travel in the file."""
+    from gguf import GGUFReader
+
+    from train.export import BOUNDS, export
+
+    name, path = run
+    out = tmp_path / f"{name}.gguf"
+    got = export(str(path), str(out))
+    n = got["answers"]
+    assert got["max_rel_diff"] < BOUNDS["f16"] and got["answers_agree"] == n == 5, got  # 24 rows, 20% held out
+    assert got["merge"]["answers_agree"] == n and got["merge"]["max_rel_diff"] < 1e-5
+    if name != "gemma3":  # transformers rebuilds Gemma vocabularies as SentencePiece only
+        assert got["tokenizer_agrees"] == f"{n}/{n}", got
+    if name in ("llama", "qwen2"):  # the file's metadata alone rebuilds the model (Qwen3, Gemma 3: see export.verify)
+        assert got["config_from"] == "the GGUF file", got
+    fields = GGUFReader(out).fields
+    family = FAMILIES[name]
+    tok = build_tokenizer(family)
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.convert_tokens_to_ids(family.eos)
+    assert fields["tokenizer.chat_template"].contents() == family.template
+    if family.end_of_turn != family.eos:
+        assert fields["tokenizer.ggml.eot_token_id"].contents() == tok.convert_tokens_to_ids(family.end_of_turn)
+    modelfile = out.with_suffix(".Modelfile").read_text()
+    assert f'PARAMETER stop "{family.end_of_turn}"' in modelfile and "Price is $" in modelfile
+
+
+def test_q8_0_and_bf16_within_their_bounds(run, tmp_path):
+    from train.export import BOUNDS, export
+
+    name, path = run
+    if name != "llama":
+        pytest.skip("one family is enough for the types: the layout is the same")
+    f16 = export(str(path), str(tmp_path / "f16.gguf"))
+    for qtype in ("bf16", "q8_0"):
+        got = export(str(path), str(tmp_path / f"{qtype}.gguf"), qtype=qtype)
+        assert f16["max_rel_diff"] <= got["max_rel_diff"] < BOUNDS[qtype], (qtype, got)
+    assert got["bytes"] < 0.7 * f16["bytes"]  # q8_0: 8.5 bits a weight against 16
+
+
+@pytest.mark.parametrize("name, needle", [("mistral", "model_type 'mistral' is not written to GGUF"),
+                                          ("qwen2", "uses a sliding window")])
+def test_a_family_we_do_not_write_is_one_line_exit_2(name, needle, tmp_path, expect):  # noqa: F811
+    """Refused before any weights load: no file, no run change."""
+    import json
+
+    from train.config import dump_config
+
+    run = tmp_path / "run" / "adapter"
+    run.mkdir(parents=True)
+    dump_config(family_config(tmp_path / "run", name), run / "config.yaml")
+    (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    expect(["export", str(tmp_path / "run"), "--gguf", str(tmp_path / "out.gguf")], needle)
+    assert not (tmp_path / "out.gguf").exists()
