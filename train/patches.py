@@ -1,7 +1,7 @@
 """Owns every use of a private internal of transformers, bitsandbytes, peft, torch FSDP and DeepSpeed.
 
 Where a public extension point exists the code uses it elsewhere (Trainer.create_scheduler / compute_loss /
-evaluate, TrainerCallback, transformers.AttentionInterface.register). What remains has no public
+prediction_step / evaluation_loop / evaluate, TrainerCallback, transformers.AttentionInterface.register). What remains has no public
 equivalent and lives here only: each patch says what it does and why, records the versions it was tested
 with (TESTED), and checks (`require`) that the internal it relies on still exists with the expected
 signature, raising PatchBroken (naming the library and installed version) when it is gone.
@@ -185,7 +185,7 @@ def supports_sdpa(model_class) -> bool:
 # --------------------------------------------------------------------------------------------
 # peft: swapping the class of its LoRA modules (no public hook replaces a layer's forward in place;
 # LoraConfig._register_custom_module is private and dispatches on the base layer type, before the
-# bitsandbytes dispatch we need to keep)
+# bitsandbytes dispatch we need to keep), and moving their dropout
 
 PEFT_LORA_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_variant", "scaling", "active_adapters",
                    "disable_adapters", "merged", "get_base_layer")
@@ -205,6 +205,55 @@ def swap_class(module, cls) -> None:
         raise PatchBroken(f"{cls.__name__} does not subclass {type(module).__name__}: the class swap would change "
                           "the module's state")
     module.__class__ = cls
+
+
+def lean_dropout(peft_model, linear_cls) -> int:
+    """Move each plain-LoRA adapter's dropout into its lora_A: lora_A becomes `linear_cls` (an nn.Linear subclass
+    that applies dropout itself, reading `dropout_p`) and peft's lora_dropout entry an Identity. peft has no option
+    for where its dropout runs. Adapters with a lora_variant (DoRA, ...) read the dropout output themselves and
+    are left alone. Returns how many adapters changed."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        check_peft_layer(module)
+        for name, drop in list(module.lora_dropout.items()):
+            lora_a = module.lora_A[name] if name in module.lora_A else None
+            if isinstance(drop, torch.nn.Dropout) and drop.p > 0 and name not in module.lora_variant \
+                    and type(lora_a) is torch.nn.Linear:
+                swap_class(lora_a, linear_cls)
+                lora_a.dropout_p = drop.p
+                module.lora_dropout[name] = torch.nn.Identity()
+                changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------------------------
+# torch LRScheduler: restarting a schedule over the one a checkpoint restored. The lr of its last step is the
+# private "_last_lr" of its state_dict, and the schedule's start lr the "initial_lr" it writes into each param
+# group; load_state_dict restores the scheduler only, and no public call sets either on the optimizer.
+
+SCHEDULER_STATE = ("base_lrs", "_last_lr")
+
+
+def check_lr_scheduler(scheduler, optimizer) -> None:
+    missing = [k for k in SCHEDULER_STATE if k not in scheduler.state_dict()]
+    missing += ["param_groups[i]['initial_lr']"] * any("initial_lr" not in g for g in optimizer.param_groups)
+    if missing:
+        raise PatchBroken(f"torch {installed('torch')}: an LRScheduler no longer keeps {missing} (train/patches.py "
+                          f"was tested with torch {TESTED['torch']}); update restart_schedule")
+
+
+def restart_schedule(optimizer, scheduler, fresh: dict[str, Any]) -> None:
+    """Put the new schedule's start (`fresh`: its state before the checkpoint was loaded) back over the
+    ended schedule and lr the checkpoint restored; the optimizer's moments stay the checkpoint's."""
+    check_lr_scheduler(scheduler, optimizer)
+    scheduler.load_state_dict(fresh)
+    for group, base, lr in zip(optimizer.param_groups, fresh["base_lrs"], fresh["_last_lr"]):
+        group["initial_lr"], group["lr"] = base, lr
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,11 +47,3 @@ def extend_schedule(sft, start: int, target: int | None = None) -> None:
         log.info("checkpoint-%d ended its run's lr schedule; steps %d-%d get a new %s schedule from train.lr=%g "
                  "(%d warmup steps)", start, start + 1, target, kind, a.learning_rate, a.get_warmup_steps(target - start))
 
-
-def restart_schedule(optimizer, scheduler, fresh: dict[str, Any]) -> None:
-    """Put the new schedule's start (`fresh`: its state before the checkpoint was loaded) back over the
-    ended schedule and lr the checkpoint restored; the optimizer's moments stay the checkpoint's."""
-    scheduler.load_state_dict(fresh)
-    for group, base, lr in zip(optimizer.param_groups, fresh["base_lrs"], fresh["_last_lr"]):
-        group["initial_lr"], group["lr"] = base, lr
-

@@ -14,7 +14,6 @@ from train.config import Config
 from train.kernels.long_rows import LongRows
 from train.loss import labelled_positions_loss, row_nll
 from train.reporting import setup_reporting
-from train.schedule import restart_schedule
 from train.sft_config import build_sft_config
 
 
@@ -58,7 +57,7 @@ def trainer_class():
             """Resuming at the start of an extension: keep the checkpoint's optimizer moments, not its ended
             schedule (inside an extension the checkpoint's schedule is the extension's: loaded as usual)."""
             if checkpoint and fresh and self.extension_start == checkpoints.checkpoint_step(Path(checkpoint)):
-                restart_schedule(self.optimizer, self.lr_scheduler, fresh)
+                patches.restart_schedule(self.optimizer, self.lr_scheduler, fresh)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """On GPU, TRL's fused LM head (Triton, labelled positions only). Its CPU fallback projects every
