@@ -120,12 +120,21 @@ def test_offload_switch_rules():
         assert not long_rows.offloads(cfg_with(offload_checkpoints=True, gradient_checkpointing=True))
 
 
-def test_the_trainer_installs_both_when_training_begins():
-    """build_trainer adds LongRows; its on_train_begin (after the Trainer bound Liger's forwards) wraps the MLPs."""
-    from train import trainer
+def test_the_trainer_installs_both_when_training_begins(tmp_path):
+    """build_trainer's Trainer carries LongRows; its on_train_begin (after the Trainer bound Liger's forwards) wraps
+    every MLP."""
+    from datasets import Dataset
 
-    assert "LongRows(cfg)" in __import__("inspect").getsource(trainer.build_trainer)
+    from train import tiny
+    from train.trainer import build_trainer
+
+    cfg = cfg_with(tile_mlp="auto", max_steps=1)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path)))
     model = tiny_lora()
-    long_rows.LongRows(cfg_with(tile_mlp="auto")).on_train_begin(None, None, None, model=model)
+    tr = build_trainer(cfg, model, tiny.build_tokenizer(), Dataset.from_dict({"input_ids": [[1, 2, 3]]}), None,
+                       tmp_path)
+    hooks = [cb for cb in tr.callback_handler.callbacks if isinstance(cb, long_rows.LongRows)]
+    assert len(hooks) == 1
+    hooks[0].on_train_begin(tr.args, tr.state, tr.control, model=tr.model)
     assert all(getattr(layer.mlp.forward, "tiled", False) for layer in offload.checkpointed_layers(model))
     assert getattr(model, "checkpoint_offload", None) is None or torch.cuda.is_available()
