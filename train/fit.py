@@ -48,7 +48,6 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     if main:
         dump_config(cfg, run / "config.yaml")
         data.write_data_record(cfg, run)  # the data files' hashes, so `train eval` can tell when one changed
-        data.write_data_record(cfg, run)  # the data files' hashes, so `train eval` can tell when one changed
     distributed_state().wait_for_everyone()  # other ranks read the run dir only once rank 0 has prepared it
 
     # 3. Model: quantized base -> k-bit prep -> LoRA
@@ -66,8 +65,9 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
         sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_ds, run,
                                     callbacks=[stopper, *callbacks], task_scorer=scorer)
         metrics = {**train_or_restore(sft, resume_from), "epoch": sft.state.epoch}
-    if stopper.requested:
-        raise Interrupted(stopper.requested, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"),
+    if stopper.stopped:  # the decision every rank shares; a signal after the last step lets the run finish
+        distributed_state().wait_for_everyone()  # each rank's part of the checkpoint is written before any exits
+        raise Interrupted(stopper.stopped, str(run / "checkpoints" / f"checkpoint-{sft.state.global_step}"),
                           cfg.train.resume)
 
     # 5. Save the adapter, tokenizer, config and model card
