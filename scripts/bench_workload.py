@@ -161,15 +161,16 @@ LONG_ROW_TOKENS = 131072  # micro-batches this long run 0 + 1 steps: one 350K st
 
 def plan_check_ways(work: Path, spec: str, stacks: str = "ours") -> dict:
     """--plan-check: per "BxL" setting, B rows of exactly L tokens, one micro-batch a step (B*L tokens): way c
-    ("ours" in `stacks`) and Unsloth on the same rows ("unsloth"). A long micro-batch (>= LONG_ROW_TOKENS) runs one step,
-    timed from the start (its minutes dwarf the start-up); shorter ones 1 warm-up + 2 timed."""
+    ("ours" in `stacks`) and Unsloth on the same rows ("unsloth"). A long micro-batch (>= LONG_ROW_TOKENS) runs
+    one step, timed from the start (its minutes dwarf the start-up); shorter ones 1 warm-up + 2 timed."""
     ways = {}
     for b, n in ((int(x) for x in item.lower().split("x")) for item in spec.split(",") if item.strip()):
         long = b * n >= LONG_ROW_TOKENS
         data = ensure_fixed_data(work, n, 4 * b if long else max(64, 4 * b))  # long: 1 step needs b rows
         warmup, steps = (0, 1) if long else (1, 2)
         ways[f"plan-{b}x{n}"] = dict(kind="ours", label=f"plan {b}x{n}", tokens=b * n, warmup=warmup, steps=steps,
-                                     skip="ours" not in stacks, check=False, desc=f"plan check: way c, {b} rows x {n} tokens", sets=[
+                                     skip="ours" not in stacks, check=False,
+                                     desc=f"plan check: way c, {b} rows x {n} tokens", sets=[
                                          f"train.batch_size={b}", "train.grad_accum=1", f"data.train={data}",
                                          f"data.max_length={n}"])
         if "unsloth" in stacks:

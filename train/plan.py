@@ -431,7 +431,8 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     if offload:
         on_gpu = min(shape.n_layers, OFFLOAD_GPU_LAYERS)
     hidden = p.residual * shape.hidden
-    return {"saved": tokens * (on_gpu * hidden + shared), "working": tokens * (layer - alias + bwd) + dequant + chunk_cost,
+    return {"saved": tokens * (on_gpu * hidden + shared),
+            "working": tokens * (layer - alias + bwd) + dequant + chunk_cost,
             "host": float(tokens * shape.n_layers * hidden) if offload else 0.0}
 
 

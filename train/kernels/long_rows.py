@@ -46,9 +46,10 @@ def install(cfg: Config, model) -> dict:
         model.checkpoint_offload = offload.install(model, torch.device("cuda", torch.cuda.current_device()))
         done["offload"] = model.checkpoint_offload is not None
     if done["offload"] or tiled_mlp.tiles(cfg.train.tile_mlp, cfg.train.batch_size * cfg.data.max_length):
+        where = "offloaded to pinned CPU RAM" if done["offload"] else "kept on the device"
+        calls = f">= {tiled_mlp.AUTO_MIN_TOKENS:,}" if cfg.train.tile_mlp == "auto" else f"> {tiled_mlp.TILE_TOKENS:,}"
         log.info("long rows: checkpointed layer inputs %s; MLP in %s-token chunks for calls of %s tokens",
-                 "offloaded to pinned CPU RAM" if done["offload"] else "kept on the device", f"{tiled_mlp.TILE_TOKENS:,}",
-                 f">= {tiled_mlp.AUTO_MIN_TOKENS:,}" if cfg.train.tile_mlp == "auto" else f"> {tiled_mlp.TILE_TOKENS:,}")
+                 where, f"{tiled_mlp.TILE_TOKENS:,}", calls)
     return done
 
 
