@@ -138,3 +138,13 @@ def test_the_trainer_installs_both_when_training_begins(tmp_path):
     hooks[0].on_train_begin(tr.args, tr.state, tr.control, model=tr.model)
     assert all(getattr(layer.mlp.forward, "tiled", False) for layer in offload.checkpointed_layers(model))
     assert getattr(model, "checkpoint_offload", None) is None or torch.cuda.is_available()
+
+
+def test_offload_keeps_inputs_on_the_device_past_the_host_budget(monkeypatch):
+    """A slab that would pass the pinned-RAM budget is not allocated: those layer inputs stay put, nothing changes."""
+    want = step(tiny_lora(gc=True))
+    monkeypatch.setattr(offload, "SLAB_TENSORS", 1)  # one layer input per slab: 5,120 bytes -> 8,192-byte slabs
+    model = tiny_lora(gc=True)
+    off = offload.install(model, "cpu", min_bytes=1, host_limit=2 * 8192)
+    assert_same(step(model), want, rtol=0, atol=0)
+    assert (off.offloaded, off.kept, len(off.slabs)) == (LAYERS - 1, 1, LAYERS - 1)

@@ -20,6 +20,7 @@ log = logging.getLogger("train")
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (position ids, masks) stay where they are: not worth a copy
 ALIGN = 256  # byte alignment of each tensor inside a slab: any dtype view, and aligned DMA
+HOST_FRACTION = 0.8  # pinned slabs stop at this share of the RAM free at install: the rest stays on the GPU
 SLAB_TENSORS = 8  # each pinned slab holds >= 8 tensors: torch's host allocator rounds every block to a power of 2
 
 
@@ -36,14 +37,15 @@ class CheckpointOffload:
     """saved_tensors_hooks for the checkpointed layers of one model. `device` is where activations live (a CUDA
     device in training; "cpu" in tests, where the copies run without streams)."""
 
-    def __init__(self, device, min_bytes: int = MIN_BYTES):
+    def __init__(self, device, min_bytes: int = MIN_BYTES, host_limit: int | None = None):
         self.device = torch.device(device)
+        self.host_limit = free_ram() * HOST_FRACTION if host_limit is None else host_limit
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.min_bytes = min_bytes
         self.saved: list[_Saved] = []  # this forward's offloaded tensors, in forward order
         self.slabs: list[list] = []  # [pinned uint8 tensor, bytes used]; kept across steps
-        self.offloaded = self.prefetched = 0  # counts, for tests and the bench
+        self.offloaded = self.prefetched = self.kept = 0  # counts, for tests and the bench
 
     def new_step(self) -> None:
         """A new forward begins: its tensors reuse the pinned slabs from the start."""
@@ -51,14 +53,16 @@ class CheckpointOffload:
         for slab in self.slabs:
             slab[1] = 0
 
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """`nbytes` of pinned memory carved from a slab (a new slab when none has room)."""
+    def host_buffer(self, nbytes: int) -> torch.Tensor | None:
+        """`nbytes` of pinned memory carved from a slab (a new slab when none has room; None past host_limit)."""
         step = -(-nbytes // ALIGN) * ALIGN
         for slab in self.slabs:
             if slab[0].numel() - slab[1] >= step:
                 slab[1] += step
                 return slab[0][slab[1] - step:slab[1] - step + nbytes]
         size = 1 << (SLAB_TENSORS * step - 1).bit_length()  # a power of two: nothing lost to rounding
+        if sum(slab[0].numel() for slab in self.slabs) + size > self.host_limit:
+            return None
         self.slabs.append([torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda), step])
         return self.slabs[-1][0][:nbytes]
 
@@ -66,7 +70,11 @@ class CheckpointOffload:
         if (t.device != self.device or t.nbytes < self.min_bytes or not t.is_contiguous()
                 or isinstance(t, torch.nn.Parameter)):
             return t
-        cpu = self.host_buffer(t.nbytes).view(t.dtype).view(t.shape)
+        buf = self.host_buffer(t.nbytes)
+        if buf is None:  # host RAM budget spent: this layer's input stays on the GPU
+            self.kept += 1
+            return t
+        cpu = buf.view(t.dtype).view(t.shape)
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
@@ -109,6 +117,15 @@ class CheckpointOffload:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
+def free_ram() -> int:
+    """Bytes of RAM free now (MemAvailable), or 0 where the OS does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 def checkpointed_layers(model) -> list:
     """The model's decoder layers that transformers checkpoints (GradientCheckpointingLayer), in order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -116,14 +133,14 @@ def checkpointed_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def install(model, device, min_bytes: int = MIN_BYTES) -> CheckpointOffload | None:
+def install(model, device, min_bytes: int = MIN_BYTES, host_limit: int | None = None) -> CheckpointOffload | None:
     """Hooks around every checkpointed decoder layer: while one runs its training forward with checkpointing on,
     what autograd saves (the layer's input) is offloaded. Returns the offloader, None when the model has no
     such layers."""
     layers = checkpointed_layers(model)
     if not layers:
         return None
-    off = CheckpointOffload(device, min_bytes)
+    off = CheckpointOffload(device, min_bytes, host_limit)
     active: list = []  # the hooks context entered by the layer now running (at most one)
 
     def enter(layer, args, kwargs=None):
