@@ -4,6 +4,7 @@ No weights are loaded and nothing touches a GPU: every test here runs in well un
 (after the one-time import of transformers/trl/peft).
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -110,11 +111,6 @@ def sft(tmp_path, has_eval=False, **sections):
     return cfg, build_sft_config(cfg, tmp_path / "run", has_eval)
 
 
-def test_sft_max_steps_wins(tmp_path):
-    _, a = sft(tmp_path, train={"max_steps": 6})
-    assert a.max_steps == 6
-
-
 def test_sft_epochs_when_no_max_steps(tmp_path):
     _, a = sft(tmp_path, train={"max_steps": None, "epochs": 2.5})
     assert a.max_steps == -1  # -1: transformers trains for num_train_epochs
@@ -165,14 +161,6 @@ def test_padding_free_default_falls_back_without_the_varlen_kernel(tmp_path, mon
     assert (b.padding_free, b.packing, b.max_length) == (True, False, None)
 
 
-def test_fast_path_is_the_default():
-    from train.config import ModelCfg, TrainCfg
-
-    t = TrainCfg()
-    assert (t.packing, t.liger, t.batch_size, t.grad_accum) == ("padding_free", True, 16, 1)
-    assert ModelCfg().attn_implementation == "auto"
-
-
 def test_sft_gradient_checkpointing_is_reentrant(tmp_path):
     _, a = sft(tmp_path)
     assert a.gradient_checkpointing is torch.cuda.is_available()  # default: on a GPU, off on a CPU
@@ -183,31 +171,37 @@ def test_sft_gradient_checkpointing_is_reentrant(tmp_path):
     assert off.gradient_checkpointing is False
 
 
-def test_sft_checkpoints_every_save_every_steps_under_run(tmp_path):
-    cfg, a = sft(tmp_path, train={"save_every": 7, "save_total_limit": 2})
-    assert a.save_strategy == "steps"
-    assert a.save_steps == cfg.train.save_every == 7
-    assert a.save_total_limit == 2
+def flow(args, max_steps: int) -> dict[str, list[int]]:
+    """The steps at which transformers' own step-end rules (DefaultFlowCallback, as the Trainer runs it) evaluate
+    and save a run built from `args`."""
+    from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
+
+    state = TrainerState(max_steps=max_steps, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
+                         save_steps=args.save_steps)
+    out = {"eval": [], "save": []}
+    for step in range(1, max_steps + 1):
+        state.global_step = step
+        control = DefaultFlowCallback().on_step_end(args, state, TrainerControl())
+        out["eval"] += [step] * control.should_evaluate
+        out["save"] += [step] * control.should_save
+    return out
+
+
+def test_sft_checkpoints_every_save_every_steps_and_at_the_end_under_run(tmp_path):
+    _, a = sft(tmp_path, train={"save_every": 5})
+    assert flow(a, 12)["save"] == [5, 10, 12]  # the last step too: checkpoints.finished relies on it
     assert Path(a.output_dir) == tmp_path / "run" / "checkpoints"
 
 
-@pytest.mark.parametrize("has_eval, eval_every, strategy, steps", [
-    (True, 5, "steps", 5),
-    (True, None, "no", None),  # an eval split but no interval: no eval during training
-    (False, 5, "no", None),  # an interval but nothing to evaluate
-    (False, None, "no", None),
+@pytest.mark.parametrize("has_eval, eval_every, steps", [
+    (True, 5, [5, 10, 12]),  # every eval_every steps, and the last step (fit's closing table reuses it)
+    (True, None, []),  # an eval split but no interval: no eval during training
+    (False, 5, []),  # an interval but nothing to evaluate
+    (False, None, []),
 ])
-def test_sft_eval_strategy(tmp_path, has_eval, eval_every, strategy, steps):
+def test_sft_evaluates_every_eval_every_steps(tmp_path, has_eval, eval_every, steps):
     _, a = sft(tmp_path, has_eval, train={"eval_every": eval_every})
-    assert a.eval_strategy == strategy
-    if steps is not None:
-        assert a.eval_steps == steps
-
-
-def test_sft_has_no_tqdm_bar(tmp_path):
-    """Our step lines are the one progress display."""
-    _, a = sft(tmp_path)
-    assert a.disable_tqdm is True
+    assert flow(a, 12)["eval"] == steps
 
 
 def test_sft_reports_nowhere_by_default(tmp_path):
@@ -410,7 +404,8 @@ def test_resolved_dump_holds_every_key(tmp_path):
     dump_config(cfg, tmp_path / "r.yaml")
     raw = yaml.safe_load((tmp_path / "r.yaml").read_text())
     assert raw == cfg.to_dict()
-    assert set(raw["quant"]) == {"mode", "double_quant", "compute_dtype", "storage_dtype"}
+    for section in dataclasses.fields(Config):  # every key of every section, whatever its value
+        assert set(raw[section.name]) == {f.name for f in dataclasses.fields(getattr(cfg, section.name))}, section.name
 
 
 def test_there_are_shipped_configs():

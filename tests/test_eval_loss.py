@@ -34,11 +34,13 @@ def test_trainer_eval_loss_equals_train_eval_loss(tmp_path):
     examples, _ = evaluate.sample_examples(evaluate.eval_examples(eval_split, tok, cfg), cfg.eval.limit,
                                            evaluate.sample_how(cfg), cfg.run.seed)
     assert [e["enc"].input_ids for e in examples] == sft.eval_dataset["input_ids"]  # the same rows, same order
-    with precision_context(cfg):
-        ours = evaluate.completion_loss(sft.model, examples, tok.pad_token_id, cfg.eval.batch_size)
+    with precision_context(cfg):  # what `train eval` reports (evaluate_run), and its padded-batch fallback
+        ours = evaluate.loss_and_answers(sft.model, tok, examples, cfg, answers=False)[0]
+        padded = evaluate.completion_loss(sft.model, examples, tok.pad_token_id, cfg.eval.batch_size)
         batches = [evaluate.completion_loss(sft.model, examples[i:i + 5], tok.pad_token_id, 5)
                    for i in range(0, 12, 5)]
     assert trainer_loss == pytest.approx(ours["loss"], rel=1e-5)
+    assert trainer_loss == pytest.approx(padded["loss"], rel=1e-5)
     per_batch_means = sum(len(examples[i:i + 5]) * b["loss"] for i, b in zip(range(0, 12, 5), batches)) / 12
     # the mean of per-batch means (transformers' eval loss) misses by 10x the tolerance: the check can fail
     assert per_batch_means != pytest.approx(ours["loss"], rel=1e-4), "these rows cannot tell the definitions apart"

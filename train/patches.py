@@ -132,7 +132,7 @@ def prepare_inputs(trainer, inputs: dict[str, Any]) -> dict[str, Any]:
 # transformers.trainer_pt_utils.BatchRebalanceSampler._assign
 
 
-SAMPLER_ARGS = ("lengths", "effective_batch_size", "dp_size", "grad_accum", "shuffle", "rank", "drop_last")
+SAMPLER_ARGS = ("lengths", "effective_batch_size", "dp_size", "grad_accum", "shuffle", "seed", "rank", "drop_last")
 
 
 def check_rebalance_sampler():
@@ -166,7 +166,7 @@ def rebalanced(sampler, assign):
     assign(indices, lengths, dp_size, grad_accum) -> [rank][micro-batch] lists of indices."""
     cls = balanced_class(assign)
     return cls(sampler.lengths, sampler.effective_batch_size, sampler.dp_size, sampler.grad_accum,
-               shuffle=sampler.shuffle, rank=sampler.rank, drop_last=sampler.drop_last)
+               shuffle=sampler.shuffle, seed=sampler.seed, rank=sampler.rank, drop_last=sampler.drop_last)
 
 
 # --------------------------------------------------------------------------------------------
