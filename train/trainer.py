@@ -104,7 +104,9 @@ def trainer_class():
 
     return QLoRATrainer
 
+
 def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbacks=(), task_scorer=None):
+    """The run's QLoRATrainer: its SFTConfig, metrics.jsonl and checkpoint-marker callbacks, our step lines."""
     setup_reporting(cfg)
     args = build_sft_config(cfg, run, eval_ds is not None)
     cls = trainer_class()
