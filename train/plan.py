@@ -32,6 +32,9 @@ What the prediction models (the pipeline in train/model.py, train/lora.py, train
   (trl.trainer.utils.add_fused_lm_head) that never materializes [tokens, vocab] logits. The full-logits
   formula of plain transformers (bf16 logits + fp32 upcast + fp32 gradient) is kept behind
   `fused_lm_head=False` for other trainers.
+* long rows (train.offload_checkpoints, train.tile_mlp; train/kernels/long_rows.py decides with the same rule):
+  offloaded checkpoints keep 2 layer inputs on the GPU (pinned CPU RAM is printed apart, outside the total);
+  a tiled MLP holds its tensors and gradients for one TILE_TOKENS chunk.
 * a fixed CUDA context / allocator overhead.
 
 Peak = every persistent term + saved activations + the larger of two working sets that are never live
