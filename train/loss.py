@@ -20,9 +20,13 @@ def labelled_nll(model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Ten
     forward = {k: v for k, v in inputs.items() if k != "labels"}
     logits = model(**forward, use_cache=False, logits_to_keep=keep).logits
     picked = targets[:, keep]
-    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), picked.reshape(-1),
-                                            ignore_index=IGNORE, reduction="none")
-    return nll.view_as(picked), picked != IGNORE, keep
+    return token_nll(logits, picked), picked != IGNORE, keep
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL of each target under its logits, in fp32; 0 where the target is IGNORE. [rows, K, V], [rows, K] -> [rows, K]."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=IGNORE, reduction="none").view_as(targets)
 
 
 def labelled_positions_loss(model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from train.loss import IGNORE
+from train.loss import IGNORE, token_nll
 
 
 def shares_prompt(example: dict[str, Any]) -> bool:
@@ -52,8 +52,7 @@ def loss_and_answers(model, batch: list[dict[str, Any]], pad_id: int, stops: lis
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
                 past_key_values=cache, use_cache=True, logits_to_keep=keep)
     picked = targets[:, keep]
-    nll = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.size(-1)), picked.reshape(-1),
-                                            ignore_index=IGNORE, reduction="none").view_as(picked)
+    nll = token_nll(out.logits, picked)
     rows = torch.stack([nll.sum(-1), (picked != IGNORE).sum(-1).float()], dim=-1)
     if max_new_tokens is None:
         return rows, None
