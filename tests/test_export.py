@@ -49,6 +49,7 @@ def test_export_reloads_with_the_merged_models_logits_and_answers(run, tmp_path)
     n = got["answers"]
     assert got["max_rel_diff"] < BOUNDS["f16"] and got["answers_agree"] == n == 5, got  # 24 rows, 20% held out
     assert got["merge"]["answers_agree"] == n and got["merge"]["max_rel_diff"] < 1e-5
+    assert got["max_weight_diff"] < 1e-6, got  # the file holds the merged weights, rounded to f16 and nothing else
     if name != "gemma3":  # transformers rebuilds Gemma vocabularies as SentencePiece only
         assert got["tokenizer_agrees"] == f"{n}/{n}", got
     if name in ("llama", "qwen2"):  # the file's metadata alone rebuilds the model (Qwen3, Gemma 3: see export.verify)
@@ -74,6 +75,7 @@ def test_q8_0_and_bf16_within_their_bounds(run, tmp_path):
     for qtype in ("bf16", "q8_0"):
         got = export(str(path), str(tmp_path / f"{qtype}.gguf"), qtype=qtype)
         assert f16["max_rel_diff"] <= got["max_rel_diff"] < BOUNDS[qtype], (qtype, got)
+        assert got["answers_agree"] >= got["answers"] - 1, got
     assert got["bytes"] < 0.7 * f16["bytes"]  # q8_0: 8.5 bits a weight against 16
 
 

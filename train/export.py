@@ -48,7 +48,7 @@ def export(target: str, out: str, qtype: str = "f16", limit: int | None = None) 
     gguf_write.write(merged, tok, tmp, qtype, pre_tokenizer(cfg, config), stops)
     os.replace(tmp, out_path)
     seconds = time.perf_counter() - start
-    check = verify(out_path, built)
+    check = verify(out_path, built, qtype)
     result = {"file": str(out_path), "type": qtype, "bytes": out_path.stat().st_size, "write_seconds": seconds,
               "merge": {k: built.report[k] for k in ("max_rel_diff", "answers_agree", "answers")}, **check}
     Path(f"{out_path}.check.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -103,7 +103,7 @@ def stop_ids(model, tok) -> list[int]:
     return evaluate.stop_ids(model, tok)
 
 
-def verify(path: Path, built) -> dict[str, Any]:
+def verify(path: Path, built, qtype: str) -> dict[str, Any]:
     """Reload `path` with transformers' GGUF loader (dequantized to fp32) and score it on the merged model's rows.
     Where that loader reads the file's config differently from the model's (it reads neither Gemma 3's layer pattern
     nor its attention scale, nor Qwen3's head_dim), the reload takes the merged model's config, and the check covers
@@ -122,6 +122,7 @@ def verify(path: Path, built) -> dict[str, Any]:
     gap = merge_lib.compare(built.logits, logits)
     agree = sum(a == b for a, b in zip(built.answers, answers))
     return {**gap, "answers_agree": agree, "answers": len(answers), "rows_from": built.report["rows_from"],
+            "max_weight_diff": weight_diff(reloaded, merged, qtype),
             "config_from": f"the merged model (transformers' GGUF loader misreads {', '.join(unread)})" if unread
             else "the GGUF file",
             "tokenizer_agrees": tokenizer_agrees(path, tok, built.rows)}
@@ -203,3 +204,19 @@ def same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-6)
     return a == b
+
+
+@torch.no_grad()
+def weight_diff(reloaded, merged, qtype: str) -> float | None:
+    """Largest |reloaded - merged| over all weights, the merged ones rounded as the file stores them (matrices in
+    f16/bf16, vectors in F32): 0 up to float32 rounding when the file holds exactly the merged model. None for q8_0
+    (its blocks round differently)."""
+    if qtype == "q8_0":
+        return None
+    dtype = torch.float16 if qtype == "f16" else torch.bfloat16
+    mine = merged.state_dict()
+    worst = 0.0
+    for key, got in reloaded.state_dict().items():
+        want = mine[key] if got.ndim == 1 else mine[key].to(dtype).float()
+        worst = max(worst, (got.float() - want).abs().max().item())
+    return worst

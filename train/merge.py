@@ -115,12 +115,22 @@ def score(model, tok, rows, cfg, quantized: bool = True) -> tuple[list[torch.Ten
     from train.eval import evaluate
     from train.precision import precision_context
 
-    device = next(model.parameters()).device
     with precision_context(cfg) if quantized else contextlib.nullcontext():
-        logits = [model(input_ids=torch.tensor([r["ids"]], device=device)).logits[0, -GAP_POSITIONS:].float().cpu()
-                  for r in rows]
+        logits = [x for start in range(0, len(rows), cfg.eval.batch_size)
+                  for x in last_logits(model, rows[start:start + cfg.eval.batch_size], tok.pad_token_id)]
         answers = evaluate.generate(model, tok, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
     return logits, answers
+
+
+def last_logits(model, rows, pad_id: int) -> list[torch.Tensor]:
+    """One left-padded batch (a 4-bit layer dequantizes once per call, not once per row): each row's last
+    GAP_POSITIONS logits, fp32 on the CPU."""
+    device = next(model.parameters()).device
+    width = max(len(r["ids"]) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r["ids"])) + r["ids"] for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in rows], device=device)
+    out = model(input_ids=ids, attention_mask=mask, logits_to_keep=GAP_POSITIONS).logits.float().cpu()
+    return [out[i, -min(GAP_POSITIONS, len(r["ids"])):] for i, r in enumerate(rows)]
 
 
 def dequantized_state(base, cfg) -> dict[str, torch.Tensor]:
