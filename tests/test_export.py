@@ -93,3 +93,21 @@ def test_a_family_we_do_not_write_is_one_line_exit_2(name, needle, tmp_path, exp
     (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     expect(["export", str(tmp_path / "run"), "--gguf", str(tmp_path / "out.gguf")], needle)
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_llama3_rope_factors_give_transformers_frequencies():
+    """rope_freqs (llama.cpp divides each base frequency by its factor) reproduces transformers' Llama 3.1 rope."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from train.gguf_write import llama3_rope_factors
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    c = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope, max_position_embeddings=131072)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
+    base = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    got = base / torch.from_numpy(llama3_rope_factors(c)).double()
+    assert 1 < llama3_rope_factors(c).max() <= 8  # the range really is rescaled
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=0)

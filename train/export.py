@@ -1,4 +1,4 @@
-"""`train export RUN --gguf OUT.gguf`: the merged model (`train merge`'s default) as one GGUF file, reloaded and checked.
+"""`train export RUN --gguf OUT.gguf`: the merged model (`train merge`'s default) as one GGUF file, checked.
 
 The merge is `train merge`'s (the dequantized NF4 base + adapter, in fp32, compared with the NF4 + adapter model on
 the run's eval rows); gguf_write.py writes it for llama.cpp. The file is then loaded back with transformers' GGUF

@@ -1,4 +1,4 @@
-"""Writing a Hugging Face causal LM as one GGUF file for llama.cpp: tensor names, per-family layout, metadata, vocabulary.
+"""Writing a Hugging Face causal LM as one GGUF file for llama.cpp: tensor names, layout, metadata, vocabulary.
 
 Learned from llama.cpp's convert_hf_to_gguf.py, written with the `gguf` package's own name map and writer, for the
 families we test (Llama, Qwen2, Qwen3, Gemma 3 text) and byte-level BPE vocabularies (Llama 3, Qwen, SmolLM2).
@@ -129,7 +129,8 @@ def llama3_rope_factors(c) -> np.ndarray:
     r = rope_of(c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     base, factor, old = r.get("rope_theta", 10000.0), r["factor"], r["original_max_position_embeddings"]
-    low, high = old / r.get("low_freq_factor", 1.0), old / r.get("high_freq_factor", 4.0)
+    lo_f, hi_f = r.get("low_freq_factor", 1.0), r.get("high_freq_factor", 4.0)  # Llama 3.1's published values
+    low, high = old / lo_f, old / hi_f
     out = []
     for freq in 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):
         wavelen = 2 * math.pi / freq
@@ -138,7 +139,7 @@ def llama3_rope_factors(c) -> np.ndarray:
         elif wavelen > low:
             out.append(factor)
         else:
-            smooth = (old / wavelen - r.get("low_freq_factor", 1.0)) / (r.get("high_freq_factor", 4.0) - r.get("low_freq_factor", 1.0))
+            smooth = (old / wavelen - lo_f) / (hi_f - lo_f)
             out.append(1.0 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
 

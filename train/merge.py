@@ -1,4 +1,4 @@
-"""`train merge`: fold the adapter into the weights it was trained on and measure the result against `train eval`'s model.
+"""`train merge`: fold the adapter into the weights it was trained on; measure it against `train eval`'s model.
 
 The adapter learned to correct the 4-bit base, so by default it is folded into that base dequantized (`--base
 dequantized`): the merged model computes what the NF4 + adapter model computed in training and in `train eval`.
