@@ -111,3 +111,26 @@ def test_llama3_rope_factors_give_transformers_frequencies():
     got = base / torch.from_numpy(llama3_rope_factors(c)).double()
     assert 1 < llama3_rope_factors(c).max() <= 8  # the range really is rescaled
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
+def test_modelfile_of_a_chat_run_renders_as_the_chat_template(name):
+    """One user turn through the Modelfile's TEMPLATE (Go's range and role test done by hand) is the chat template's
+    rendering, generation prompt included, without the BOS llama.cpp adds itself; every stop token is listed."""
+    from pathlib import Path
+
+    from train.export import modelfile
+
+    family = FAMILIES[name]
+    tok = build_tokenizer(family)
+    cfg = family_config("/tmp/unused", name, data={"format": "messages"})
+    stops = [tok.eos_token_id, tok.convert_tokens_to_ids(family.end_of_turn)]
+    text = modelfile(Path("x.gguf"), tok, cfg, stops)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    rendered = (template.replace("{{- range .Messages }}", "").replace("{{ end }}", "")
+                .replace('{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}', "user")
+                .replace("{{ .Role }}", "user").replace("{{ .Content }}", "What is 2+2?"))
+    want = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+                                   add_generation_prompt=True).removeprefix(tok.bos_token or "")
+    assert rendered == want
+    assert f'PARAMETER stop "{family.end_of_turn}"' in text and f'PARAMETER stop "{family.eos}"' in text

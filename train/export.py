@@ -145,7 +145,7 @@ def modelfile(path: Path, tok, cfg, stops: list[int]) -> str:
     """An Ollama Modelfile: the run's own prompt format (the chat template's turns for data.format messages, else
     the raw prompt the model was trained on), every stop token, greedy decoding as `train eval` scores."""
     if cfg.data.format == "messages":
-        template = '{{- range .Messages }}' + turn_template(tok) + '{{- end }}' + assistant_prefix(tok)
+        template = '{{- range .Messages }}' + turn_template(tok) + '{{ end }}' + assistant_prefix(tok)
     else:
         template = prompt_template(cfg)
     stop_lines = "".join(f'PARAMETER stop "{tok.convert_ids_to_tokens(i)}"\n' for i in stops)
@@ -157,7 +157,10 @@ def turn_template(tok) -> str:
     """One message as the chat template renders it, with Ollama's {{ .Role }} and {{ .Content }} in place."""
     one = tok.apply_chat_template([{"role": "user", "content": "CONTENT"}], tokenize=False)
     bos = tok.bos_token or ""
-    return one.removeprefix(bos).replace("user", "{{ .Role }}", 1).replace("CONTENT", "{{ .Content }}")
+    role = "{{ .Role }}"
+    if "<start_of_turn>" in one:  # Gemma calls the assistant "model"
+        role = '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}'
+    return one.removeprefix(bos).replace("user", role, 1).replace("CONTENT", "{{ .Content }}")
 
 
 def assistant_prefix(tok) -> str:
