@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("--base", choices=("dequantized", "original"), default="dequantized",
                     help="dequantized (default): the 4-bit base as trained; original: the base's unquantized weights")
     mg.add_argument("--limit", type=int, help="eval rows the merged model is compared on (default: eval.limit)")
+    mg.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                    help="saved weights (default auto: the base's own dtype, so the merged model is the base's size)")
 
     ex = sub.add_parser("export", help="write the merged model as one GGUF file (llama.cpp, Ollama) and check it")
     ex.add_argument("run", help="run directory (or adapter directory)")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "merge":
         from train.merge import merge
 
-        merge(args.run, args.out, overwrite=args.overwrite, base=args.base, limit=args.limit)
+        merge(args.run, args.out, overwrite=args.overwrite, base=args.base, limit=args.limit, dtype=args.dtype)
     elif args.command == "export":
         from train.export import export
 

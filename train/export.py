@@ -40,7 +40,7 @@ def export(target: str, out: str, qtype: str = "f16", limit: int | None = None) 
     cfg = adapter_lib.load_config_of(adapter_dir)
     config = base_config(resolve_model_path(cfg.model))
     gguf_write.check_family(config.get("model_type", "?"), config)  # refused before any weights load
-    built = merge_lib.build(target, "dequantized", limit)
+    built = merge_lib.build(target, "dequantized", limit, dtype="float32")  # unrounded: the file's type rounds once
     merged, tok, cfg = built.model, built.tok, built.cfg
     start = time.perf_counter()
     tmp = out_path.with_name(f".{out_path.name}.tmp")

@@ -39,10 +39,10 @@ REPORT = "merge_check.json"  # also the manifest of what merge wrote: `--overwri
 
 
 def merge(target: str, out: str, overwrite: bool = False, base: str = "dequantized",
-          limit: int | None = None) -> dict[str, Any]:
+          limit: int | None = None, dtype: str = "auto") -> dict[str, Any]:
     out_dir = Path(out)
     check_out_dir(out_dir, overwrite)
-    built = build(target, base, limit)
+    built = build(target, base, limit, dtype)
     save(built.model, built.tok, built.cfg, out_dir, built.report, overwrite)
     return built.report
 
@@ -59,8 +59,9 @@ class Built:
     answers: list[str]  # the merged model's greedy answers
 
 
-def build(target: str, base: str = "dequantized", limit: int | None = None) -> Built:
-    """Merge, check the arithmetic, round to the saved dtype, and score against the NF4 + adapter model."""
+def build(target: str, base: str = "dequantized", limit: int | None = None, dtype: str = "auto") -> Built:
+    """Merge, check the arithmetic, round to the saved dtype (auto: the base's own), and score against the NF4 +
+    adapter model."""
     if base not in BASES:
         raise UserError(f"--base {base}: choose one of {', '.join(BASES)}")
     adapter_dir, cfg, tok, rows, where = eval_rows(target, limit)
@@ -75,7 +76,7 @@ def build(target: str, base: str = "dequantized", limit: int | None = None) -> B
     arithmetic = compare(before, probe_logits(merged, tok))
     if arithmetic["max_rel_diff"] > MAX_REL_DIFF:
         raise RuntimeError(f"merged model disagrees with the unmerged one (merge arithmetic): {arithmetic}; not saving")
-    dtype = saved_dtype(path)
+    dtype = saved_dtype(path) if dtype == "auto" else getattr(torch, dtype)
     round_to(merged, dtype)
     got, merged_answers = score(merged, tok, rows, cfg, quantized=False)
     gap = compare(reference, got)
