@@ -48,13 +48,14 @@ def test_default_merge_equals_the_model_eval_scored(run, tmp_path):
     report = merge(str(run), str(tmp_path / "merged"))
     saved = json.loads((tmp_path / "merged/merge_check.json").read_text())
     assert saved["base"] == "dequantized" and saved["rows"] == 8 and saved["rows_from"] == "the run's eval rows"
-    assert saved["answers_agree"] == saved["answers"] == 8 and saved["max_rel_diff"] == report["max_rel_diff"] < 1e-5
+    assert saved["answers_agree"] == saved["answers"] == 8 and saved["gap"] == report["gap"]
+    assert report["gap"]["max_rel_diff"] < 1e-5 and report["max_rel_diff"] < 1e-5  # vs eval's model; the arithmetic
     ids = torch.tensor([list(range(10, 60))])
     want = nf4_logits(run, ids)
     torch.testing.assert_close(merged_logits(tmp_path / "merged", ids), want, rtol=0, atol=1e-4 * want.abs().max())
 
     original = merge(str(run), str(tmp_path / "original"), base="original")
-    assert original["max_rel_diff"] > 100 * report["max_rel_diff"]  # NF4 rounding the original base never saw
+    assert original["gap"]["max_rel_diff"] > 100 * report["gap"]["max_rel_diff"]  # NF4 rounding it never saw
     gap = (merged_logits(tmp_path / "original", ids) - want).abs().max()
     assert gap > 1e-3 * want.abs().max()
 

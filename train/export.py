@@ -50,7 +50,8 @@ def export(target: str, out: str, qtype: str = "f16", limit: int | None = None) 
     seconds = time.perf_counter() - start
     check = verify(out_path, built, qtype)
     result = {"file": str(out_path), "type": qtype, "bytes": out_path.stat().st_size, "write_seconds": seconds,
-              "merge": {k: built.report[k] for k in ("max_rel_diff", "answers_agree", "answers")}, **check}
+              "merge": {"max_rel_diff": built.report["gap"]["max_rel_diff"], "answers_agree": built.report["answers_agree"],
+                        "answers": built.report["answers"]}, **check}
     Path(f"{out_path}.check.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     out_path.with_suffix(".Modelfile").write_text(modelfile(out_path, tok, cfg, stops), encoding="utf-8")
     log.info("exported %s (%s, %.1f MB, %.1f s): reloaded, max |logit gap| vs the merged model %.4g (%.2e of the "

@@ -82,7 +82,8 @@ def build(target: str, base: str = "dequantized", limit: int | None = None, dtyp
     gap = compare(reference, got)
     agree = sum(a == b for a, b in zip(answers, merged_answers))
     report = {"base": base, "dtype": str(dtype).removeprefix("torch."), "rows": len(rows), "rows_from": where,
-              **gap, "answers_agree": agree, "answers": len(rows), "merge_arithmetic": arithmetic}
+              "gap": gap, "answers_agree": agree, "answers": len(rows),
+              **arithmetic}  # top level: the merge arithmetic (merged vs unmerged, fp32), bounded by MAX_REL_DIFF
     log.info("merged (%s base, saved %s) vs the NF4 + adapter model `train eval` scores, %d rows (%s): max |logit "
              "gap| %.4g (%.2e of the logit scale); greedy answers agree on %d/%d", base, report["dtype"], len(rows),
              where, gap["max_abs_diff"], gap["max_rel_diff"], agree, len(rows))
@@ -264,5 +265,5 @@ def model_card(cfg, r: dict[str, Any]) -> str:
             f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {cfg.lora.target_modules}, trained with QLoRA "
             f"({cfg.quant.mode}) by `python -m train fit`, merged in fp32 into the {r['base']} base, saved in "
             f"{r['dtype']}.\n\nAgainst the {cfg.quant.mode} + adapter model `train eval` scores, on {r['rows']} rows "
-            f"({r['rows_from']}): max |logit gap| {r['max_abs_diff']:.4g} ({r['max_rel_diff']:.2e} of the logit "
+            f"({r['rows_from']}): max |logit gap| {r['gap']['max_abs_diff']:.4g} ({r['gap']['max_rel_diff']:.2e} of the logit "
             f"scale); greedy answers agree on {r['answers_agree']}/{r['answers']}.\n")
