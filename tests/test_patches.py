@@ -20,9 +20,8 @@ FORBIDDEN = (
     "_wrap_model", "_save_checkpoint", "_maybe_log_save_evaluate", "_supports_sdpa", "_last_lr", "initial_lr",
     "lora_variant",
 )
-# Files that may still name one of them, and why. The fused layer is a subclass of peft's LoRA layer that
-# patches.swap_class installs, reading its own peft attributes (checked by patches.check_peft_layer).
-ALLOWED = {"lora_variant": ("train/kernels/fused_lora.py",)}
+# Files that may still name one of them, and why (none today: fused_lora.py asks patches.has_lora_variant).
+ALLOWED: dict[str, tuple[str, ...]] = {}
 
 
 def check(library, owner, name, params):
@@ -269,3 +268,16 @@ def test_no_private_trainer_overrides_outside_patches():
             continue
         offenders += [f"{path.name}: {o}" for o in private_overrides(path.read_text(encoding="utf-8"))]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_has_lora_variant_tells_dora_from_plain_lora(dora):
+    """The fused layer hands variant adapters (DoRA) back to peft: patches.has_lora_variant must see them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    peft_model = get_peft_model(net, LoraConfig(r=2, target_modules=["0"], use_dora=dora))
+    layer = next(m for m in peft_model.modules() if isinstance(m, LoraLayer))
+    assert patches.has_lora_variant(layer, "default") is dora

@@ -26,7 +26,8 @@ def _layers_reached_by_backward(peft_model) -> set[int]:
     """Indices of decoder layers whose backward ran for one loss.backward()."""
     reached: set[int] = set()
     layers = peft_model.get_base_model().model.layers
-    handles = [layer.register_full_backward_hook(lambda m, gi, go, i=i: reached.add(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_full_backward_hook(lambda m, gi, go, i=i: reached.add(i))
+               for i, layer in enumerate(layers)]
     ids = torch.randint(5, 200, (2, 12))
     peft_model(input_ids=ids, labels=ids).loss.backward()
     for h in handles:
@@ -60,3 +61,16 @@ def test_more_layers_than_the_model_has_is_one_line_before_the_weights_load(tmp_
 def test_zero_is_refused_by_the_config(tmp_path):
     with pytest.raises(UserError, match=r"lora.top_layers must be >= 1"):
         small_config(tmp_path, lora={"top_layers": 0})
+
+
+def test_resuming_with_other_layers_is_one_line(tmp_path):
+    """A checkpoint's adapter and optimizer hold the layers it trained: another lora.top_layers cannot load them
+    (the optimizer's parameter groups differ), so resume refuses in one line instead of a traceback."""
+    from train import checkpoints
+    from train.config import dump_config
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    dump_config(small_config(tmp_path / "run"), ckpt / "config.yaml")
+    with pytest.raises(UserError, match=r"checkpoint-4 was trained with lora.top_layers=None, this config has 2; "):
+        checkpoints.check_resume(ckpt, small_config(tmp_path / "run", lora={"top_layers": 2}), quiet=True)

@@ -27,7 +27,7 @@ OUR_ARTIFACTS = ("checkpoints", "adapter", "eval", "eval.stale", "metrics.jsonl"
                  "data_record.json")  # the last: data.DATA_RECORD
 SCHEDULE = "schedule.json"  # in a checkpoint of a run extended past its schedule's end: where the new one began
 # Keys whose change makes a checkpoint unusable (the saved tensors would not fit the new model).
-STRUCTURAL = ("model.name_or_path", "quant.mode", "lora.r", "lora.target_modules", "lora.use_dora",
+STRUCTURAL = ("model.name_or_path", "quant.mode", "lora.r", "lora.target_modules", "lora.top_layers", "lora.use_dora",
               "lora.modules_to_save", "data.format")
 # "a|b": either file; FSDP (sharded state dict) and DeepSpeed write their own layouts
 # (torch's distributed checkpoint writes a sharded directory's .metadata last: it marks the shards complete)

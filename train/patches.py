@@ -198,6 +198,12 @@ def check_peft_layer(module) -> None:
                           f"(train/kernels/fused_lora.py and train/lora.py were tested with peft {TESTED['peft']})")
 
 
+def has_lora_variant(module, adapter: str) -> bool:
+    """Whether `adapter` of the peft LoRA layer `module` is a variant (DoRA, ...) that runs its own forward:
+    peft keeps them in the layer's lora_variant dict, which has no public accessor (check_peft_layer guards it)."""
+    return adapter in module.lora_variant
+
+
 def swap_class(module, cls) -> None:
     """Give `module` (a peft LoRA layer, or its lora_A nn.Linear) the forward of `cls`, a subclass of its
     own class that adds no state: parameters, names and saved adapters stay peft's."""

@@ -172,7 +172,8 @@ def truths_for_task(examples: list[dict[str, Any]], cfg: Config) -> list[Any]:
     return truths
 
 
-def task_scores(model, tok, examples, cfg: Config, outputs: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+def task_scores(model, tok, examples, cfg: Config,
+                outputs: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """summarize()'s metrics and rows, plus how the answers spread (metrics.prediction_stats /
     answer_stats: distinct, spread_ratio, pearson, spearman, collapsed, collapse_reasons). `outputs`: the
     answers when already generated (loss_and_answers), else they are generated here."""

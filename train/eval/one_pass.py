@@ -56,7 +56,8 @@ def loss_and_answers(model, batch: list[dict[str, Any]], pad_id: int, stops: lis
     rows = torch.stack([nll.sum(-1), (picked != IGNORE).sum(-1).float()], dim=-1)
     if max_new_tokens is None:
         return rows, None
-    cache.crop(-(b["input_ids"].size(1) - width + 1))  # back to the prompts less their last token, which generation feeds
+    # back to the prompts less their last token, which generation feeds to predict the first answer token
+    cache.crop(-(b["input_ids"].size(1) - width + 1))
     prompt, prompt_att = b["input_ids"][:, :width], b["attention_mask"][:, :width]
     gen = model.generate(input_ids=prompt, attention_mask=prompt_att, past_key_values=cache,
                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=stops)

@@ -117,7 +117,7 @@ class FusedLinear4bit(PeftLinear4bit):
         if args or kwargs or not self.training or self.disable_adapters or self.merged:
             return None
         active = self.active_adapters
-        if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_variant:
+        if len(active) != 1 or active[0] not in self.lora_A or patches.has_lora_variant(self, active[0]):
             return None
         name = active[0]
         a, b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
