@@ -311,7 +311,8 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     ("train.lr=-1", "train.lr must be > 0"),
     ("quant.mode=nf5", "quant.mode must be one of"),
     ("lora.use_dora=1", "lora.use_dora must be true or false"),
-    ("train.eval_every=0", "train.eval_every must be > 0"),
+    ("train.eval_every=-1", r"train.eval_every must be >= 0 \(0: no eval during fit"),
+    ("train.max_steps=0", "train.max_steps must be > 0"),
 ])
 def test_bad_values_are_user_errors(override, match):
     with pytest.raises(UserError, match=match) as e:

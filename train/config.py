@@ -111,7 +111,7 @@ class TrainCfg:
     gradient_checkpointing: Optional[bool] = None
     save_every: int = 100  # optimizer steps between checkpoints
     save_total_limit: Optional[int] = 3  # keep the newest N checkpoints; None keeps all
-    eval_every: Optional[int] = None  # steps between evals; None = only at the end
+    eval_every: Optional[int] = None  # steps between evals; None = only at the end; 0 = none (train eval runs after)
     logging_steps: int = 1  # every step into metrics.jsonl: cheap and makes curves exact
     resume: str = "auto"  # auto | never | path/to/checkpoint-N
     bf16: Optional[bool] = None  # None = follow quant.compute_dtype (bf16 mixed precision when bfloat16)
@@ -423,7 +423,9 @@ def validate(cfg: Config, source: str = "config", origins: dict[str, str] | None
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", cfg.data.eval_fraction)
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", cfg.eval.batch_size)
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", cfg.eval.max_new_tokens)
-    for key in ("train.max_steps", "train.epochs", "train.eval_every", "data.max_rows", "eval.limit"):
+    need(cfg.train.eval_every is None or cfg.train.eval_every >= 0, "train.eval_every",
+         "must be >= 0 (0: no eval during fit; or null: at the end only)", cfg.train.eval_every)
+    for key in ("train.max_steps", "train.epochs", "data.max_rows", "eval.limit"):
         need(_attr(cfg, key) is None or _attr(cfg, key) > 0, key, "must be > 0 (or null)", _attr(cfg, key))
     _check_combinations(cfg, source, origins)
     _check_templates(cfg, source, origins)

@@ -71,7 +71,7 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
                           cfg.train.resume)
 
     # 5. Save the adapter, tokenizer, config and model card
-    if eval_split is not None:
+    if eval_split is not None and cfg.train.eval_every != 0:  # 0: `train eval` scores the run afterwards
         metrics.update(final_eval(sft))
     state = gather_adapter_state(sft)  # every rank takes part under FSDP / ZeRO-3
     if main:
