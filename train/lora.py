@@ -100,13 +100,14 @@ def wrap(model, l: LoraCfg):
     from peft import get_peft_model
 
     check_targets(model, l)
-    config = build_lora_config(l, num_decoder_layers(model.config), linear_leaf_names(model))
-    peft_model = get_peft_model(model, config)
+    layers = num_decoder_layers(model.config)
+    linear = linear_leaf_names(model) if l.top_layers is not None else None  # only a layer subset needs the names
+    peft_model = get_peft_model(model, build_lora_config(l, layers, linear))
     if l.kernel != "peft":
         use_fused_kernels(peft_model, triton_dropout=l.kernel == "fused_triton")
     trainable, total = peft_model.get_nb_trainable_parameters()
     where = l.target_modules if l.top_layers is None else \
-        f"{l.target_modules} of the last {l.top_layers} of {num_decoder_layers(model.config)} layers"
+        f"{l.target_modules} of the last {l.top_layers} of {layers} layers"
     log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.3f%%)",
              l.r, l.alpha, where, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return peft_model
