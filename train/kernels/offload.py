@@ -39,6 +39,8 @@ class CheckpointOffload:
 
     def __init__(self, device, min_bytes: int = MIN_BYTES, host_limit: int | None = None):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors say cuda:0, never bare "cuda"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.host_limit = free_ram() * HOST_FRACTION if host_limit is None else host_limit
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
