@@ -4,6 +4,7 @@
     python scripts/bench.py                            # GPU: ways c, unsloth, b, a
     python scripts/bench.py --ways c,a --steps 8 --profile c
     python scripts/bench.py --plan-check               # train/plan.py against measured peaks (2k/8k/16k tokens)
+    python scripts/bench.py --plan-check --base Qwen/Qwen2.5-7B --plan-tokens 1x16384  # another family
     python scripts/bench.py --tiny                     # CPU smoke test of ways c, a, b: tiny Llama, 3 steps
     python scripts/bench.py --cpu --model /tmp/smollm2 # CPU: our fit step against a plain peft + bnb step
 
@@ -11,6 +12,12 @@ Workload (scripts/bench_workload.py; docs/benchmarks.md): Llama-3.1-8B's archite
 local disk, NF4 + double quant + bf16 compute; LoRA r=16 alpha=32 dropout=0.05 on all linear layers; 1,500 rows
 of random letters, lognormal token lengths (mean 400, sigma 1) capped at 2048; 16 sequences per optimizer step
 (b packs rows into 2048-token bins, so its batch counts bins); paged_adamw_32bit, lr 2e-4 cosine, clip 0.3.
+
+--base NAME (issue #20): the random model has another architecture of train.plan_shape.KNOWN_BASES instead
+(Qwen/Qwen2.5-7B, google/gemma-2-9b, ...; case-insensitive, an instruct id means its base), written once to its own
+folder WORK/model-<name> with the same tokenizer and rows; everything else stays as above. Our ways, the plan check
+and the TRL ways follow the base (TRL gets the model's own attention: eager for Gemma 2); the Unsloth ways need
+Llama's projection names (TARGETS) and refuse a base without them (Phi-3). Not with --tiny or --cpu.
 
 Ways, each in its own process (clean peak memory, nothing leaks between ways):
   c        ours: `python -m train fit CONFIG` (train.cli.main: train.model.load_base, prepare_for_kbit,
@@ -24,7 +31,7 @@ Ways, each in its own process (clean peak memory, nothing leaks between ways):
 Reported (scripts/bench_measure.py): tok/s = real tokens of the timed steps / their wall time, the first step
 apart, peak torch.cuda.max_memory_allocated, MFU (6N FLOP per token: forward, recompute, input-gradient backward),
 the first losses; for c also `train plan`'s peak at its largest micro-batch, the per-sequence loss check (the same
-8 rows alone, padded, packed) and the fused-layer check.
+8 rows alone, padded, packed) and the fused-layer check. The table and results.json name the base.
 
 --cpu (issue #12): with a real model folder (--model), our fit step (fit's model pipeline, the Trainer that
 train.trainer.build_trainer builds, real optimizer steps) against a plain peft + bitsandbytes NF4 loop on the same
@@ -47,7 +54,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PEAK_TFLOPS = 790.0  # H100/H200 dense bf16, as measured on this workplace's machines
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = all-linear, Llama
+# = all-linear for Llama, Qwen2/3, Mistral and Gemma; the Unsloth ways refuse a base whose Linears differ (Phi-3)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 WAYS = {
     "c": dict(kind="ours", label="ours", desc="ours: python -m train fit with our defaults"),
@@ -124,19 +132,21 @@ def run_trl(way: dict, ctx: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
     from bench_measure import count_batches, make_timer, summarize
+    from train.kernels.attention import own_attention
 
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(ctx["model_dir"])
+    attn = own_attention(AutoConfig.from_pretrained(ctx["model_dir"]))[0]  # sdpa; eager where it has none (Gemma 2)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         ctx["model_dir"], quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16),
-        dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0} if cuda else None)
+        dtype=torch.bfloat16, attn_implementation=attn, device_map={"": 0} if cuda else None)
     load_s = time.perf_counter() - t0
     args = SFTConfig(
         output_dir=str(Path(ctx["work"]) / "runs" / ctx["way"]), per_device_train_batch_size=4,
@@ -316,7 +326,8 @@ def child(name: str, ctx_file: Path) -> int:
 
     from bench_measure import versions
 
-    res.update(way=name, desc=way["desc"], warmup=ctx["warmup"], process_s=round(time.perf_counter() - t0, 1),
+    res.update(way=name, desc=way["desc"], base=ctx.get("base"), warmup=ctx["warmup"],
+               process_s=round(time.perf_counter() - t0, 1),
                versions=versions(), peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
                loadavg=[round(x, 1) for x in os.getloadavg()])
     if "tok_per_s" in res and torch.cuda.is_available():
@@ -353,11 +364,52 @@ def run_child(name: str, way: dict, ctx: dict, ctx_file: Path, left: float | Non
 # --------------------------------------------------------------------------------------------
 
 
+def pick_base(args, ways: list[str]) -> tuple[str | None, list[str], str | None]:
+    """(the KNOWN_BASES id --base names, the ways to run, an error line or None). None for --tiny and --cpu,
+    which bring their own model. Unsloth's ways take TARGETS (Llama's projection names): a base whose Linear
+    layers are named otherwise (Phi-3's fused qkv_proj) drops them from the default ways and refuses them
+    when asked for."""
+    import bench_workload as wl
+
+    if args.base is not None and (args.tiny or args.cpu):
+        return None, ways, "--base picks the GPU workload's architecture; --tiny and --cpu bring their own model"
+    if args.tiny or args.cpu:
+        return None, ways, None
+    from train.plan_shape import KNOWN_BASES
+
+    base = wl.resolve_base(args.base or wl.DEFAULT_BASE)
+    if base is None:
+        return None, ways, f"--base: unknown base {args.base!r}; known: {', '.join(KNOWN_BASES)}"
+    if base == wl.DEFAULT_BASE:
+        return base, ways, None
+    names = wl.linear_names(wl.model_config(base=base))
+    unsloth = [w for w in ways if WAYS[w]["kind"] == "unsloth"] + (["--plan-stacks unsloth"] if args.plan_check
+                                                                    and "unsloth" in args.plan_stacks else [])
+    if not unsloth or set(names) == set(TARGETS):
+        return base, ways, None
+    why = f"its Linear layers are {', '.join(names)}, not Unsloth's targets here ({', '.join(TARGETS)})"
+    if args.ways is None and not args.plan_check:
+        print(f"[bench] {base}: no Unsloth way ({why})", flush=True)
+        return base, [w for w in ways if WAYS[w]["kind"] != "unsloth"], None
+    return None, ways, f"--base {base}: {', '.join(unsloth)} cannot run ({why}); leave Unsloth out"
+
+
+def model_line(args, ctx: dict) -> str:
+    """The table's first line: which model every way trained."""
+    if args.cpu:
+        return f"Model: {ctx['model_dir']}"
+    if args.tiny:
+        return "Model: tiny Llama (CPU smoke test), random weights"
+    return f"Model: {ctx['base']}'s architecture, random bf16 weights ({ctx['model_dir']})"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test of the GPU ways: tiny Llama, 3 steps")
     p.add_argument("--cpu", action="store_true", help="CPU: our fit step vs a plain peft + bitsandbytes step (--model)")
     p.add_argument("--model", help="--cpu: a model folder (config.json, weights, tokenizer), e.g. /tmp/smollm2")
+    p.add_argument("--base", help="the random model's architecture, from train.plan_shape.KNOWN_BASES, e.g.\n"
+                   "Qwen/Qwen2.5-7B, google/gemma-2-9b (default meta-llama/Llama-3.1-8B); not with --tiny/--cpu")
     p.add_argument("--batch", type=int, default=16, help="--cpu: rows per step (default 16)")
     p.add_argument("--seq-len", type=int, default=182, help="--cpu: tokens per row (default 182)")
     p.add_argument("--ways", help=f"comma-separated from {', '.join(w for w in WAYS if not w.startswith('cpu'))}"
@@ -395,6 +447,10 @@ def main(argv=None) -> int:
     ways = [w for w in ways if w]
     if bad := [w for w in ways if w not in WAYS]:
         p.error(f"unknown way(s) {bad}; choose from {', '.join(WAYS)}")
+    base, ways, why = pick_base(args, ways)
+    if why:
+        print(f"bench.py: error: {why}", file=sys.stderr)
+        return 2
     work = Path(args.work).resolve()
     out = Path(args.out).resolve() if args.out else work / "results"
     for d in (work, out):
@@ -403,11 +459,12 @@ def main(argv=None) -> int:
            "steps": args.steps if args.steps is not None else (3 if args.cpu else 2 if args.tiny else 6),
            "profile_ways": [w for w in args.profile.split(",") if w],
            "unsloth_site": str(Path(args.unsloth_site).resolve()),
-           "plan_ways": {}, "max_length": 256 if args.tiny else 2048, "sets": args.set}
+           "plan_ways": {}, "max_length": 256 if args.tiny else 2048, "sets": args.set, "base": base}
+    spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
     import torch
 
     meta = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "command": " ".join(["python", *sys.argv]),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "base": base}
     if args.cpu:
         ids = wl.cpu_batch(args.model, args.batch, args.seq_len)
         ids_file = work / f"cpu-batch-{args.batch}x{args.seq_len}.json"
@@ -415,7 +472,8 @@ def main(argv=None) -> int:
         ctx.update(model_dir=str(Path(args.model).resolve()), ids_file=str(ids_file), batch=args.batch,
                    seq_len=args.seq_len, matmul_params=0)
     else:
-        model_dir, info = wl.ensure_model(work, args.tiny)
+        longest = max([ctx["max_length"], *(n for _, n in wl.plan_settings(spec) if args.plan_check)])
+        model_dir, info = wl.ensure_model(work, args.tiny, base or wl.DEFAULT_BASE, positions=longest)
         data_file, ids_file, stats = wl.ensure_data(work, args.tiny, args.rows or (300 if args.tiny else 1500))
         meta.update(model=info, data=stats)
         print(f"[bench] model {model_dir} ({info}), data {stats}", flush=True)
@@ -423,7 +481,6 @@ def main(argv=None) -> int:
         ctx.update(model_dir=str(model_dir), ids_file=str(ids_file), matmul_params=info["matmul_params"],
                    config=str(config))
     if args.plan_check:
-        spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
         ctx["plan_ways"] = wl.plan_check_ways(work, spec, args.plan_stacks)
     ctx_file = work / "bench_ctx.json"
     ctx_file.write_text(json.dumps(ctx))
@@ -433,14 +490,16 @@ def main(argv=None) -> int:
         main_rows = [r for r in results if r["way"] not in ctx["plan_ways"]]
         labels = {w: v["label"] for w, v in WAYS.items()}
         table = cpu_table(main_rows, ctx, labels) if args.cpu else side_by_side(main_rows, labels, SIDE_BY_SIDE)
-        parts = [table] if main_rows else []
+        parts = [model_line(args, ctx)] + ([table] if main_rows else [])
         doc = {"meta": meta, "results": results}
         if ctx["plan_ways"]:
             ours = {k: w for k, w in ctx["plan_ways"].items() if w["kind"] == "ours" and not w.get("skip")}
             text, doc["plan_check_verdict"] = plan_check_table(results, ours, PLAN_TOLERANCE)
             parts.append(f"Plan check (train/plan.py torch_allocated vs max_memory_allocated, tolerance "
                          f"{PLAN_TOLERANCE:.0%})\n\n{text}")
-            parts.append(f"Long rows, ours and Unsloth side by side\n\n{long_rows_table(results, ctx['plan_ways'])}")
+            claim = (base or wl.DEFAULT_BASE) == wl.DEFAULT_BASE  # Unsloth's 342K claim is for Llama-3.1-8B
+            parts.append(f"Long rows, ours and Unsloth side by side\n\n"
+                         f"{long_rows_table(results, ctx['plan_ways'], claim=claim)}")
         text = "\n\n".join(parts)
         for d in {out, Path(args.report).resolve() if args.report else out}:
             d.mkdir(parents=True, exist_ok=True)

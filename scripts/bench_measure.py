@@ -258,9 +258,9 @@ def plan_check_table(results: list[dict], plan_ways: dict, tolerance: float) -> 
 UNSLOTH_CLAIM = 342_733  # tokens in one Llama-3.1-8B QLoRA row on an 80 GB GPU, as Unsloth states it (issue #21)
 
 
-def long_rows_table(results: list[dict], plan_ways: dict) -> str:
+def long_rows_table(results: list[dict], plan_ways: dict, claim: bool = True) -> str:
     """--plan-check --plan-unsloth: per row length, ours (tok/s, peak, plan) beside Unsloth (tok/s, peak), and the
-    longest row each trained here next to Unsloth's claim."""
+    longest row each trained here, next to Unsloth's claim when `claim` (it is for Llama-3.1-8B only)."""
     by = {r["way"]: r for r in results}
     rows = ["| tokens | ours tok/s | ours peak GB | plan GB | Unsloth tok/s | Unsloth peak GB |",
             "|---:|---:|---:|---:|---:|---:|"]
@@ -282,8 +282,8 @@ def long_rows_table(results: list[dict], plan_ways: dict) -> str:
         rows.append(f"| {way['tokens']:,} | {cell(o, 'tok_per_s', '{:,.0f}')} | {cell(o, 'peak_alloc_gb', '{:.2f}')} |"
                     f" {f'{pred:.2f}' if pred is not None else ''} | {cell(u, 'tok_per_s', '{:,.0f}')} |"
                     f" {cell(u, 'peak_alloc_gb', '{:.2f}')} |")
-    rows += ["", f"Longest row trained here: ours {longest['ours']:,} tokens, Unsloth {longest['unsloth']:,} "
-             f"(Unsloth claims {UNSLOTH_CLAIM:,} on an 80 GB GPU)"]
+    rows += ["", f"Longest row trained here: ours {longest['ours']:,} tokens, Unsloth {longest['unsloth']:,}"
+             + (f" (Unsloth claims {UNSLOTH_CLAIM:,} on an 80 GB GPU)" if claim else "")]
     return "\n".join(rows)
 
 
@@ -394,12 +394,12 @@ def fused_layer_check(model, tokens: int) -> dict:
     from train.kernels import fused_lora, lora_kernels
 
     layers = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules():  # one of each shape, with and without a bias (Qwen2's q/k/v have one)
         if isinstance(m, fused_lora.FusedLinear4bit):
-            layers.setdefault((m.in_features, m.out_features), (name, m))
+            layers.setdefault((m.in_features, m.out_features, m.get_base_layer().bias is not None), (name, m))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out, new_seed = {}, lora_kernels.new_seed
-    for (n_in, n_out), (name, layer) in layers.items():
+    for (n_in, n_out, has_bias), (name, layer) in layers.items():
         was = layer.training
         layer.train()
         adapter = layer.active_adapters[0]
@@ -435,7 +435,7 @@ def fused_layer_check(model, tokens: int) -> dict:
         kernels = layer.triton_dropout and lora_kernels.usable(x.reshape(-1, n_in), a_w.to(torch.bfloat16))
         row = {"layer": name, "tokens": tokens, "dropout_path": "triton" if kernels else "torch",
                "ms_peft": ms["peft"], "ms_fused": ms["fused"]}
-        out[f"{n_in}->{n_out}"] = row
+        out[f"{n_in}->{n_out}" + (" +bias" if has_bias else "")] = row
         if p > 0 and not kernels:
             continue
         base = layer.get_base_layer()
@@ -445,6 +445,8 @@ def fused_layer_check(model, tokens: int) -> dict:
         xr, ar, br = (t.detach().float().requires_grad_(True) for t in (x, a_w, b_w))
         scale = layer.scaling[adapter]
         yr = xr @ dense.t() + scale * ((xr * keep / (1 - p)) @ ar.t()) @ br.t()
+        if base.bias is not None:
+            yr = yr + base.bias.detach().float()
         yr.backward(dy.float())
         row["max_rel_diff_vs_fp32"] = {k: float((f - r).abs().max() / r.abs().max().clamp_min(1e-12)) for k, f, r in
                                        zip(("out", "grad_x", "grad_A", "grad_B"), got[:4],

@@ -14,6 +14,10 @@ stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|all [OU
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
+if [ -d .gpu-wheels ] && ! python3 -c "import trl, peft, bitsandbytes, liger_kernel, datasets, gguf" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .site .gpu-wheels/*.whl  # as gpu_check.sh
+fi
+if [ -d .site ]; then export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"; fi
 if [ -d .unsloth-wheels ] && [ ! -d "$site" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .unsloth-wheels/*.whl
 fi
