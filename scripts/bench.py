@@ -459,12 +459,13 @@ def main(argv=None) -> int:
            "steps": args.steps if args.steps is not None else (3 if args.cpu else 2 if args.tiny else 6),
            "profile_ways": [w for w in args.profile.split(",") if w],
            "unsloth_site": str(Path(args.unsloth_site).resolve()),
-           "plan_ways": {}, "max_length": 256 if args.tiny else 2048, "sets": args.set, "base": base}
+           "plan_ways": {}, "max_length": 256 if args.tiny else 2048, "sets": args.set,
+           "base": base or ("tiny Llama" if args.tiny else args.model)}  # results name the model every way trained
     spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
     import torch
 
     meta = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "command": " ".join(["python", *sys.argv]),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "base": base}
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "base": ctx["base"]}
     if args.cpu:
         ids = wl.cpu_batch(args.model, args.batch, args.seq_len)
         ids_file = work / f"cpu-batch-{args.batch}x{args.seq_len}.json"
