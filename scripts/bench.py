@@ -33,6 +33,11 @@ apart, peak torch.cuda.max_memory_allocated, MFU (6N FLOP per token: forward, re
 the first losses; for c also `train plan`'s peak at its largest micro-batch, the per-sequence loss check (the same
 8 rows alone, padded, packed) and the fused-layer check. The table and results.json name the base.
 
+--memory-peak: for our ways (c, c-offload and the --plan-check ways) the CUDA allocator's history over the first
+timed optimizer step (torch.cuda.memory._record_memory_history), replayed by scripts/memory_peak.py to the moment of
+most live bytes; what is live then, grouped by allocation site, lands in REPORT (else OUT)/memory-peak-WAY/
+memory_peak.{md,json} and results.json. Needs CUDA: without it a one-line error, exit 2. Off, it costs nothing.
+
 --cpu (issue #12): with a real model folder (--model), our fit step (fit's model pipeline, the Trainer that
 train.trainer.build_trainer builds, real optimizer steps) against a plain peft + bitsandbytes NF4 loop on the same
 batch (--batch x --seq-len; reentrant checkpointing, bf16 autocast, AdamW + our cosine schedule, clip 0.3, bf16
@@ -96,7 +101,8 @@ def run_ours(way: dict, ctx: dict) -> dict:
     build = trainer_mod.build_trainer
 
     def observed(cfg, *a, callbacks=(), **k):
-        tr = build(cfg, *a, callbacks=[*callbacks, timer], **k)
+        extra = [memory_recorder(ctx, log, cfg.train.grad_accum, seen)] if ctx.get("memory_peak") else []
+        tr = build(cfg, *a, callbacks=[*callbacks, timer, *extra], **k)
         tr.data_collator = count_batches(tr.data_collator, log)
         seen.update(trainer=tr, cfg=cfg)
         return tr
@@ -106,11 +112,17 @@ def run_ours(way: dict, ctx: dict) -> dict:
     sets = [f"run.output_dir={out_dir}", f"train.max_steps={ctx['warmup'] + ctx['steps'] + ctx['profile']}",
             *way.get("sets", []), *ctx["sets"]]
     argv = ["fit", ctx["config"], "--overwrite", *[x for s in sets for x in ("--set", s)]]
-    rc = cli.main(argv)
+    try:
+        rc = cli.main(argv)
+    finally:  # a run that failed in the recorded step (an OOM, say) still gets its analysis
+        if "recorder" in seen:
+            seen["recorder"].finish()
+    rec = seen.get("recorder")
+    mem = {"memory_peak": rec.summary or {"error": f"step {ctx['warmup'] + 1} was not recorded"}} if rec else {}
     if rc != 0 or "trainer" not in seen:
-        return {"error": f"python -m train {' '.join(argv)} exited {rc}"}
+        return {"error": f"python -m train {' '.join(argv)} exited {rc}", **mem}
     tr, cfg = seen["trainer"], seen["cfg"]
-    res = summarize(timer, log, cfg.train.grad_accum, ctx["warmup"], ctx["steps"])
+    res = {**summarize(timer, log, cfg.train.grad_accum, ctx["warmup"], ctx["steps"]), **mem}
     if "error" in res:
         return res
     res.update(attn=tr.model.config._attn_implementation, padding_free=bool(tr.args.padding_free),
@@ -125,6 +137,20 @@ def run_ours(way: dict, ctx: dict) -> dict:
             except Exception as e:  # noqa: BLE001 - the timing result stands on its own
                 res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return res
+
+
+def memory_recorder(ctx: dict, log: list, accum: int, seen: dict):
+    """--memory-peak: scripts/memory_peak.py's recorder of the first timed optimizer step (warm-up + 1), writing to
+    REPORT (else OUT)/memory-peak-WAY; the step's tokens: its largest micro-batch (the collator's log holds the
+    micro-batches in training order, the data loader's look-ahead after them)."""
+    from memory_peak import make_recorder
+
+    step = ctx["warmup"] + 1
+    out_dir = Path(ctx.get("report") or ctx["out"]) / f"memory-peak-{ctx['way']}"
+    rec = make_recorder(step, out_dir, lambda: max((b["computed"] for b in log[(step - 1) * accum:step * accum]),
+                                                   default=0))
+    seen["recorder"] = rec
+    return rec
 
 
 def run_trl(way: dict, ctx: dict) -> dict:
@@ -394,6 +420,20 @@ def pick_base(args, ways: list[str]) -> tuple[str | None, list[str], str | None]
     return None, ways, f"--base {base}: {', '.join(unsloth)} cannot run ({why}); leave Unsloth out"
 
 
+def memory_peak_refusal(args, ways: list[str]) -> str | None:
+    """--memory-peak: why it cannot run here (no CUDA; no way of ours on the GPU to record), or None."""
+    if not args.memory_peak:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "--memory-peak records the CUDA allocator and needs a GPU (torch.cuda.is_available() is False)"
+    if args.cpu or not ((args.plan_check and "ours" in args.plan_stacks) or any(WAYS[w]["kind"] == "ours"
+                                                                                for w in ways)):
+        return "--memory-peak records our ways (c, c-offload, --plan-check); none of them is asked for"
+    return None
+
+
 def model_line(args, ctx: dict) -> str:
     """The table's first line: which model every way trained."""
     if args.cpu:
@@ -427,6 +467,9 @@ def main(argv=None) -> int:
     p.add_argument("--plan-stacks", default="ours", help="--plan-check: ours, unsloth or ours,unsloth (Unsloth on\n"
                    "the same rows after each setting: the long-row ladder side by side, issue #21)")
     p.add_argument("--plan-tokens", help=f"BxL settings (default {PLAN_SETTINGS}; --tiny {PLAN_SETTINGS_TINY})")
+    p.add_argument("--memory-peak", action="store_true", help="our ways (c, c-offload, --plan-check): record the CUDA\n"
+                   "allocator over the first timed step and list what is live at its peak by allocation site\n"
+                   "(REPORT or OUT/memory-peak-WAY/memory_peak.md); needs CUDA; the step's timings include it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for our ways (c, plan-*, cpu-ours), e.g. lora.kernel=fused_triton")
     p.add_argument("--unsloth-site", default="/tmp/unsloth-site", help="Unsloth's package folder (pip --target)")
@@ -448,6 +491,7 @@ def main(argv=None) -> int:
     if bad := [w for w in ways if w not in WAYS]:
         p.error(f"unknown way(s) {bad}; choose from {', '.join(WAYS)}")
     base, ways, why = pick_base(args, ways)
+    why = why or memory_peak_refusal(args, ways)
     if why:
         print(f"bench.py: error: {why}", file=sys.stderr)
         return 2
@@ -460,6 +504,7 @@ def main(argv=None) -> int:
            "profile_ways": [w for w in args.profile.split(",") if w],
            "unsloth_site": str(Path(args.unsloth_site).resolve()),
            "plan_ways": {}, "max_length": 256 if args.tiny else 2048, "sets": args.set,
+           "memory_peak": args.memory_peak, "report": str(Path(args.report).resolve()) if args.report else None,
            "base": base or ("tiny Llama" if args.tiny else args.model)}  # results name the model every way trained
     spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
     import torch
@@ -501,6 +546,8 @@ def main(argv=None) -> int:
             claim = (base or wl.DEFAULT_BASE) == wl.DEFAULT_BASE  # Unsloth's 342K claim is for Llama-3.1-8B
             parts.append(f"Long rows, ours and Unsloth side by side\n\n"
                          f"{long_rows_table(results, ctx['plan_ways'], claim=claim)}")
+        parts += [f"Memory at the peak, {r['way']} (scripts/memory_peak.py)\n\n{r['memory_peak']['table']}"
+                  for r in results if "table" in (r.get("memory_peak") or {})]
         text = "\n\n".join(parts)
         for d in {out, Path(args.report).resolve() if args.report else out}:
             d.mkdir(parents=True, exist_ok=True)

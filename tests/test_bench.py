@@ -112,3 +112,142 @@ def test_fused_layer_check_adds_qwens_biases(tmp_path):
     assert {"64->64 +bias", "64->64", "64->32 +bias"} <= set(out)
     for row in out.values():
         assert max(row["max_rel_diff_vs_fp32"].values()) < 2e-2, row
+
+
+# --------------------------------------------------------------------------------------------
+# --memory-peak (scripts/memory_peak.py): the replay of a recorded step on a synthetic torch.cuda.memory._snapshot()
+
+SITE = "/usr/lib/python3/site-packages"
+
+
+def frame(filename: str, line: int, name: str) -> dict:
+    return {"filename": filename, "line": line, "name": name}
+
+
+def synthetic_snapshot() -> tuple[dict, dict]:
+    """A snapshot in _snapshot()'s format (frames innermost first) and the stacks it uses. Before recording: W
+    (1,000 B, still live at the end) and P (100 B, freed in the step: a free with no alloc). In the step: A 300
+    (tiled MLP), B 200 (no Python frame), C 500 (transformers under our compute_loss): the peak, 2,000 B; then A
+    freed, a bitsandbytes block of 250 come and gone, D 50 (live at the end). A's free_completed comes after a later
+    alloc: the allocator's counters drop a block at free_requested."""
+    import memory_peak as mp
+
+    root = str(mp.ROOT)
+    stacks = {
+        "tiled": [frame(f"{SITE}/torch/utils/checkpoint.py", 10, "checkpoint"),
+                  frame(f"{root}/train/kernels/tiled_mlp.py", 38, "chunked"),
+                  frame(f"{root}/train/fit.py", 200, "run")],
+        "llama": [frame(f"{SITE}/transformers/models/llama/modeling_llama.py", 250, "forward"),
+                  frame(f"{SITE}/torch/nn/modules/module.py", 1, "_call_impl"),
+                  frame(f"{root}/train/trainer.py", 300, "compute_loss")],
+        "bnb": [frame(f"{SITE}/bitsandbytes/functional.py", 5, "dequantize_4bit"),
+                frame(f"{SITE}/peft/tuners/lora/bnb.py", 7, "forward")],
+    }
+    snap = {"segments": [{"device": 0, "address": 0, "total_size": 4096, "stream": 0, "blocks": [
+        {"address": 0, "size": 1024, "requested_size": 1000, "state": "active_allocated", "frames": []},
+        {"address": 1024, "size": 512, "requested_size": 50, "state": "active_allocated", "frames": stacks["tiled"]},
+        {"address": 1536, "size": 2560, "requested_size": 0, "state": "inactive"}]}],
+        "device_traces": [[
+            {"action": "alloc", "addr": 2000, "size": 300, "frames": stacks["tiled"]},  # 1,400
+            {"action": "alloc", "addr": 3000, "size": 200, "stream": 0},  # 1,600; no frames key
+            {"action": "free_requested", "addr": 5000, "size": 100, "frames": []},  # P: 1,500
+            {"action": "free_completed", "addr": 5000, "size": 100, "frames": []},
+            {"action": "alloc", "addr": 4000, "size": 500, "frames": stacks["llama"]},  # 2,000: the peak
+            {"action": "free_requested", "addr": 2000, "size": 300, "frames": stacks["tiled"]},  # 1,700
+            {"action": "alloc", "addr": 6000, "size": 250, "frames": stacks["bnb"]},  # 1,950
+            {"action": "free_requested", "addr": 6000, "size": 250, "frames": stacks["bnb"]},  # 1,700
+            {"action": "free_completed", "addr": 2000, "size": 300, "frames": stacks["tiled"]},
+            {"action": "segment_alloc", "addr": 8192, "size": 4096},
+            {"action": "alloc", "addr": 1024, "size": 50, "frames": stacks["tiled"]},  # D: 1,750
+            {"action": "free_requested", "addr": 3000, "size": 200},  # 1,550
+            {"action": "free_requested", "addr": 4000, "size": 500, "frames": stacks["llama"]},  # 1,050
+        ]]}
+    return snap, stacks
+
+
+def test_memory_peak_replay_finds_the_peak_and_what_is_live():
+    """The peak counts the blocks from before recording (W live throughout, P until its free), frees at
+    free_requested, and lists W, A, B, C as live then (not P, freed before; not the later bnb block nor D)."""
+    import memory_peak as mp
+
+    snap, _ = synthetic_snapshot()
+    r = mp.replay(snap)
+    assert (r["peak_bytes"], r["peak_index"], r["initial_bytes"], r["final_bytes"]) == (2000, 4, 1100, 1050)
+    assert r["odd_events"] == 0 and r["events"] == 13
+    assert {b["addr"]: b["size"] for b in r["live"]} == {0: 1000, 2000: 300, 3000: 200, 4000: 500}
+    before = {b["addr"]: b["origin"] for b in mp.initial_blocks(snap).values()}
+    assert before == {0: "before the step, live after it", 5000: "before the step, freed in it"}
+
+
+def test_memory_peak_groups_by_site_and_writes_the_table(tmp_path):
+    """Our innermost frame first (with the library frame under it), then the libraries, then torch; C++ allocations
+    of the step as autograd's; blocks from before the step by what `known` calls them; sizes in [tokens, hidden]
+    bf16 units (10 x 10 x 2 = 200 B); the files, and the snapshot saved only under the size limit."""
+    import json
+
+    import memory_peak as mp
+
+    snap, stacks = synthetic_snapshot()
+    rep = mp.analyse(snap, tokens=10, hidden=10, known={0: "4-bit base weights"})
+    got = {g["site"]: (g["blocks"], g["bytes"], g["x_hidden"]) for g in rep["groups"]}
+    assert got == {
+        "before the step, live after it: 4-bit base weights": (1, 1000, 5.0),
+        "train/trainer.py:300 compute_loss via transformers/models/llama/modeling_llama.py:250 forward": (1, 500, 2.5),
+        "train/kernels/tiled_mlp.py:38 chunked": (1, 300, 1.5),
+        mp.NO_FRAME: (1, 200, 1.0)}
+    assert [g["bytes"] for g in rep["groups"]] == [1000, 500, 300, 200]
+    assert mp.site(stacks["bnb"]) == "bitsandbytes/functional.py:5 dequantize_4bit"
+    assert mp.site(stacks["tiled"][:1]) == "torch/utils/checkpoint.py:10 checkpoint" and mp.site([]) is None
+    assert rep["peak_event"]["site"].startswith("train/trainer.py:300") and rep["largest_blocks"][0]["x_hidden"] == 5.0
+    text = mp.write(rep, tmp_path / "mem", snap)
+    assert mp.load(tmp_path / "mem" / "snapshot.pickle.gz") == snap
+    assert json.loads((tmp_path / "mem" / "memory_peak.json").read_text())["peak_bytes"] == 2000
+    assert "| 2 | train/trainer.py:300 compute_loss via" in text and "Replayed peak 0.000 GB at event 4 of 13" in text
+    assert mp.save_snapshot(snap, tmp_path / "big.pickle.gz", limit=10).startswith("not saved")
+    assert not (tmp_path / "big.pickle.gz").exists()
+
+
+def test_memory_peak_recorder_glue(tmp_path, monkeypatch):
+    """make_recorder as the Trainer drives it, torch.cuda faked: it records step 2 only (start, snapshot, stop),
+    and at the end writes the files with the allocator's counters beside the replay."""
+    import types
+
+    from transformers import TrainerCallback  # noqa: F401 - imported before torch.cuda is faked
+
+    import memory_peak as mp
+
+    snap, _ = synthetic_snapshot()
+    calls = []
+    stats = iter([{"requested_bytes.all.current": 1100, "requested_bytes.all.peak": 1500, "allocation.all.allocated": 0,
+                   "allocation.all.freed": 0, "allocated_bytes.all.peak": 1600},
+                  {"requested_bytes.all.current": 1050, "requested_bytes.all.peak": 2000, "allocation.all.allocated": 5,
+                   "allocation.all.freed": 4, "allocated_bytes.all.peak": 2048, "segment.all.allocated": 1}])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a: next(stats))
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda enabled="all", **k: calls.append(enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *a: snap)
+    rec = mp.make_recorder(2, tmp_path / "mem", lambda: 10)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=10), named_parameters=lambda: [],
+                                  named_buffers=lambda: [])
+    for step in (0, 1, 2):
+        st = types.SimpleNamespace(global_step=step)
+        rec.on_step_begin(None, st, None)
+        st.global_step += 1
+        rec.on_step_end(None, st, None, model=model)
+    rec.on_train_end(None, st, None)
+    assert calls == ["all", None]
+    s = rec.summary
+    assert s["peak_gb"] == 2000 / 1e9 and s["replay_vs_requested_peak"] == 0.0 and abs(s["max_memory_allocated_gb"]
+                                                                                       - 2048 / 1e9) < 1e-15
+    assert s["recording"]["events_expected"] == 14 and s["recording"]["dropped_estimate"] == 0
+    assert "this step" in s["note"] and (tmp_path / "mem" / "memory_peak.md").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_memory_peak_without_cuda_is_one_line(tmp_path, capsys):
+    assert bench.main(["--tiny", "--memory-peak", "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--memory-peak" in err and "GPU" in err
+    assert not (tmp_path / "w").exists()
