@@ -9,12 +9,14 @@
 #   profile        the default workload, ours resident and offloaded, one extra profiled step each (item 5)
 #   memory         what is live at the CUDA peak of one 131,072-token row (--memory-peak; the plan's long-row miss)
 #   attention      the attention kernels alone on one 16K and one 131K row: our varlen kernel vs sdpa's backends
+#   profile-131k   one 131K row, ours, timed then profiled (torch.profiler by kernel family: where Unsloth's 1.6x is)
+#   knobs-131k     one 131K row, ours without the tiled MLP, then without offload (what each costs in s and GB)
 #   qwen           train plan against a random Qwen2.5-7B (issue #20 item 4): 16 rows of 2,048 and one of 16,384
 #   all            every stage in one run (no 10-minute limit)
 # Usage, from the repo root with .gpu-wheels/ and .unsloth-wheels/ (../shared/tools/unsloth-wheels.sh) carried:
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
 set -uo pipefail
-stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|qwen|all [OUT_DIR]}
+stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
@@ -36,6 +38,9 @@ case $stage in
   profile) bench --ways c,c-offload --warmup 2 --steps 4 --profile c,c-offload ;;
   memory) bench --plan-check --plan-tokens 1x131072 --memory-peak ;;
   attention) mkdir -p "$out" && python3 scripts/attention_bench.py --tokens 16384,131072 | tee "$out/attention.md" ;;
+  profile-131k) bench --plan-check --plan-tokens 1x131072 --profile plan-1x131072 ;;
+  knobs-131k) bench --plan-check --plan-tokens 1x131072 --set train.tile_mlp=false --report "$out/no-tile" &&
+    bench --plan-check --plan-tokens 1x131072 --set train.offload_checkpoints=false --report "$out/no-offload" ;;
   qwen) bench --plan-check --base Qwen/Qwen2.5-7B --plan-tokens 16x2048,1x16384 ;;
   all) budget=100000; bench --ways c,c-offload,unsloth --warmup 2 --steps 4 --plan-check \
          --plan-tokens 1x16384,1x131072,1x262144,1x350000 --plan-stacks ours,unsloth ;;
