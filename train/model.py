@@ -1,7 +1,9 @@
-"""Base model and tokenizer: config -> BitsAndBytesConfig, quantized load, memory report, k-bit prep."""
+"""Base model and tokenizer: config -> BitsAndBytesConfig, quantized load (on a CPU computing in fp32, a large
+vocabulary's embeddings and LM head kept in the checkpoint's 16-bit dtype), memory report, k-bit prep."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +23,13 @@ DTYPES = precision.DTYPES
 
 # bitsandbytes' CPU 4-bit decode kernel asserts out_features % 32 == 0 (its CPU backend, bitsandbytes >= 0.48).
 CPU_BNB_MULTIPLE = 32
+
+# fp32 compute keeps the input embedding and LM head in the checkpoint's 16-bit dtype only when that saves at least
+# this many bytes: Gemma 3 1B's tied 262144 x 1152 table saves 0.60 GB, Qwen2.5-0.5B's 0.27 GB; below it the saving
+# is small next to a run's peak and the plain fp32 path stays (SmolLM2-135M, the demo: 57 MB, its speed unchanged)
+KEEP_16BIT_MIN_SAVED = 0.25e9
+SIXTEEN_BIT = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # checkpoint dtypes whose matrices can stay
+SAFETENSORS_FLOATS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}  # header -> torch name
 
 
 def build_bnb_config(q: QuantCfg, skip_modules: list[str] | None = None):
@@ -159,10 +168,11 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
                 CPU_BNB_MULTIPLE, ", ".join(skip), precision.compute_dtype(cfg.quant),
             )
         skip = skip and skip + output_embedding(model_config)
+    keep = keep_16bit_plan(cfg, model_config, path)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=build_bnb_config(cfg.quant, skip),
-        dtype=precision.torch_dtype(cfg.quant),
+        dtype=keep.load if keep else precision.torch_dtype(cfg.quant),
         device_map=device_map(),
         # the hub's kernels (transformers >= 5.25 turns them on by default): they need the hub at load time, and
         # would swap layers under our fused LoRA path; model.hub_kernels opts in
@@ -172,9 +182,126 @@ def load_base(cfg: Config, path: str, quiet: bool = False):
         revision=cfg.model.revision,
     )
     keep_cpu_weights_exact(model)
+    if keep:
+        keep_16bit(model, keep, quiet)
     if not quiet:
         report_memory(model, model_config, cfg.quant.mode)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Keep16:
+    dtype: torch.dtype  # what the input embedding and LM head stay in: the checkpoint's own 16-bit dtype
+    load: torch.dtype  # what from_pretrained loads in: that dtype (never an fp32 copy of them), else fp32
+    saved: int  # bytes saved against fp32
+
+
+def keep_16bit_plan(cfg: Config, model_config, path: str) -> Keep16 | None:
+    """Whether fp32 compute (a CPU without native bf16) keeps the input embedding and LM head in the checkpoint's
+    16-bit dtype, and what to load in; None: the plain fp32 load. Only for a quantized base whose checkpoint is
+    16-bit, whose LoRA neither targets nor trains those matrices, and where it saves KEEP_16BIT_MIN_SAVED."""
+    name = str(getattr(model_config, "dtype", None)).removeprefix("torch.")
+    dtype = SIXTEEN_BIT.get(name)
+    if (torch.cuda.is_available() or cfg.quant.mode == "none" or dtype is None
+            or precision.compute_dtype(cfg.quant) != "float32" or precision.use_bf16(cfg)):
+        return None
+    text = model_config.get_text_config()
+    if 4 * (getattr(text, "vocab_size", 0) or 0) * (getattr(text, "hidden_size", 0) or 0) < KEEP_16BIT_MIN_SAVED:
+        return None  # two vocab x hidden matrices at most: no need to build the model's tree to know
+    meta = meta_model_in(model_config, dtype)
+    emb, head = meta.get_input_embeddings(), meta.get_output_embeddings()
+    if not (precision.embedding_supported(emb) and (head is None or precision.head_supported(head))):
+        return None
+    names = {mod: n for n, mod in meta.named_modules()}
+    if any(lora_touches(names[m], cfg.lora) for m in (emb, head) if m is not None):
+        return None  # trained or LoRA-wrapped: peft would cast its adapters to the 16-bit dtype
+    saved = 2 * sum({id(m.weight): m.weight.numel() for m in (emb, head) if m is not None}.values())  # 4 B -> 2 B
+    stored = stored_float_dtypes(path)
+    if saved < KEEP_16BIT_MIN_SAVED or (stored is not None and name not in stored):
+        return None  # too small to matter, or config.json names a dtype the weight files do not hold
+    # a 16-bit load computes what an fp32 one does where the files hold only that dtype, bitsandbytes 4-bit
+    # quantizes in fp32 whatever it is given, and no buffer is made 16-bit (embed_scale aside: restored exactly)
+    odd = [n for n, b in meta.named_buffers() if b.is_floating_point() and b.dtype == dtype
+           and n != f"{names[emb]}.embed_scale"]
+    exact = cfg.quant.mode in ("nf4", "fp4") and not odd and stored == {name}
+    return Keep16(dtype, dtype if exact else torch.float32, saved)
+
+
+def meta_model_in(model_config, dtype: torch.dtype):
+    """meta_model built with `dtype` as torch's default, as from_pretrained builds a model it loads in `dtype`
+    (buffers made in the default dtype come out in it)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return meta_model(model_config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def holds_exactly(weight: torch.Tensor, dtype: torch.dtype, rows: int = 8192) -> bool:
+    """Whether `weight` survives a round trip through `dtype` unchanged, `rows` at a time (8192: a 38 MB fp32
+    round-trip copy for Gemma 3 1B's table, never a full-size one)."""
+    return all(torch.equal(part.to(dtype).to(part.dtype), part) for part in weight.split(rows))
+
+
+def lora_touches(name: str, l) -> bool:
+    """peft's rules: a target_modules list entry matches a name or its dotted suffix, a string (all-linear aside,
+    which leaves out the LM head) fullmatches it; a modules_to_save entry matches a name's end."""
+    import re
+
+    targets = l.target_modules
+    if isinstance(targets, str):
+        hit = targets != "all-linear" and re.fullmatch(targets, name) is not None
+    else:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
+    return hit or any(name.endswith(t) for t in l.modules_to_save or [])
+
+
+def stored_float_dtypes(path: str) -> set[str] | None:
+    """The dtypes of the floating tensors in a local checkpoint's .safetensors files (headers only: nothing loads),
+    e.g. {"bfloat16"}; None where there are none to read (a hub id, .bin weights)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    found = set()
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    return {SAFETENSORS_FLOATS.get(d, d) for d in found if d in SAFETENSORS_FLOATS or d.startswith("F8")} or None
+
+
+@torch.no_grad()
+def keep_16bit(model, keep: Keep16, quiet: bool = False) -> None:
+    """The input embedding and LM head in keep.dtype, computing in fp32 from them (train/precision.py); every other
+    floating parameter and buffer in fp32, as a plain fp32 load leaves them (a 16-bit load held the checkpoint's
+    values, so the upcast is exact). bitsandbytes' 4-bit weights dequantize to fp32 as after an fp32 load."""
+    import bitsandbytes as bnb
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    matrices = {id(m.weight): m.weight for m in (emb, head) if m is not None}
+    if not all(w.dtype == keep.dtype or holds_exactly(w, keep.dtype) for w in matrices.values()):
+        log.info("CPU float32 compute: the checkpoint's embeddings are not %s values; keeping them in float32",
+                 str(keep.dtype)[6:])
+        return
+    for w in matrices.values():
+        w.data = w.data.to(keep.dtype)  # after an fp32 load: the checkpoint's 16-bit values, exact (checked)
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in matrices \
+                    and not isinstance(p, bnb.nn.Params4bit):  # 4-bit data in a float quant.storage_dtype: bytes
+                p.data = p.data.float()
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != torch.float32:
+                setattr(module, name, b.float())
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state is not None:
+            module.weight.quant_state.dtype = torch.float32  # it records the load dtype; dequantize returns it
+    model.config.dtype = torch.float32  # what the run computes in, as an fp32 load records
+    precision.compute_from_16bit(emb, head)
+    if not quiet:
+        how = "" if keep.load == keep.dtype else " (loaded in float32, then cast: a higher peak at load)"
+        log.info("CPU float32 compute: embeddings and LM head kept in %s (%.2f GB saved), computed in float32%s",
+                 str(keep.dtype)[6:], keep.saved / 1e9, how)
 
 
 def keep_cpu_weights_exact(model) -> None:
