@@ -10,3 +10,6 @@ bash scripts/fetch_smollm2.sh >/dev/null
 python -m train fit configs/demo.yaml "$@"
 python -m train eval runs/demo
 echo "demo done in $(( $(date +%s) - start )) s: adapter in runs/demo/adapter, report in runs/demo/eval/ (report.json, predictions.jsonl, *.png)"
+# The export is the next command, not part of the demo: ~1.5 min more on 2 AVX2 cores, past the 10-minute budget
+echo "next, for llama.cpp / Ollama: python -m train export runs/demo --gguf runs/demo/smollm2-pricer.gguf --limit 10" \
+     "&& ollama create smollm2-pricer -f runs/demo/smollm2-pricer.Modelfile"
