@@ -76,7 +76,8 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in ckpt.glob("rng_state*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
     assert not (run / "adapter").exists(), "the run was stopped: no final adapter"
-    # torchrun's summary of the ranks' exit codes: rank 1 exits 143 (SIGTERM); rank 0 too, unless torchrun, which
-    # stops the other ranks once one exits, reaches it in its last moments, after it printed the line above (-15)
+    # torchrun's summary of the ranks' exit codes: the rank that exits first exits 143 (SIGTERM); the other too,
+    # unless torchrun, which stops the other ranks once one exits, reaches it in its last moments, after it printed
+    # the line above (-15). Either rank can be first (CI saw rank 0 first: 143, rank 1 -15).
     codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*\n\s*exitcode\s*: (-?\d+)", out))
-    assert codes.get("1") == "143" and codes.get("0", "143") in ("143", "-15"), out[-4000:]
+    assert "143" in codes.values() and all(c in ("143", "-15") for c in codes.values()), out[-4000:]
