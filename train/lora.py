@@ -62,10 +62,8 @@ def linear_leaf_names(model) -> list[str]:
 
 def check_targets(model, l: LoraCfg) -> None:
     """lora.target_modules must name modules the model has (works on a meta-device model: no weights)."""
-    names = [n for n, _ in model.named_modules()]
-    leaves = {n.rsplit(".", 1)[-1] for n in names}
-    linear = sorted({n for n in leaves if n.endswith("proj") or n in ("fc1", "fc2", "c_attn", "dense")})
-    check_target_names(names, l.target_modules, linear)
+    if isinstance(l.target_modules, list):  # all-linear and regexes are peft's to resolve
+        check_target_names([n for n, _ in model.named_modules()], l.target_modules, linear_leaf_names(model))
 
 
 def target_matches(name: str, targets: str | list[str]) -> bool:
