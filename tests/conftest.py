@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, a private model cache, and a small fast config."""
+"""Shared fixtures: offline environment, a private model cache, a small fast config, and an adapted NF4 model."""
 
 import os
 from pathlib import Path
@@ -71,3 +71,22 @@ def tiny_tok():
     from train.config import ModelCfg
 
     return model.load_tokenizer(str(path), ModelCfg(name_or_path=str(path)))
+
+
+def adapted_nf4(cfg, use_cache: bool = False, std: float = 0.05):
+    """The config's base loaded as fit loads it (4-bit, prepared for k-bit training) and wrapped in LoRA, with every
+    lora_B drawn from N(0, std), seeded: peft starts B at zero, which would leave the adapter out of every output
+    and of every gradient but B's. use_cache=False as training runs; eval tests that generate keep it on."""
+    import torch
+
+    from train import lora, model
+
+    base = model.prepare_for_kbit(model.load_base(cfg, model.resolve_model_path(cfg.model), quiet=True), cfg)
+    if not use_cache:
+        base.config.use_cache = False
+    torch.manual_seed(0)
+    net = lora.wrap(base, cfg.lora)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, std)
+    return net

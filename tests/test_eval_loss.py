@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import small_config
-from train import data, lora, model, trainer
+from conftest import adapted_nf4, small_config
+from train import data, model, trainer
 from train.eval import evaluate
 from train.fit import eval_dataset
 from train.loss import row_nll
@@ -20,13 +20,7 @@ def test_trainer_eval_loss_equals_train_eval_loss(tmp_path):
     path = model.resolve_model_path(cfg.model)
     tok = model.load_tokenizer(path, cfg.model)
     train_split, eval_split = data.load_splits(cfg, tok)
-    base = model.prepare_for_kbit(model.load_base(cfg, path, quiet=True), cfg)
-    base.config.use_cache = False
-    torch.manual_seed(0)
-    peft_model = lora.wrap(base, cfg.lora)
-    for name, p in peft_model.named_parameters():  # a trained-like adapter: B is zero at init
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    peft_model = adapted_nf4(cfg)  # a trained-like adapter
     sft = trainer.build_trainer(cfg, peft_model, tok, train_split.to_dataset(), eval_dataset(cfg, eval_split),
                                 tmp_path / "run")
     trainer_loss = sft.evaluate()["eval_loss"]

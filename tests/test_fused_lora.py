@@ -6,23 +6,15 @@ import copy
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import adapted_nf4, small_config
 from test_lora_dropout import _loss_and_grads
-from train import lora, model
 from train.kernels import fused_lora
 
 
 def _peft_4bit(tmp_path, compute_dtype="float32", dropout=0.2, kernel="fused", **lora_cfg):
     cfg = small_config(tmp_path / "run", quant={"compute_dtype": compute_dtype},
                        lora={"dropout": dropout, "kernel": kernel, **lora_cfg})
-    base = model.prepare_for_kbit(model.load_base(cfg, model.resolve_model_path(cfg.model), quiet=True), cfg)
-    torch.manual_seed(0)
-    peft_model = lora.wrap(base, cfg.lora)
-    for name, p in peft_model.named_parameters():  # B != 0, so every gradient path is exercised
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    peft_model.config.use_cache = False
-    return peft_model, cfg
+    return adapted_nf4(cfg), cfg
 
 
 def _fused_layers(peft_model):

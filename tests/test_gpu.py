@@ -372,20 +372,13 @@ def check_varlen(net, calls, device="cuda", expect_varlen: bool = True) -> None:
 
 @on_gpu
 def test_varlen_attention_matches_padded_sdpa(tmp_path, monkeypatch):
-    from conftest import small_config
-    from train import lora, model
+    from conftest import adapted_nf4, small_config
     from train.kernels import attention
 
     cfg = small_config(tmp_path / "run")
     assert attention.resolve(cfg) == attention.NAME  # auto picks varlen for padding-free batches on a GPU
-    base = model.prepare_for_kbit(model.load_base(cfg, model.resolve_model_path(cfg.model), quiet=True), cfg)
-    assert base.config._attn_implementation == attention.NAME
-    base.config.use_cache = False
-    torch.manual_seed(0)
-    net = lora.wrap(base, cfg.lora)
-    for name, p in net.named_parameters():  # non-zero B, so the adapter is in the computation
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    net = adapted_nf4(cfg)  # non-zero B, so the adapter is in the computation
+    assert net.get_base_model().config._attn_implementation == attention.NAME
     check_varlen(net.eval(), _varlen_spy(monkeypatch))
     monkeypatch.undo()
     attention.register()  # the real varlen_attn again for later tests
@@ -495,21 +488,15 @@ def test_each_family_runs_its_own_attention_packed_as_padded(tmp_path, monkeypat
     each row the loss and LoRA gradients it gets padded and alone, rows longer than the window (16; Phi-3: 24)
     included (check_varlen). Negative control for the windowed families: the kernel told to ignore the window
     moves the rows past it."""
+    from conftest import adapted_nf4
     from families import family_config
-    from train import lora, model
     from train.kernels import attention
 
     cfg = family_config(tmp_path / "run", name, quant={"compute_dtype": "bfloat16"})
-    base = model.prepare_for_kbit(model.load_base(cfg, model.resolve_model_path(cfg.model), quiet=True), cfg)
+    net = adapted_nf4(cfg).eval()  # non-zero B, so the adapter is in the computation
+    base = net.get_base_model()
     varlen = name != "gemma2"
     assert base.config._attn_implementation == (attention.NAME if varlen else "eager")
-    base.config.use_cache = False
-    torch.manual_seed(0)
-    net = lora.wrap(base, cfg.lora)
-    for pname, p in net.named_parameters():  # non-zero B, so the adapter is in the computation
-        if "lora_B" in pname:
-            p.data.normal_(0, 0.05)
-    net.eval()
     check_varlen(net, _varlen_spy(monkeypatch), expect_varlen=varlen)
     if varlen and any(layer.sliding_window for layer in attention.model_layers(base.config)):
         assert packed_vs_padded_gap(net) < 2e-2

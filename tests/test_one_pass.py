@@ -3,10 +3,10 @@ loss and the same greedy answers as the separate loss pass and generation it rep
 for families with sliding windows shorter than the rows (the KV cache is cut back across the window)."""
 
 import pytest
-import torch
 
+from conftest import adapted_nf4
 from families import family_config, one_thread  # noqa: F401 (a fixture)
-from train import data, lora, model
+from train import data, model
 from train.eval import evaluate, one_pass
 from train.precision import precision_context
 
@@ -15,13 +15,7 @@ def _model_and_examples(cfg):
     path = model.resolve_model_path(cfg.model)
     tok = model.load_tokenizer(path, cfg.model)
     _, eval_split = data.load_splits(cfg, tok)
-    base = model.prepare_for_kbit(model.load_base(cfg, path, quiet=True), cfg)
-    torch.manual_seed(0)
-    peft_model = lora.wrap(base, cfg.lora)
-    for name, p in peft_model.named_parameters():  # a trained-like adapter: B is zero at init
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    peft_model.eval()
+    peft_model = adapted_nf4(cfg, use_cache=True).eval()  # a trained-like adapter; generation keeps its cache
     examples = evaluate.eval_examples(eval_split, tok, cfg)
     return peft_model, tok, examples
 
