@@ -23,21 +23,26 @@ HEAD_CHUNK_ROWS = 64  # the tiny 320-token head in 5 chunks, so the chunked matm
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def base(request, tmp_path_factory):
     """(family, folder of a tiny bf16 checkpoint: config.json says bfloat16, every tensor stored in it)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    save_bf16_checkpoint(request.param, folder)
+    return request.param, str(folder)
+
+
+def save_bf16_checkpoint(name: str, folder) -> None:
+    """The family's tiny model (hidden HIDDEN, seeded) saved in bf16 with its tokenizer into `folder`."""
     import transformers
 
     from train import tiny
 
-    family = FAMILIES[request.param]
+    family = FAMILIES[name]
     tok = build_tokenizer(family)
     config = model_config(family, tok)
     config.hidden_size = HIDDEN
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
-    folder = tmp_path_factory.mktemp(request.param)
     tok.save_pretrained(folder)
     tiny.save_weights(model, folder)
-    return request.param, str(folder)
 
 
 @pytest.fixture
@@ -207,22 +212,11 @@ def test_where_the_matrices_stay_fp32(base, monkeypatch, tmp_path):
 def test_a_mixed_checkpoint_loads_in_fp32_then_casts(monkeypatch, tmp_path, chunked):
     """A checkpoint storing some tensors in fp32 (here the norms) would be rounded by a bf16 load: it loads in fp32
     and only the two matrices are cast down (exact: they were stored in bf16). Same logits as the fp32 path."""
-    import transformers
     from safetensors.torch import load_file, save_file
 
-    from train import tiny
-
-    family = FAMILIES["llama"]
-    tok = build_tokenizer(family)
-    cfg = model_config(family, tok)
-    cfg.hidden_size = HIDDEN
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
     folder = tmp_path / "mixed"
     folder.mkdir()
-    tok.save_pretrained(folder)
-    tiny.save_weights(model, folder)
+    save_bf16_checkpoint("llama", folder)
     tensors = load_file(folder / "model.safetensors")
     save_file({k: v.float() + 1e-3 if "norm" in k else v for k, v in tensors.items()}, folder / "model.safetensors",
               metadata={"format": "pt"})  # + 1e-3: values bf16 cannot hold
