@@ -98,12 +98,13 @@ def compare(llm, tok, examples, recorded, stops, max_new_tokens: int) -> dict:
         agree += got == want
         if got != want:
             differ.append({"id": e["id"], "llama.cpp": got, "train eval": want})
-        ids = llm.tokenize(tok.decode(e["prompt_ids"]).encode(), add_bos=False, special=True)
+        text = tok.decode(e["prompt_ids"])
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         if ids == e["prompt_ids"]:
             own["same_ids"] += 1
             continue
         own["rows"] += 1
-        retok = tok(tok.decode(e["prompt_ids"]), add_special_tokens=False).input_ids == e["prompt_ids"]
+        retok = tok(text, add_special_tokens=False).input_ids == e["prompt_ids"]
         got = answer(ids)
         own["answers_agree"] += got == want
         own["differ"].append({"id": e["id"], "transformers_retokenizes_the_same": retok, "answer": got,
