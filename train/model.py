@@ -245,11 +245,15 @@ def holds_exactly(weight: torch.Tensor, dtype: torch.dtype, rows: int = 8192) ->
 
 
 def lora_touches(name: str, l) -> bool:
-    """Whether LoRA wraps or trains module `name`: lora.target_matches (peft's rule; all-linear leaves out the LM
-    head and the embeddings), or a modules_to_save entry matching the name's end."""
-    from train.lora import target_matches
+    """peft's rules: a target_modules list entry matches a name or its dotted suffix, a string (all-linear aside,
+    which leaves out the LM head) fullmatches it; a modules_to_save entry matches a name's end."""
+    import re
 
-    hit = l.target_modules != "all-linear" and target_matches(name, l.target_modules)
+    targets = l.target_modules
+    if isinstance(targets, str):
+        hit = targets != "all-linear" and re.fullmatch(targets, name) is not None
+    else:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
     return hit or any(name.endswith(t) for t in l.modules_to_save or [])
 
 
