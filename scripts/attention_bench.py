@@ -38,12 +38,17 @@ def inputs(tokens: int, heads: int, kv_heads: int, head_dim: int):
 
 
 def varlen(q, k, v):
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
+
+    # as train/kernels/attention.py: torch 2.11's varlen_attn has no enable_gqa and takes fewer k/v heads natively
+    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
     tokens = q.shape[2]
     cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
     qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))
-    return varlen_attn(qt, kt, vt, cu, cu, tokens, tokens, window_size=(-1, 0), enable_gqa=True)[None].transpose(1, 2)
+    return varlen_attn(qt, kt, vt, cu, cu, tokens, tokens, window_size=(-1, 0), **gqa)[None].transpose(1, 2)
 
 
 def sdpa_with(backend, expand: bool = False):
