@@ -8,7 +8,7 @@
 #   unsloth-350k   the same row through Unsloth
 #   profile        the default workload, ours resident and offloaded, one extra profiled step each (item 5)
 #   memory         what is live at the CUDA peak of one 131,072-token row (--memory-peak; the plan's long-row miss)
-#   attention      the attention kernels alone on one 16K and one 131K row: our varlen kernel vs sdpa's backends
+#   attention      the attention kernels alone on one row of 4K to 131K tokens: our varlen kernel vs sdpa's backends
 #   profile-131k   one 131K row, ours, timed then profiled (torch.profiler by kernel family: where Unsloth's 1.6x is)
 #   knobs-131k     one 131K row, ours without the tiled MLP, then without offload (what each costs in s and GB)
 #   qwen           train plan against a random Qwen2.5-7B (issue #20 item 4): 16 rows of 2,048 and one of 16,384
@@ -37,7 +37,7 @@ case $stage in
   unsloth-350k) bench --plan-check --plan-tokens 1x350000 --plan-stacks unsloth ;;
   profile) bench --ways c,c-offload --warmup 2 --steps 4 --profile c,c-offload ;;
   memory) bench --plan-check --plan-tokens 1x131072 --memory-peak ;;
-  attention) mkdir -p "$out" && python3 scripts/attention_bench.py --tokens 16384,131072 | tee "$out/attention.md" ;;
+  attention) mkdir -p "$out" && python3 scripts/attention_bench.py --tokens 4096,8192,16384,131072 | tee "$out/attention.md" ;;
   profile-131k) bench --plan-check --plan-tokens 1x131072 --profile plan-1x131072 ;;
   knobs-131k) bench --plan-check --plan-tokens 1x131072 --set train.tile_mlp=false --report "$out/no-tile" &&
     bench --plan-check --plan-tokens 1x131072 --set train.offload_checkpoints=false --report "$out/no-offload" ;;

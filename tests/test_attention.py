@@ -188,3 +188,75 @@ def test_padding_free_varlen_equals_padded_and_alone_per_family(name, cpu_varlen
                     "window_size": (-1 if layer.sliding_window is None else wrong(layer.sliding_window), 0)})
                 off = per_row_losses(net(**batch).logits[0], batch["input_ids"][0], lengths)
                 assert max(abs(a - b) for a, b in zip(off, padded)) > 1e-3
+
+
+# ---------------------------------------------------------------- one long row: cuDNN on Hopper, else varlen
+
+@pytest.mark.parametrize("cu, n, args, capability, device, refused, want", [
+    ([0, 16384], 16384, {"window_size": (-1, 0)}, (9, 0), "cuda:0", set(), True),  # one long causal row, H100
+    ([0, 16384], 16384, {"is_causal": True}, (9, 0), "cuda:0", set(), True),  # torch 2.10's causal argument
+    ([0, 131072], 131072, {"window_size": (131071, 0)}, (9, 0), "cuda:0", set(), True),  # window covers the row
+    ([0, 16383], 16383, {"window_size": (-1, 0)}, (9, 0), "cuda:0", set(), False),  # shorter than measured
+    ([0, 9000, 16384], 9000, {"window_size": (-1, 0)}, (9, 0), "cuda:0", set(), False),  # packed: boundaries
+    ([0, 16384], 16384, {"window_size": (4095, 0)}, (9, 0), "cuda:0", set(), False),  # Mistral's 4K window
+    ([0, 16384], 16384, {"window_size": (-1, 0)}, (8, 0), "cuda:0", set(), False),  # A100: FlashAttention wins
+    ([0, 16384], 16384, {"window_size": (-1, 0)}, (10, 0), "cuda:0", set(), False),  # B200: FlashAttention wins
+    ([0, 16384], 16384, {"window_size": (-1, 0)}, (9, 0), "cuda:0", {"cuda:0"}, False),  # refused once before
+    ([0, 16384], 16384, {"window_size": (-1, 0)}, (9, 0), "cpu", set(), False),
+])
+def test_one_long_row_goes_to_cudnn_only_where_it_is_faster_and_exact(cu, n, args, capability, device, refused,
+                                                                      want, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(attention, "_cudnn_refused", refused)
+    assert attention.one_row_cudnn(torch.tensor(cu), n, args, torch.device(device)) is want
+
+
+def _one_row(tokens: int, heads: int = 4, kv_heads: int = 2, head_dim: int = 8):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, h, tokens, head_dim, generator=g) for h in (heads, kv_heads, kv_heads)]
+
+
+def _registered():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[attention.NAME]
+
+
+def test_cudnn_route_computes_the_varlen_kernels_attention(cpu_varlen, monkeypatch):
+    """The one-row route's layout, GQA, scale and causal mask equal the varlen path's: sdpa's cuDNN backend
+    stood in by sdpa's own (CPU) kernel, against the reference varlen kernel on the same row."""
+    import torch.nn.attention as nn_attention
+
+    q, k, v = _one_row(12)
+    kw = {"cu_seq_lens_q": torch.tensor([0, 12]), "max_length_q": 12, "sliding_window": None}
+    ref, _ = _registered()(None, q, k, v, None, scaling=0.3, **kw)
+    assert len(cpu_varlen) == 1
+    monkeypatch.setattr(attention, "one_row_cudnn", lambda *a: True)
+    real = nn_attention.sdpa_kernel
+    monkeypatch.setattr(nn_attention, "sdpa_kernel", lambda backends: real(
+        [nn_attention.SDPBackend.MATH]))  # the CPU has no cuDNN: same call, the math kernel
+    out, _ = _registered()(None, q, k, v, None, scaling=0.3, **kw)
+    assert len(cpu_varlen) == 1, "the row must not have gone through varlen"
+    assert out.shape == ref.shape == (1, 12, 4, 8)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_cudnn_refusal_falls_back_to_varlen_once_and_says_so(cpu_varlen, monkeypatch, caplog):
+    """Where cuDNN has no kernel (here: a CPU tensor), the row goes through varlen, the device is remembered
+    and one line says why; the result is the varlen kernel's."""
+    q, k, v = _one_row(10)
+    kw = {"cu_seq_lens_q": torch.tensor([0, 10]), "max_length_q": 10, "sliding_window": None}
+    ref, _ = _registered()(None, q, k, v, None, **kw)
+    monkeypatch.setattr(attention, "_cudnn_refused", set())
+    monkeypatch.setattr(attention, "one_row_cudnn", lambda cu, n, args, device: str(device) not in
+                        attention._cudnn_refused)
+    with caplog.at_level("INFO", logger="train"):
+        out, _ = _registered()(None, q, k, v, None, **kw)
+        again, _ = _registered()(None, q, k, v, None, **kw)
+    assert attention._cudnn_refused == {"cpu"}
+    assert [r.getMessage() for r in caplog.records if "cuDNN refused" in r.getMessage()][0].startswith(
+        "attention: cuDNN refused a 10-token row")
+    assert len([r for r in caplog.records if "cuDNN refused" in r.getMessage()]) == 1
+    assert len(cpu_varlen) == 3
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(again, ref)

@@ -565,3 +565,48 @@ def test_tiled_mlp_matches_the_whole_mlp_in_bf16():
     torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-2)
     for n in want[1]:
         torch.testing.assert_close(got[1][n], want[1][n], rtol=5e-2, atol=5e-3, msg=n)
+
+
+# ---------------------------------------------------------------- one long row through cuDNN (Hopper)
+
+def _attention_of_one_row(monkeypatch, min_tokens: int, tokens: int = 16_384):
+    """A Llama-3.1-8B-shaped attention (32 query heads, 8 k/v heads, head_dim 128, bf16) of one causal row of
+    `tokens` through the registered sdpa_varlen function: output, q/k/v gradients and the cuDNN calls made."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from train.kernels import attention
+
+    monkeypatch.setattr(attention, "CUDNN_MIN_TOKENS", min_tokens)
+    calls, real = [], attention.cudnn_causal
+    monkeypatch.setattr(attention, "cudnn_causal", lambda *a: calls.append(a[0].shape) or real(*a))
+    attention.register()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, tokens, 128, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for h in (32, 8, 8))
+    kw = {"cu_seq_lens_q": torch.tensor([0, tokens], device="cuda"), "max_length_q": tokens, "sliding_window": None}
+    out, _ = ALL_ATTENTION_FUNCTIONS[attention.NAME](None, q, k, v, None, scaling=128 ** -0.5, **kw)
+    out.float().square().sum().backward()
+    return [t.detach().float() for t in (out, q.grad, k.grad, v.grad)], calls
+
+
+@on_gpu
+def test_one_long_row_through_cudnn_equals_flashattention_varlen(monkeypatch):
+    """On a Hopper GPU one 16K-token row goes to sdpa's cuDNN kernel (and only then), and its output and
+    q/k/v gradients equal FlashAttention varlen's within bf16 rounding; a non-causal result would not."""
+    from train.kernels import attention
+
+    if torch.cuda.get_device_capability()[0] != attention.CUDNN_CAPABILITY_MAJOR:
+        pytest.skip("cuDNN attention is routed on Hopper only")
+    monkeypatch.setattr(attention, "_cudnn_refused", set())
+    want, calls = _attention_of_one_row(monkeypatch, min_tokens=10 ** 9)
+    assert calls == []
+    got, calls = _attention_of_one_row(monkeypatch, min_tokens=attention.CUDNN_MIN_TOKENS)
+    assert len(calls) == 1 and attention._cudnn_refused == set(), "the row must have run on cuDNN"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2, name
+    q = torch.randn(1, 32, 256, 128, device="cuda", dtype=torch.bfloat16)  # the control: causal mask matters
+    kv = torch.randn(1, 8, 256, 128, device="cuda", dtype=torch.bfloat16)
+    causal, full = (torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=c, enable_gqa=True)
+                    for c in (True, False))
+    assert ((causal - full).float().norm() / full.float().norm()).item() > 1e-1
+    attention.register()  # the real cudnn_causal again for later tests

@@ -9,6 +9,11 @@ batches, generation, CPU — falls through to plain sdpa, which is correct every
 The kernel is used only where it is exact, layer by layer (kernel_args): a sliding window becomes its
 window_size, while attention logit softcapping (Gemma 2), attention sinks (gpt-oss), attention dropout and
 non-causal layers have no kernel argument, so such a model keeps its own attention (one notice line).
+
+A micro-batch that is one long causal row (long-context training) goes to sdpa's cuDNN kernel instead on a
+Hopper GPU (one_row_cudnn): the same attention, 1.6-1.9x faster forward+backward than FlashAttention 2 and
+without its fp32 dq accumulator (docs/benchmarks.md, "Attention kernels"). Packed batches keep varlen:
+sdpa has no sequence boundaries short of a dense mask.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ _noted: set[str] = set()  # each fallback notice is said once per process
 _fell_back: set[str] = set()  # bases whose `auto` attention left the varlen kernel: effective_packing pads them
 KERNEL_LAYER_TYPES = ("full_attention", "sliding_attention")  # config.layer_types the kernel can compute
 KERNEL_DEVICES = ("cuda",)  # where varlen_attn runs (tests/test_attention.py adds cpu for a reference kernel)
+CUDNN_MIN_TOKENS = 16_384  # shortest one-row batch sent to cuDNN: measured faster at 16K and 131K, not yet below
+CUDNN_CAPABILITY_MAJOR = 9  # Hopper only: cuDNN's attention loses to FlashAttention on Ampere and Blackwell
+_cudnn_refused: set[str] = set()  # devices where cuDNN refused a shape once: varlen from then on
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,33 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def one_row_cudnn(cu: torch.Tensor, n: int, args: dict, device: torch.device) -> bool:
+    """Whether a padding-free micro-batch goes to sdpa's cuDNN kernel instead of varlen: one sequence
+    (cu_seq_lens = [0, n]) of at least CUDNN_MIN_TOKENS, plain causal (a window narrower than the row needs
+    varlen's window_size), on a Hopper GPU where cuDNN has not refused a shape before."""
+    left = args.get("window_size", (-1, 0))[0]  # torch 2.10's {"is_causal": True}: plain causal
+    return (cu.numel() == 2 and n >= CUDNN_MIN_TOKENS and (left < 0 or left >= n - 1) and device.type == "cuda"
+            and str(device) not in _cudnn_refused
+            and torch.cuda.get_device_capability(device)[0] == CUDNN_CAPABILITY_MAJOR)
+
+
+def cudnn_causal(query, key, value, scaling) -> torch.Tensor | None:
+    """Causal attention of one row by sdpa's cuDNN kernel: (1, heads, tokens, head_dim) in, (1, tokens, heads,
+    head_dim) out as transformers expects; None (and varlen from then on, one line) where cuDNN refuses it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    except RuntimeError as e:  # no cuDNN attention for this shape, dtype or build: sdpa says which
+        _cudnn_refused.add(str(query.device))
+        log.info("attention: cuDNN refused a %d-token row (%s): FlashAttention varlen for long rows instead",
+                 query.shape[2], str(e).splitlines()[0][:120])
+        return None
+    return out.transpose(1, 2)
+
+
 def register() -> str:
     from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
@@ -145,9 +180,13 @@ def register() -> str:
                                           scaling=scaling, is_causal=is_causal, **kw)  # the mask has the window
         if query.dtype == torch.float32 and query.is_cuda:  # FlashAttention takes 16-bit inputs only
             query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
+        n = int(kw["max_length_q"])
+        if one_row_cudnn(cu, n, args, query.device):
+            out = cudnn_causal(query, key, value, scaling)
+            if out is not None:
+                return out, None
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
         cu = cu.to(torch.int32)
-        n = int(kw["max_length_q"])
         out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, **args, **gqa)
         return out[None], None  # (1, tokens, heads, head_dim), as transformers expects
 
