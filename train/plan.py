@@ -102,13 +102,23 @@ LORA_MID_BYTES = 2  # lora_B saves lora_A's bf16 output: r values
 INT8_SAVED_INPUTS = True  # LLM.int8 matmul saves its input (attn/mlp norm outputs, attn output, down input)
 ROPE_TENSORS = 2  # cos and sin: head_dim values per token each, in the residual dtype; shared by all layers
 INPUT_BYTES_PER_TOKEN = 3 * 8  # input_ids, attention_mask, labels: int64
-OFFLOAD_GPU_LAYERS = 2  # offloaded checkpoints: the input being recomputed + the next one, prefetched
+OFFLOAD_GPU_LAYERS = 2  # offloaded checkpoints: the input being recomputed + the next one, prefetched ...
+OFFLOAD_KEPT_HIDDEN = 1  # ... + the embedding output, live on the GPU all step (memory_peak at 131K, H100)
 
 # Backward of one layer (on top of its saved tensors)
 BWD_MLP_GRAD_TENSORS = 3  # d(act*up), d(SiLU) and d(up) live together in the MLP backward
 BWD_RESIDUAL_GRAD_TENSORS = 1  # gradient of the layer output, held for the residual sum
 BWD_NONE_LORA_GRAD_BYTES = 4  # quant.mode=none: peft casts LoRA inputs to the fp32 adapter dtype, so the
 # down projection's input gradient also passes through an fp32 copy (4 * intermediate)
+# Backward of one layer's attention: the peak once the MLP is tiled (memory_peak of one 131K row, H100; the
+# blocks live there are docs/benchmarks.md's "What is live at the peak")
+ATTN_DQ_ACCUM_BYTES = 4  # both kernels accumulate dq in fp32 (per query dim) ...
+ATTN_GRAD_BYTES = 2  # ... and return dq, dk, dv in bf16 ...
+ATTN_SOFTMAX_D_BYTES = 4  # ... with an fp32 rowsum(dO * O) per head
+ATTN_FA2_EXPANDED_KV_GRADS = 2  # FlashAttention 2 varlen also writes dk, dv per query head before the GQA sum
+ATTN_BWD_HIDDEN_TENSORS = 4  # live beside them: the input norm's output (q/k/v's saved input), dO, the
+# recomputed layer's output and the gradient of the residual branch, each one hidden-size row per token ...
+ATTN_BWD_RESIDUAL_GRADS = 1  # ... + the gradient of the layer output, held for the residual sum
 DEQUANT_BYTES = 2  # bnb dequantizes one 4-bit weight to bf16 per matmul (largest Linear counts) ...
 DEQUANT_INT8_BYTES = 4  # ... int8's backward dequantizes CB to its (fp32, after the upcast) input dtype
 
@@ -380,6 +390,27 @@ def backward_workspace_bytes_per_token(shape: ModelShape, quant: QuantCfg) -> fl
             + BWD_RESIDUAL_GRAD_TENSORS * p.residual * shape.hidden + extra)
 
 
+def attention_backward_bytes_per_token(shape: ModelShape, quant: QuantCfg, cudnn: bool) -> float:
+    """Bytes per token live inside one layer's attention backward, beside the layer inputs kept on the GPU:
+
+        kernel    = 4 * q_dim + 2 * (q_dim + 2 * kv_dim) + 4 * heads      fp32 dq accumulator, bf16 dq/dk/dv,
+                    (+ 2 * 2 * q_dim for FlashAttention 2: dk, dv per query head before the GQA sum)
+        saved     = the layer's saved attention tensors (q, k, v, output, logsumexp)
+        hidden    = 4 * 2 * hidden + R * hidden                         norm output, dO, layer output, branch
+                                                                        grad; the layer output's gradient
+    cudnn: one long row on Hopper goes to cuDNN (kernels/attention.py one_row_cudnn), which sums GQA heads in
+    place. Measured with FlashAttention 2 at 131,072 tokens on the 8B: 131.9K B/token predicted beside the
+    inputs, 133.2K measured."""
+    p = precision(quant)
+    q, kv = shape.q_dim, shape.kv_dim
+    kernel = ATTN_DQ_ACCUM_BYTES * q + ATTN_GRAD_BYTES * (q + 2 * kv) + ATTN_SOFTMAX_D_BYTES * shape.n_heads
+    if not cudnn:
+        kernel += ATTN_FA2_EXPANDED_KV_GRADS * ATTN_GRAD_BYTES * q
+    saved = ATTN_QKV_BYTES * (q + 2 * kv) + ATTN_OUT_BYTES * q + ATTN_LSE_BYTES * shape.n_heads
+    hidden = (ATTN_BWD_HIDDEN_TENSORS * ATTN_GRAD_BYTES + ATTN_BWD_RESIDUAL_GRADS * p.residual) * shape.hidden
+    return kernel + saved + hidden
+
+
 def dequant_workspace_bytes(shape: ModelShape, quant: QuantCfg) -> int:
     """bitsandbytes matmuls dequantize one weight at a time: 2 * max(in * out) over quantized Linear
     (bf16; 4 bytes for int8, whose backward dequantizes to its fp32 input dtype); 0 for quant.mode=none."""
@@ -397,8 +428,11 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
         saved   = tokens * (n_layers * R * hidden + rope + inputs)        one hidden state per layer
         working = tokens * (layer_saved - alias - freed + bwd) + dequant  the layer being recomputed
         (alias = R * hidden in kbit mode: the input norm saves the checkpointed fp32 input itself)
-      offloaded (train.offload_checkpoints, kernels/offload.py): 2 instead of n_layers hidden states stay on the
-      GPU (the layer being recomputed and the one prefetched); host = n_layers * R * hidden * tokens
+      offloaded (train.offload_checkpoints, kernels/offload.py): 3 instead of n_layers hidden states stay on the
+      GPU (the layer being recomputed, the one prefetched, the embedding output); host = n_layers * R * hidden
+      * tokens
+      The working set is the larger of the MLP backward's (above) and the attention backward's
+      (tokens * attention_backward_bytes_per_token): the latter is the peak once the MLP is tiled.
     Without:
         saved   = tokens * (n_layers * layer_saved + rope + inputs)
         working = tokens * (bwd - freed) + dequant
@@ -410,7 +444,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     layer_saved = sum(layer_saved_bytes_per_token), bwd = backward_workspace_bytes_per_token,
     rope = 2 * head_dim * R (cos, sin), inputs = 24 (int64 ids, mask, labels).
     """
-    from train.kernels import long_rows, tiled_mlp
+    from train.kernels import attention, long_rows, tiled_mlp
 
     p = precision(cfg.quant)
     parts = layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant)
@@ -432,10 +466,13 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     on_gpu = shape.n_layers
     offload = long_rows.wants_offload(cfg.train.offload_checkpoints, gc, cfg.data.max_length)
     if offload:
-        on_gpu = min(shape.n_layers, OFFLOAD_GPU_LAYERS)
+        on_gpu = min(shape.n_layers, OFFLOAD_GPU_LAYERS) + OFFLOAD_KEPT_HIDDEN
     hidden = p.residual * shape.hidden
+    cudnn = cfg.train.batch_size == 1 and tokens >= attention.CUDNN_MIN_TOKENS  # one long row (on Hopper)
+    mlp_peak = tokens * (layer - alias + bwd) + chunk_cost
+    attention_peak = tokens * attention_backward_bytes_per_token(shape, cfg.quant, cudnn)
     return {"saved": tokens * (on_gpu * hidden + shared),
-            "working": tokens * (layer - alias + bwd) + dequant + chunk_cost,
+            "working": max(mlp_peak, attention_peak) + dequant,
             "host": float(tokens * shape.n_layers * hidden) if offload else 0.0}
 
 
