@@ -12,7 +12,7 @@ non-causal layers have no kernel argument, so such a model keeps its own attenti
 
 A micro-batch that is one long causal row (long-context training) goes to sdpa's cuDNN kernel instead on a
 Hopper GPU (one_row_cudnn): the same attention, 1.6-1.9x faster forward+backward than FlashAttention 2 and
-without its fp32 dq accumulator (docs/benchmarks.md, "Attention kernels"). Packed batches keep varlen:
+fewer backward buffers (docs/benchmarks.md, "Attention kernels alone"). Packed batches keep varlen:
 sdpa has no sequence boundaries short of a dense mask.
 """
 
