@@ -399,8 +399,9 @@ def attention_backward_bytes_per_token(shape: ModelShape, quant: QuantCfg, cudnn
         hidden    = 4 * 2 * hidden + R * hidden                         norm output, dO, layer output, branch
                                                                         grad; the layer output's gradient
     cudnn: one long row on Hopper goes to cuDNN (kernels/attention.py one_row_cudnn), which sums GQA heads in
-    place. Measured with FlashAttention 2 at 131,072 tokens on the 8B: 131.9K B/token predicted beside the
-    inputs, 133.2K measured."""
+    place; the plan assumes a Hopper GPU there (elsewhere FA2 runs: 4 * q_dim bytes a token more). Measured with
+    FlashAttention 2 at 131,072 tokens on the 8B, offloaded: with the 3 hidden states kept on the GPU, 131.9K
+    B/token predicted above the step's start, 133.2K measured."""
     p = precision(quant)
     q, kv = shape.q_dim, shape.kv_dim
     kernel = ATTN_DQ_ACCUM_BYTES * q + ATTN_GRAD_BYTES * (q + 2 * kv) + ATTN_SOFTMAX_D_BYTES * shape.n_heads
