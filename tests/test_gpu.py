@@ -579,7 +579,7 @@ def _attention_of_one_row(monkeypatch, min_tokens: int, tokens: int = 16_384):
     monkeypatch.setattr(attention, "CUDNN_MIN_TOKENS", min_tokens)
     calls, real = [], attention.cudnn_causal
     monkeypatch.setattr(attention, "cudnn_causal", lambda *a: calls.append(a[0].shape) or real(*a))
-    attention.register()
+    attention.register()  # the function looks cudnn_causal and CUDNN_MIN_TOKENS up when called: the patches apply
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, h, tokens, 128, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
                for h in (32, 8, 8))
@@ -609,4 +609,3 @@ def test_one_long_row_through_cudnn_equals_flashattention_varlen(monkeypatch):
     causal, full = (torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=c, enable_gqa=True)
                     for c in (True, False))
     assert ((causal - full).float().norm() / full.float().norm()).item() > 1e-1
-    attention.register()  # the real cudnn_causal again for later tests
