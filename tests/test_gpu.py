@@ -598,9 +598,10 @@ def test_one_long_row_through_cudnn_equals_flashattention_varlen(monkeypatch):
     if torch.cuda.get_device_capability()[0] != attention.CUDNN_CAPABILITY_MAJOR:
         pytest.skip("cuDNN attention is routed on Hopper only")
     monkeypatch.setattr(attention, "_cudnn_refused", set())
+    threshold = attention.CUDNN_MIN_TOKENS  # read before the first call patches it to 10**9
     want, calls = _attention_of_one_row(monkeypatch, min_tokens=10 ** 9)
     assert calls == []
-    got, calls = _attention_of_one_row(monkeypatch, min_tokens=attention.CUDNN_MIN_TOKENS)
+    got, calls = _attention_of_one_row(monkeypatch, min_tokens=threshold)
     assert len(calls) == 1 and attention._cudnn_refused == set(), "the row must have run on cuDNN"
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert ((a - b).norm() / b.norm()).item() < 1e-2, name
