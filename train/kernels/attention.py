@@ -34,7 +34,7 @@ _noted: set[str] = set()  # each fallback notice is said once per process
 _fell_back: set[str] = set()  # bases whose `auto` attention left the varlen kernel: effective_packing pads them
 KERNEL_LAYER_TYPES = ("full_attention", "sliding_attention")  # config.layer_types the kernel can compute
 KERNEL_DEVICES = ("cuda",)  # where varlen_attn runs (tests/test_attention.py adds cpu for a reference kernel)
-CUDNN_MIN_TOKENS = 16_384  # shortest one-row batch sent to cuDNN: measured faster at 16K and 131K, not yet below
+CUDNN_MIN_TOKENS = 4_096  # shortest one-row batch sent to cuDNN: 2x FA2 varlen fwd+bwd at 4K, 8K, 16K; 1.6x at 131K (H100)
 CUDNN_CAPABILITY_MAJOR = 9  # Hopper only: cuDNN's attention loses to FlashAttention on Ampere and Blackwell
 _cudnn_refused: set[str] = set()  # devices where cuDNN refused a shape once: varlen from then on
 
