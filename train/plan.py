@@ -111,11 +111,11 @@ BWD_RESIDUAL_GRAD_TENSORS = 1  # gradient of the layer output, held for the resi
 BWD_NONE_LORA_GRAD_BYTES = 4  # quant.mode=none: peft casts LoRA inputs to the fp32 adapter dtype, so the
 # down projection's input gradient also passes through an fp32 copy (4 * intermediate)
 # Backward of one layer's attention: the peak once the MLP is tiled (memory_peak of one 131K row, H100; the
-# blocks live there are docs/benchmarks.md's "What is live at the peak")
-ATTN_DQ_ACCUM_BYTES = 4  # both kernels accumulate dq in fp32 (per query dim) ...
-ATTN_GRAD_BYTES = 2  # ... and return dq, dk, dv in bf16 ...
+# blocks live there are docs/benchmarks.md's "What is live at the peak"). Both kernels we run need the same:
+ATTN_BWD_FP32_WORKSPACE = 2  # FA2: fp32 dq accumulator + dk/dv per query head before the GQA sum (2 + 2 bytes);
+# cuDNN (one long row): an fp32 workspace of 2 query-sized tensors. Either way 2 * 4 bytes per query dim ...
+ATTN_GRAD_BYTES = 2  # ... and dq, dk, dv returned in bf16 ...
 ATTN_SOFTMAX_D_BYTES = 4  # ... with an fp32 rowsum(dO * O) per head
-ATTN_FA2_EXPANDED_KV_GRADS = 2  # FlashAttention 2 varlen also writes dk, dv per query head before the GQA sum
 ATTN_BWD_HIDDEN_TENSORS = 4  # live beside them: the input norm's output (q/k/v's saved input), dO, the
 # recomputed layer's output and the gradient of the residual branch, each one hidden-size row per token ...
 ATTN_BWD_RESIDUAL_GRADS = 1  # ... + the gradient of the layer output, held for the residual sum
@@ -390,23 +390,19 @@ def backward_workspace_bytes_per_token(shape: ModelShape, quant: QuantCfg) -> fl
             + BWD_RESIDUAL_GRAD_TENSORS * p.residual * shape.hidden + extra)
 
 
-def attention_backward_bytes_per_token(shape: ModelShape, quant: QuantCfg, cudnn: bool) -> float:
+def attention_backward_bytes_per_token(shape: ModelShape, quant: QuantCfg) -> float:
     """Bytes per token live inside one layer's attention backward, beside the layer inputs kept on the GPU:
 
-        kernel    = 4 * q_dim + 2 * (q_dim + 2 * kv_dim) + 4 * heads      fp32 dq accumulator, bf16 dq/dk/dv,
-                    (+ 2 * 2 * q_dim for FlashAttention 2: dk, dv per query head before the GQA sum)
+        kernel    = 2 * 4 * q_dim + 2 * (q_dim + 2 * kv_dim) + 4 * heads  fp32 workspace, bf16 dq/dk/dv, fp32 D
         saved     = the layer's saved attention tensors (q, k, v, output, logsumexp)
         hidden    = 4 * 2 * hidden + R * hidden                         norm output, dO, layer output, branch
                                                                         grad; the layer output's gradient
-    cudnn: one long row on Hopper goes to cuDNN (kernels/attention.py one_row_cudnn), which sums GQA heads in
-    place; the plan assumes a Hopper GPU there (elsewhere FA2 runs: 4 * q_dim bytes a token more). Measured with
-    FlashAttention 2 at 131,072 tokens on the 8B, offloaded: with the 3 hidden states kept on the GPU, 131.9K
-    B/token predicted above the step's start, 133.2K measured."""
+    The same for FlashAttention 2 varlen (packed rows) and cuDNN (one long row, kernels/attention.py
+    one_row_cudnn): measured on the 8B at 131,072 tokens, offloaded, FA2's buffers and cuDNN's (a 4.31 GB
+    workspace = 8 * q_dim + 4 * heads bytes a token, plus dq/dk/dv) put the step's peak at 23.25 and 23.24 GB."""
     p = precision(quant)
     q, kv = shape.q_dim, shape.kv_dim
-    kernel = ATTN_DQ_ACCUM_BYTES * q + ATTN_GRAD_BYTES * (q + 2 * kv) + ATTN_SOFTMAX_D_BYTES * shape.n_heads
-    if not cudnn:
-        kernel += ATTN_FA2_EXPANDED_KV_GRADS * ATTN_GRAD_BYTES * q
+    kernel = ATTN_BWD_FP32_WORKSPACE * 4 * q + ATTN_GRAD_BYTES * (q + 2 * kv) + ATTN_SOFTMAX_D_BYTES * shape.n_heads
     saved = ATTN_QKV_BYTES * (q + 2 * kv) + ATTN_OUT_BYTES * q + ATTN_LSE_BYTES * shape.n_heads
     hidden = (ATTN_BWD_HIDDEN_TENSORS * ATTN_GRAD_BYTES + ATTN_BWD_RESIDUAL_GRADS * p.residual) * shape.hidden
     return kernel + saved + hidden
@@ -445,7 +441,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     layer_saved = sum(layer_saved_bytes_per_token), bwd = backward_workspace_bytes_per_token,
     rope = 2 * head_dim * R (cos, sin), inputs = 24 (int64 ids, mask, labels).
     """
-    from train.kernels import attention, long_rows, tiled_mlp
+    from train.kernels import long_rows, tiled_mlp
 
     p = precision(cfg.quant)
     parts = layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant)
@@ -469,9 +465,8 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     if offload:
         on_gpu = min(shape.n_layers, OFFLOAD_GPU_LAYERS) + OFFLOAD_KEPT_HIDDEN
     hidden = p.residual * shape.hidden
-    cudnn = cfg.train.batch_size == 1 and tokens >= attention.CUDNN_MIN_TOKENS  # one long row (on Hopper)
     mlp_peak = tokens * (layer - alias + bwd) + chunk_cost
-    attention_peak = tokens * attention_backward_bytes_per_token(shape, cfg.quant, cudnn)
+    attention_peak = tokens * attention_backward_bytes_per_token(shape, cfg.quant)
     return {"saved": tokens * (on_gpu * hidden + shared),
             "working": max(mlp_peak, attention_peak) + dequant,
             "host": float(tokens * shape.n_layers * hidden) if offload else 0.0}
