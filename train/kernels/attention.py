@@ -11,8 +11,8 @@ window_size, while attention logit softcapping (Gemma 2), attention sinks (gpt-o
 non-causal layers have no kernel argument, so such a model keeps its own attention (one notice line).
 
 A micro-batch that is one long causal row (long-context training) goes to sdpa's cuDNN kernel instead on a
-Hopper GPU (one_row_cudnn): the same attention, 1.6-1.9x faster forward+backward than FlashAttention 2 and
-fewer backward buffers (docs/benchmarks.md, "Attention kernels alone"). Packed batches keep varlen:
+Hopper GPU (one_row_cudnn): the same attention, 1.6-2x faster forward+backward than FlashAttention 2 and
+a training step's peak memory the same (docs/benchmarks.md, session 5). Packed batches keep varlen:
 sdpa has no sequence boundaries short of a dense mask.
 """
 
