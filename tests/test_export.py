@@ -113,6 +113,31 @@ def test_llama3_rope_factors_give_transformers_frequencies():
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=0)
 
 
+def test_a_vocabulary_with_merges_travels_in_the_file(tmp_path):
+    """The merges are written (llama.cpp loads no byte-level BPE without them; scripts/llamacpp_families.py gives its
+    tiny models some), in rank order, and transformers' GGUF tokenizer rebuilt from the file gives the same ids."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from train import gguf_write, tiny
+
+    merges = (("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ċ", "Ċ"))
+    tok = tiny.build_tokenizer(merges=merges)
+    text = "the cat\n\nsaw the hat"
+    assert len(tok(text, add_special_tokens=False).input_ids) < len(text.encode())  # the merges really apply
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    gguf_write.add_vocab(w, tok, len(tok), "llama-bpe", [tok.eos_token_id])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.merges"].contents() == [" ".join(m) for m in merges]
+    assert "tokenizer.ggml.scores" not in fields
+    reread = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert reread(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_modelfile_of_a_chat_run_renders_as_the_chat_template(name):
     """One user turn through the Modelfile's TEMPLATE (Go's range and role test done by hand) is the chat template's

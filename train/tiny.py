@@ -92,17 +92,20 @@ def save_weights(model, directory: Path) -> None:
 
 
 def build_tokenizer(special_tokens=tuple(SPECIAL_TOKENS), chat_template: str = CHAT_TEMPLATE, bos: str | None = "<s>",
-                    eos: str = "</s>", pad: str | None = "<pad>", unk: str | None = "<unk>"):
-    """Byte-level BPE with no merges: any UTF-8 text round-trips, nothing to download. Special tokens take
-    ids 0.. in the order given, then the 256 bytes; the defaults are builtin:tiny-llama's, and a tiny model
-    of another family passes its own tokens and chat template (tests/families.py)."""
+                    eos: str = "</s>", pad: str | None = "<pad>", unk: str | None = "<unk>",
+                    merges: tuple[tuple[str, str], ...] = ()):
+    """Byte-level BPE, by default with no merges: any UTF-8 text round-trips, nothing to download. Special tokens
+    take ids 0.. in the order given, then the 256 bytes, then one token per merge (pairs of byte-level strings, e.g.
+    ("Ġ", "t"): llama.cpp loads no BPE vocabulary without merges); the defaults are builtin:tiny-llama's, and a
+    tiny model of another family passes its own tokens and chat template (tests/families.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(special_tokens)}
     vocab.update({ch: len(special_tokens) + i for i, ch in enumerate(byte_chars)})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token=unk))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(list(special_tokens))
