@@ -77,6 +77,25 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
+def test_one_string_field_reads_as_ggufs_own_reader_has_it(tiny_gguf):
+    """train.gguf.string_field skips arrays (the vocabulary, its types, the merges) and numbers to the key: every
+    string field equals gguf's GGUFReader's, the chat template written after the arrays included; None for a
+    missing key, a number, an array, or a file that is not GGUF."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from train import gguf
+
+    fields = GGUFReader(tiny_gguf).fields
+    strings = {k: f.contents() for k, f in fields.items() if f.types == [GGUFValueType.STRING]}
+    assert {"general.architecture", "tokenizer.ggml.model", "tokenizer.chat_template"} <= set(strings)
+    assert list(fields).index("tokenizer.chat_template") > list(fields).index("tokenizer.ggml.merges")
+    for key, want in strings.items():
+        assert gguf.string_field(str(tiny_gguf), key) == want, key
+    for key in ("no.such.key", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.tokens"):
+        assert gguf.string_field(str(tiny_gguf), key) is None
+    assert gguf.string_field(__file__, "general.architecture") is None
+
+
 def test_gguf_converts_once_to_the_same_model(tiny_gguf, caplog, monkeypatch):
     """The cached folder holds the GGUF's own weights (bf16 of the F32 file) and tokenizer; the second
     resolve reuses it without converting, parsing or hashing the file again."""

@@ -90,11 +90,9 @@ def pre_tokenizer(cfg, config: dict[str, Any]) -> str:
     from train import gguf
 
     if gguf.is_gguf(cfg.model.name_or_path):
-        from gguf import GGUFReader
-
-        field = GGUFReader(cfg.model.name_or_path).fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return str(field.contents())
+        name = gguf.string_field(cfg.model.name_or_path, "tokenizer.ggml.pre")
+        if name is not None:
+            return name
     return PRE[config["model_type"]]
 
 
@@ -109,15 +107,17 @@ def verify(path: Path, built, qtype: str) -> dict[str, Any]:
     Where that loader reads the file's config differently from the model's (it reads neither Gemma 3's layer pattern
     nor its attention scale, nor Qwen3's head_dim), the reload takes the merged model's config, and the check covers
     the tensors (names, layout, norms); the report names those keys."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from train import merge as merge_lib
 
     merged, tok, cfg = built.model, built.tok, built.cfg
-    unread = config_unread(path, merged.config)
-    given = {"config": merged.config} if unread else {}
+    read = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    unread = config_unread(read, merged.config)
+    # the config read from the file once (transformers re-parses the whole file for each read: 7 s for SmolLM2)
     reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                    use_kernels=False, **given).eval()
+                                                    use_kernels=False,
+                                                    config=merged.config if unread else read).eval()
     reloaded.generation_config = merged.generation_config  # the same stop ids: the answers differ only by weights
     logits, answers = merge_lib.score(reloaded, tok, built.rows, cfg, quantized=False)
     gap = merge_lib.compare(built.logits, logits)
@@ -188,11 +188,8 @@ ARCH_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atten
              "query_pre_attn_scalar")  # what shapes the computation; compared between the file's and the model's
 
 
-def config_unread(path: Path, config) -> list[str]:
-    """The ARCH_KEYS transformers' GGUF loader reads from `path` otherwise than `config` has them."""
-    from transformers import AutoConfig
-
-    read = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+def config_unread(read, config) -> list[str]:
+    """The ARCH_KEYS transformers' GGUF loader read (`read`, its config of the file) otherwise than `config` has them."""
     return [k for k in ARCH_KEYS if not same(arch_value(read, k), arch_value(config, k))]
 
 
