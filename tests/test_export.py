@@ -79,6 +79,28 @@ def test_q8_0_and_bf16_within_their_bounds(run, tmp_path):
     assert got["bytes"] < 0.7 * f16["bytes"]  # q8_0: 8.5 bits a weight against 16
 
 
+def test_only_an_earlier_export_is_replaced_and_only_with_overwrite(run, tmp_path, expect):  # noqa: F811
+    """A second export to the same name is refused (exit 2, one line naming --overwrite, nothing changed); with
+    --overwrite it replaces that file; a GGUF that is not ours (no .check.json: a base, say) is never replaced."""
+    import os
+
+    from train.cli import main
+    from train.export import export
+
+    name, path = run
+    if name != "llama":
+        pytest.skip("the file handling is the same for every family")
+    out = tmp_path / "model.gguf"
+    export(str(path), str(out))
+    expect(["export", str(path), "--gguf", str(out)], "already exists", "pass --overwrite")
+    os.utime(out, ns=(0, 0))
+    assert main(["export", str(path), "--gguf", str(out), "--overwrite"]) == 0
+    assert out.stat().st_mtime_ns > 0  # written anew
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF not ours")
+    expect(["export", str(path), "--gguf", str(base), "--overwrite"], "is not an export of ours")
+
+
 @pytest.mark.parametrize("name, needle", [("mistral", "model_type 'mistral' is not written to GGUF"),
                                           ("qwen2", "uses a sliding window")])
 def test_a_family_we_do_not_write_is_one_line_exit_2(name, needle, tmp_path, expect):  # noqa: F811

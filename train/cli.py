@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write the merged model as one GGUF file (llama.cpp, Ollama) and check it")
     ex.add_argument("run", help="run directory (or adapter directory)")
-    ex.add_argument("--gguf", required=True, help="the .gguf file to write (never replaces one)")
+    ex.add_argument("--gguf", required=True, help="the .gguf file to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export at --gguf (only that)")
     ex.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0"), help="tensor type (default f16: "
                     "reloads within fp16 rounding; q8_0: half the size)")
     ex.add_argument("--limit", type=int, help="eval rows the file is checked on (default: eval.limit)")
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from train.export import export
 
-        export(args.run, args.gguf, qtype=args.type, limit=args.limit)
+        export(args.run, args.gguf, qtype=args.type, limit=args.limit, overwrite=args.overwrite)
     elif args.command == "generate":
         from train.eval.evaluate import GENERATION_SEPARATOR, format_generation, generate_text
 

@@ -31,11 +31,12 @@ PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "gemma3_text": 
 # names by family, when the base was not a GGUF file that names its own
 
 
-def export(target: str, out: str, qtype: str = "f16", limit: int | None = None) -> dict[str, Any]:
+def export(target: str, out: str, qtype: str = "f16", limit: int | None = None,
+           overwrite: bool = False) -> dict[str, Any]:
     from train import merge as merge_lib
     from train.model import resolve_model_path
 
-    out_path = check_out(out, qtype)
+    out_path = check_out(out, qtype, overwrite)
     adapter_dir = adapter_lib.find_adapter(target)
     cfg = adapter_lib.load_config_of(adapter_dir)
     config = base_config(resolve_model_path(cfg.model))
@@ -64,14 +65,19 @@ def export(target: str, out: str, qtype: str = "f16", limit: int | None = None) 
     return result
 
 
-def check_out(out: str, qtype: str) -> Path:
+def check_out(out: str, qtype: str, overwrite: bool = False) -> Path:
+    """The file to write. One that exists is replaced only with --overwrite and only where it is an earlier export
+    (its OUT.gguf.check.json beside it): never a GGUF of someone else's, such as the base the run started from."""
     if qtype not in gguf_write.TYPES:
         raise UserError(f"--type {qtype}: choose one of {', '.join(gguf_write.TYPES)}")
     path = Path(out)
     if path.suffix.lower() != ".gguf":
         raise UserError(f"--gguf {out}: give a file name ending in .gguf")
-    if path.exists():
-        raise UserError(f"--gguf {out}: already exists; choose a new file name (export never replaces a file)")
+    ours = Path(f"{path}.check.json").is_file()
+    if path.exists() and not (overwrite and ours and path.is_file()):
+        fix = "pass --overwrite to replace that earlier export, or choose" if ours else "choose"
+        raise UserError(f"--gguf {out}: already exists{'' if ours else ' and is not an export of ours'}; {fix} "
+                        "a new file name")
     if not path.parent.is_dir():
         raise UserError(f"--gguf {out}: folder {path.parent} does not exist; create it or choose another path")
     return path
