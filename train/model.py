@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from train import gguf, lora, patches, precision, tiny
+from train import gguf, patches, precision, tiny
 from train.kernels import attention
 from train.config import Config, ModelCfg, QuantCfg
 from train.errors import UserError
@@ -245,9 +245,15 @@ def holds_exactly(weight: torch.Tensor, dtype: torch.dtype, rows: int = 8192) ->
 
 
 def lora_touches(name: str, l) -> bool:
-    """Whether peft wraps or trains module `name`: lora.target_matches (all-linear aside, which leaves out the
-    LM head and embeddings), or a modules_to_save entry matching the name's end."""
-    hit = l.target_modules != "all-linear" and lora.target_matches(name, l.target_modules)
+    """peft's rules: a target_modules list entry matches a name or its dotted suffix, a string (all-linear aside,
+    which leaves out the LM head) fullmatches it; a modules_to_save entry matches a name's end."""
+    import re
+
+    targets = l.target_modules
+    if isinstance(targets, str):
+        hit = targets != "all-linear" and re.fullmatch(targets, name) is not None
+    else:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
     return hit or any(name.endswith(t) for t in l.modules_to_save or [])
 
 
