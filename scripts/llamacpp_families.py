@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for extra in (ROOT, ROOT / "tests"):  # the package, and the tiny families the tests build
+for extra in (ROOT, ROOT / "tests", ROOT / "scripts"):  # the package, the tests' tiny families, llamacpp_check
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
@@ -42,7 +42,7 @@ MERGES = (("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("o", 
 def tiny_base(name: str, root: Path) -> str:
     """The tiny model of family `name` in a folder, with MERGES in its vocabulary; Qwen2 without its sliding window
     (Qwen2.5's released models have none, and llama.cpp's qwen2 neither: export refuses one)."""
-    from families import FAMILIES, build_model
+    from families import FAMILIES, build_model, build_tokenizer
 
     from train import tiny
 
@@ -51,8 +51,7 @@ def tiny_base(name: str, root: Path) -> str:
         family = dataclasses.replace(family, config={})
     folder = root / f"tiny-{name}"
     folder.mkdir(parents=True)
-    tok = tiny.build_tokenizer(family.special, family.template, bos=family.bos, eos=family.eos, pad=family.pad,
-                               unk="<unk>" if "<unk>" in family.special else None, merges=MERGES)
+    tok = build_tokenizer(family, merges=MERGES)
     tiny.save_weights(build_model(family, tok), folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -63,6 +62,7 @@ def llamacpp_scores(path: Path, built, threads: int) -> tuple[list, list[str]]:
     import numpy as np
     import torch
     from llama_cpp import Llama
+    from llamacpp_check import greedy
 
     from train import merge as merge_lib
     from train.eval import evaluate
@@ -78,12 +78,8 @@ def llamacpp_scores(path: Path, built, threads: int) -> tuple[list, list[str]]:
         llm.eval(r["ids"])
         keep = min(merge_lib.GAP_POSITIONS, len(r["ids"]))
         logits.append(torch.from_numpy(np.array(llm.scores[len(r["ids"]) - keep:len(r["ids"])], dtype=np.float32)))
-        out = []
-        for token in llm.generate(r["prompt_ids"], top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token in stops or len(out) == cfg.eval.max_new_tokens:
-                break
-            out.append(token)
-        answers.append(tok.decode(out, skip_special_tokens=True))
+        answers.append(tok.decode(greedy(llm, r["prompt_ids"], stops, cfg.eval.max_new_tokens),
+                                  skip_special_tokens=True))
     return logits, answers
 
 

@@ -112,11 +112,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def build_tokenizer(family: Family):
+def build_tokenizer(family: Family, merges: tuple[tuple[str, str], ...] = ()):
     from train import tiny
 
     return tiny.build_tokenizer(family.special, family.template, bos=family.bos, eos=family.eos, pad=family.pad,
-                                unk="<unk>" if "<unk>" in family.special else None)
+                                unk="<unk>" if "<unk>" in family.special else None, merges=merges)
 
 
 def model_config(family: Family, tok=None):
