@@ -71,6 +71,15 @@ class LoraCfg:
     kernel: Literal["fused", "fused_triton", "peft"] = "fused"
 
 
+def target_matches(name: str, targets: str | list[str]) -> bool:
+    """What a lora.target_modules value selects, by peft's rule: a list entry matches a module name or its dotted
+    suffix; a string is a regex that must fullmatch the name (all-linear is peft's own: the caller resolves it).
+    Shared by the fit's checks (train/lora.py), the plan (train/plan.py) and the load (train/model.py)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 @dataclass
 class DataCfg:
     train: str = ""  # jsonl/json/csv/parquet file, or a hub dataset id

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 
 from train import patches, precision
-from train.config import LoraCfg
+from train.config import LoraCfg, target_matches
 from train.errors import UserError
 
 log = logging.getLogger("train")
@@ -64,14 +63,6 @@ def check_targets(model, l: LoraCfg) -> None:
     """lora.target_modules must name modules the model has (works on a meta-device model: no weights)."""
     if isinstance(l.target_modules, list):  # all-linear and regexes are peft's to resolve
         check_target_names([n for n, _ in model.named_modules()], l.target_modules, linear_leaf_names(model))
-
-
-def target_matches(name: str, targets: str | list[str]) -> bool:
-    """peft's rule: a list entry matches a module name or its dotted suffix; a string is a regex that must
-    fullmatch the name (all-linear is peft's own: the caller resolves it)."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def check_target_names(names: list[str], targets: str | list[str], linear: list[str]) -> None:

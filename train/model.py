@@ -14,7 +14,7 @@ import torch
 
 from train import gguf, patches, precision, tiny
 from train.kernels import attention
-from train.config import Config, ModelCfg, QuantCfg
+from train.config import Config, ModelCfg, QuantCfg, target_matches
 from train.errors import UserError
 
 log = logging.getLogger("train")
@@ -245,15 +245,9 @@ def holds_exactly(weight: torch.Tensor, dtype: torch.dtype, rows: int = 8192) ->
 
 
 def lora_touches(name: str, l) -> bool:
-    """peft's rules: a target_modules list entry matches a name or its dotted suffix, a string (all-linear aside,
-    which leaves out the LM head) fullmatches it; a modules_to_save entry matches a name's end."""
-    import re
-
-    targets = l.target_modules
-    if isinstance(targets, str):
-        hit = targets != "all-linear" and re.fullmatch(targets, name) is not None
-    else:
-        hit = any(name == t or name.endswith("." + t) for t in targets)
+    """Whether LoRA touches module `name`: a target_modules match (all-linear aside, which leaves out the LM
+    head) or a modules_to_save entry that ends the name (peft's rules)."""
+    hit = l.target_modules != "all-linear" and target_matches(name, l.target_modules)
     return hit or any(name.endswith(t) for t in l.modules_to_save or [])
 
 

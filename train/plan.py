@@ -53,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from train.config import Config, LoraCfg, QuantCfg
+from train.config import Config, LoraCfg, QuantCfg, target_matches
 from train.errors import UserError
 from train.plan_shape import (KNOWN_BASES, KNOWN_VARIANTS, LinearInfo, ModelShape, count_params_by_type,  # noqa: F401
                               gguf_config, known_base, model_shape, plan_model_config)
@@ -216,14 +216,14 @@ def base_weight_bytes(shape: ModelShape, quant: QuantCfg) -> dict[str, int]:
 
 def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> list[LinearInfo]:
     """Linear layers peft wraps: all-linear = every Linear but the output layer; otherwise peft's matching rule
-    and its one-line errors, shared with the fit (train/lora.py target_matches, check_target_names)."""
+    and its one-line errors, shared with the fit (train/config.py target_matches, train/lora.py check_target_names)."""
     from train import lora
 
     if target_modules == "all-linear":
         return [l for l in shape.linears if l.name != shape.lm_head]
     names = [l.name for l in shape.linears]
     lora.check_target_names(names, target_modules, sorted({n.rsplit(".", 1)[-1] for n in names}))
-    found = [l for l in shape.linears if lora.target_matches(l.name, target_modules)]
+    found = [l for l in shape.linears if target_matches(l.name, target_modules)]
     if not found:
         raise UserError(f"lora.target_modules: {target_modules!r} matches no linear layer (or use all-linear)")
     return found
