@@ -95,7 +95,7 @@ def run_ours(way: dict, ctx: dict) -> dict:
     from bench_measure import (count_batches, fused_layer_check, make_timer, packing_check, plan_prediction,
                                      summarize)
 
-    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"])
+    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"], trace_path(ctx))
     log: list = []
     seen: dict = {}
     build = trainer_mod.build_trainer
@@ -182,7 +182,7 @@ def run_trl(way: dict, ctx: dict) -> dict:
         warmup_steps=0.03, max_grad_norm=0.3, max_steps=ctx["warmup"] + ctx["steps"] + ctx["profile"], logging_steps=1,
         save_strategy="no", report_to="none", seed=42, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
         packing=way["packing"], use_liger_kernel=way["liger"] and cuda)
-    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"])
+    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"], trace_path(ctx))
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     ds = Dataset.from_dict({"input_ids": json.loads(Path(ctx["ids_file"]).read_text())})
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora,
@@ -217,7 +217,7 @@ def run_unsloth(way: dict, ctx: dict) -> dict:
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=way["dropout"], bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth",
                                              random_state=42, max_seq_length=ctx["max_length"])
-    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"])
+    timer = make_timer(ctx["warmup"], ctx["steps"], ctx["profile"], trace_path(ctx))
     ds = Dataset.from_dict({"input_ids": json.loads(Path(ctx["ids_file"]).read_text())})
     kw = dict(output_dir=str(Path(ctx["work"]) / "runs" / ctx["way"]), per_device_train_batch_size=way.get("batch", 16),
               gradient_accumulation_steps=1, padding_free=True, optim="paged_adamw_32bit", bf16=True,
@@ -327,6 +327,13 @@ def run_cpu_plain(way: dict, ctx: dict) -> dict:
     log = [{"seqs": rows, "real": rows * n, "computed": rows * n, "lens": [n] * rows} for _ in timer.marks[1:]]
     return {**summarize(timer, log, 1, ctx["warmup"], ctx["steps"]), "load_s": round(load_s, 1),
             "optimizer": "torch AdamW"}
+
+
+def trace_path(ctx: dict) -> str | None:
+    """--trace: where this way's profiled step writes its timeline (REPORT or OUT/trace-WAY.json.gz)."""
+    if not ctx.get("trace"):
+        return None
+    return str(Path(ctx["report"] or ctx["out"]) / f"trace-{ctx['way']}.json")
 
 
 RUNNERS = {"ours": run_ours, "trl": run_trl, "unsloth": run_unsloth, "cpu-ours": run_cpu_ours,
@@ -461,6 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="timed optimizer steps (default 6; --tiny 2; --cpu 3)")
     p.add_argument("--rows", type=int, help="data rows (default 1500; --tiny 300)")
     p.add_argument("--profile", default="", help="comma-separated ways to profile one extra (untimed) step of")
+    p.add_argument("--trace", action="store_true", help="--profile ways also write their profiled step's timeline\n"
+                   "(REPORT/trace-WAY.json.gz, Chrome trace: open in Perfetto)")
     p.add_argument("--budget-s", type=float, help="start no way after this many seconds")
     p.add_argument("--plan-check", action="store_true", help="train/plan.py against measured peaks: way c at fixed\n"
                    "micro-batches (--plan-tokens); only this unless --ways is given too")
@@ -504,7 +513,7 @@ def main(argv=None) -> int:
            "profile_ways": [w for w in args.profile.split(",") if w],
            "unsloth_site": str(Path(args.unsloth_site).resolve()),
            "plan_ways": {}, "max_length": 256 if args.tiny else 2048, "sets": args.set,
-           "memory_peak": args.memory_peak, "report": str(Path(args.report).resolve()) if args.report else None,
+           "memory_peak": args.memory_peak, "trace": args.trace, "report": str(Path(args.report).resolve()) if args.report else None,
            "base": base or ("tiny Llama" if args.tiny else args.model)}  # results name the model every way trained
     spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
     import torch

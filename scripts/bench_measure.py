@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from train import patches
 
@@ -39,10 +40,11 @@ def versions(names=("torch", "transformers", "trl", "peft", "bitsandbytes", "acc
     return out
 
 
-def make_timer(warmup: int, steps: int, profile: bool = False):
+def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None = None):
     """A TrainerCallback: step-end timestamps (after a device sync) with the process's CPU time, the Trainer's token
     count, logged losses, the peak memory of training. With `profile`, one more step after the timed ones runs
-    under torch.profiler."""
+    under torch.profiler; with `trace` too, that step's timeline is written there (Chrome trace, gzipped: which
+    stream ran what when, where the GPU waited for the host)."""
     import torch
     from transformers import TrainerCallback
 
@@ -75,7 +77,10 @@ def make_timer(warmup: int, steps: int, profile: bool = False):
             if self.prof is not None and state.global_step == self.profile_step:
                 wall = time.perf_counter() - self.prof_t0
                 self.prof.__exit__(None, None, None)
-                self.profile, self.prof = profile_summary(self.prof, wall), None
+                self.profile = profile_summary(self.prof, wall)
+                if trace:
+                    write_trace(self.prof, trace)
+                self.prof = None
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -87,6 +92,18 @@ def make_timer(warmup: int, steps: int, profile: bool = False):
                 self.peak, self.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
 
     return Timer()
+
+
+def write_trace(prof, path: str) -> None:
+    """The profiled step's Chrome trace as PATH.gz (a few MB instead of tens)."""
+    import gzip
+    import shutil
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(path)
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    Path(path).unlink()
 
 
 def count_batches(collate, log: list):
