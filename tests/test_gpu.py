@@ -2,6 +2,7 @@
 again on CUDA, in bf16, with the kernels the GPU really runs. Run with `bash scripts/gpu_check.sh`
 (`pytest -m gpu tests/`); every test here is skipped where CUDA is not available.
 
+- The one-kernel NF4 dequantization (train/kernels/nf4.py), compiled: bit for bit bitsandbytes' own in bf16.
 - Triton LoRA-dropout kernels (train/kernels/lora_kernels.py), compiled: the mask equals a plain-torch copy of
   the kernels' hash, keeps 1 - p, and the forward and both backward kernels equal fp64 math with that mask;
   dropout on and off, every supported rank, ragged shapes and one Llama-8B-sized MLP input.
@@ -38,7 +39,7 @@ def compiled_triton() -> None:
     for every run but `pytest -m gpu` on a CUDA machine)."""
     if K.triton_module() is None:
         pytest.skip("triton is not installed")
-    if K._interpreting():
+    if K.interpreting():
         pytest.skip("Triton runs in its CPU interpreter in this session (TRITON_INTERPRET=1): "
                     "run `pytest -m gpu` (bash scripts/gpu_check.sh)")
 
@@ -66,7 +67,7 @@ def reference_keep(shape: tuple[int, int], seed: int, p: float, device) -> torch
 def test_reference_mask_is_the_interpreted_kernels_mask():
     """CPU (Triton's interpreter): the reference above is the kernels' mask, so the GPU tests can trust it."""
     pytest.importorskip("triton")
-    if not K._interpreting():
+    if not K.interpreting():
         pytest.skip("needs Triton's CPU interpreter (any run but `pytest -m gpu` on a GPU)")
     for shape, seed, p in (((130, 200), 1234, 0.3), ((64, 64), 7, 0.05), ((5, 300), 2**31 - 2, 0.5)):
         assert torch.equal(reference_keep(shape, seed, p, "cpu"), K.keep_mask(shape, seed, p, "cpu"))
@@ -120,6 +121,24 @@ def test_triton_kernels_at_llama_8b_mlp_width():
     """One down_proj input of the 8B benchmark (8192 tokens x 14336): 14 forward chunks, 16 partial sums."""
     compiled_triton()
     check_kernels(8192, 14336, 16, 0.05, seed=99)
+
+
+@on_gpu
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_kernel_equals_bitsandbytes_bit_for_bit(nested):
+    """train/kernels/nf4.py compiled: bf16 weights of Llama-8B shapes (and one ragged) equal bitsandbytes'
+    dequantize_4bit exactly, double quant on and off."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from train.kernels import nf4
+
+    compiled_triton()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for shape in ((4096, 4096), (14336, 4096), (1024, 4096), (200, 96)):
+        w = (torch.randn(shape, device="cuda", generator=g) * 0.02).bfloat16()
+        packed, qs = quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        assert nf4.usable(packed, qs, torch.bfloat16)
+        assert torch.equal(nf4.dequantize(packed, qs, torch.bfloat16), dequantize_4bit(packed, qs)), shape
 
 
 # ---------------------------------------------------------------- (b) fused layer vs peft on NF4

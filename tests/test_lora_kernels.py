@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 @pytest.fixture
 def interpreted():
     """conftest.py sets TRITON_INTERPRET=1 before triton is imported: the kernels run on CPU."""
-    assert K._interpreting()
+    assert K.interpreting()
 
 
 def _data(m=130, n=200, r=16, seed=0):

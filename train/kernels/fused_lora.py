@@ -25,13 +25,16 @@ from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
 from train import patches
-from train.kernels import lora_kernels
+from train.kernels import lora_kernels, nf4
 from train.kernels.dropout import generator, replay_dropout
 
 
 def _weight(weight, quant_state, dtype):
-    """The 4-bit base weight as a dense (out, in) matrix: the same dequantization bitsandbytes runs
-    for a large matmul on an H100 (its fused 4-bit kernel only wins below a few hundred tokens)."""
+    """The 4-bit base weight as a dense (out, in) matrix, as bitsandbytes dequantizes it for a large matmul (its
+    fused 4-bit kernel only wins below a few hundred tokens): on the GPU in one kernel of ours (train/kernels/nf4.py,
+    the same bits, a third of the launches and none of the Python-registered ops), else bitsandbytes' own."""
+    if quant_state.dtype == dtype and nf4.usable(weight, quant_state, dtype):
+        return nf4.dequantize(weight, quant_state, dtype)
     return dequantize_4bit(weight, quant_state).to(dtype)
 
 

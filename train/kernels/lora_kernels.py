@@ -29,7 +29,7 @@ CHUNK = 1024  # input columns per forward program: 4-14 programs per 64 rows on 
 def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
     """The kernels handle this call: CUDA (or Triton's CPU interpreter), 16-bit inputs, a supported rank,
     and element indices that fit the mask hash's 32-bit input."""
-    interpretable = _interpreting() and x.dtype == torch.float16  # the CPU interpreter has no bf16
+    interpretable = interpreting() and x.dtype == torch.float16  # the CPU interpreter has no bf16
     # kernels launch on the current device: a layer placed on another GPU of this process takes the torch path
     on_device = x.is_cuda and x.device.index == torch.cuda.current_device()
     return (triton_module() is not None and (on_device or interpretable) and x.dtype in (torch.bfloat16, torch.float16)
@@ -122,7 +122,7 @@ def triton_module():
     return triton
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,42 @@
+"""The one-kernel NF4 dequantization (train/kernels/nf4.py) against bitsandbytes' own, bit for bit, in Triton's CPU
+interpreter (tests/test_gpu.py does the same on the GPU in bf16)."""
+
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+from train.kernels import lora_kernels, nf4
+
+pytest.importorskip("triton")
+
+
+def _quantized(shape, nested, seed=0):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+    w[0, :64] *= 40  # one block far larger than the rest: the scales must differ per block
+    return quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(96, 64), (64, 4096 + 192)])  # one partial program; several scale blocks of 256
+def test_same_bits_as_bitsandbytes(nested, shape):
+    assert lora_kernels.interpreting()
+    packed, qs = _quantized(shape, nested)
+    assert nf4.usable(packed, qs, torch.float32)
+    got = nf4.dequantize(packed, qs, torch.float32)
+    want = dequantize_4bit(packed, qs).float()
+    assert got.shape == want.shape == shape
+    assert torch.equal(got, want)
+
+
+def test_fp16_output_rounds_like_bitsandbytes():
+    packed, qs = _quantized((64, 1024), True, seed=1)
+    assert torch.equal(nf4.dequantize(packed, qs, torch.float16), dequantize_4bit(packed, qs).half())
+
+
+def test_what_it_leaves_to_bitsandbytes():
+    packed, qs = _quantized((64, 256), True)
+    fp4, fp4_state = quantize_4bit(torch.randn(64, 256), blocksize=64, quant_type="fp4")
+    assert not nf4.usable(fp4, fp4_state, torch.float32)  # FP4: another table, bitsandbytes' kernel
+    wide, wide_state = quantize_4bit(torch.randn(64, 256), blocksize=128, quant_type="nf4")
+    assert not nf4.usable(wide, wide_state, torch.float32)  # blocks of 128
+    assert not nf4.usable(packed, qs, torch.int8)

@@ -1,0 +1,87 @@
+"""Owns NF4 dequantization on the GPU in one kernel: a 4-bit weight (double quant included) to a dense matrix.
+
+Why our own kernel: bitsandbytes' dequantize_4bit runs, for a double-quantized weight, three kernels behind two
+Python-registered torch ops and ctypes calls (the 8-bit absmax, `absmax += offset`, then the 4-bit weight). The
+fused QLoRA layer (train/kernels/fused_lora.py) dequantizes every base weight three times a step (forward,
+recompute, backward): 672 times on an 8B, each paying that host work on a path whose GPU waits for the host
+(docs/benchmarks.md). Here one Triton kernel reads the packed bytes and the nested scales and writes the weight,
+with bitsandbytes' arithmetic (fp32 products, the offset added after rounding, one rounding to the output
+dtype): bit-identical to its output (tests/test_nf4.py on CPU through Triton's interpreter, tests/test_gpu.py
+on the GPU). Anything it does not cover (FP4, other block sizes, CPU tensors) goes to bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BYTES = 1024  # packed bytes per program: 2,048 weights, 32 scale blocks of 64
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def usable(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
+    """The kernel handles this weight: NF4 in bytes on the current CUDA device (or Triton's CPU interpreter, for
+    tests), blocks of 64 (nested scales in blocks of 256), an output dtype it writes."""
+    from train.kernels import lora_kernels
+
+    qs = quant_state
+    here = (weight.is_cuda and weight.device.index == torch.cuda.current_device()) or (
+        lora_kernels.interpreting() and dtype != torch.bfloat16)  # the CPU interpreter has no bf16
+    nested_ok = not qs.nested or (qs.state2.blocksize == 256 and qs.state2.absmax.dtype == torch.float32)
+    return (lora_kernels.triton_module() is not None and here and qs.quant_type == "nf4" and qs.blocksize == 64
+            and weight.dtype == torch.uint8 and dtype in _DTYPES and nested_ok
+            and weight.numel() * 2 == _numel(qs.shape) and weight.numel() < 2**30)
+
+
+def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (out, in) weight in `dtype`, as bitsandbytes' dequantize_4bit(weight, quant_state).to(dtype) gives
+    it when quant_state.dtype is `dtype` (the fused layer's case: compute dtype = storage dtype)."""
+    qs = quant_state
+    out = torch.empty(qs.shape, dtype=dtype, device=weight.device)
+    n_bytes = weight.numel()
+    if qs.nested:
+        absmax, code2, absmax2, offset = qs.absmax, qs.state2.code, qs.state2.absmax, _offset(qs)
+    else:
+        absmax = qs.absmax.float()
+        code2 = absmax2 = offset = absmax  # unread (NESTED is off); any pointer of the right device
+    grid = (-(-n_bytes // BYTES),)
+    _kernel()[grid](weight, absmax, code2, absmax2, offset, _table(qs.code, weight.device), out, n_bytes,
+                    BYTES=BYTES, BLOCK=qs.blocksize, BLOCK2=qs.state2.blocksize if qs.nested else 1,
+                    NESTED=qs.nested, num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _offset(qs) -> torch.Tensor:
+    """The nested offset as a one-element fp32 tensor on the weight's device (bitsandbytes keeps a 0-d tensor)."""
+    off = qs.offset
+    if not isinstance(off, torch.Tensor):
+        off = torch.tensor(float(off))
+    return off.to(device=qs.absmax.device, dtype=torch.float32).reshape(1)
+
+
+@functools.lru_cache(maxsize=8)
+def _table_cached(values: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _table(code: torch.Tensor, device) -> torch.Tensor:
+    """The 16 NF4 values as fp32 on `device`: bitsandbytes' own quant_state.code when it is there already."""
+    if code.device == device and code.dtype == torch.float32 and code.numel() == 16:
+        return code
+    return _table_cached(tuple(code.float().cpu().tolist()), str(device))
+
+
+@functools.cache
+def _kernel():
+    import importlib
+
+    return importlib.import_module("train.kernels._nf4_triton").dequant
