@@ -40,3 +40,15 @@ def test_what_it_leaves_to_bitsandbytes():
     wide, wide_state = quantize_4bit(torch.randn(64, 256), blocksize=128, quant_type="nf4")
     assert not nf4.usable(wide, wide_state, torch.float32)  # blocks of 128
     assert not nf4.usable(packed, qs, torch.int8)
+    assert nf4.dequantize(fp4, fp4_state, torch.float32) is None  # the caller then asks bitsandbytes
+
+
+def test_launch_args_follow_a_moved_weight():
+    """What a launch needs is kept on the quant_state per weight pointer: another weight under it is worked out anew."""
+    packed, qs = _quantized((64, 256), True, seed=2)
+    first = nf4.dequantize(packed, qs, torch.float32)
+    assert torch.equal(first, dequantize_4bit(packed, qs).float())
+    other = packed.clone()
+    other[:8] = 0x77  # different codes under the same quant_state
+    assert torch.equal(nf4.dequantize(other, qs, torch.float32), dequantize_4bit(other, qs).float())
+    assert not torch.equal(nf4.dequantize(other, qs, torch.float32), first)

@@ -20,7 +20,6 @@ variants, other dtypes, FSDP/DeepSpeed shards) runs peft's own forward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
@@ -33,26 +32,28 @@ def _weight(weight, quant_state, dtype):
     """The 4-bit base weight as a dense (out, in) matrix, as bitsandbytes dequantizes it for a large matmul (its
     fused 4-bit kernel only wins below a few hundred tokens): on the GPU in one kernel of ours (train/kernels/nf4.py,
     the same bits, a third of the launches and none of the Python-registered ops), else bitsandbytes' own."""
-    if quant_state.dtype == dtype and nf4.usable(weight, quant_state, dtype):
-        return nf4.dequantize(weight, quant_state, dtype)
-    return dequantize_4bit(weight, quant_state).to(dtype)
+    dense = nf4.dequantize(weight, quant_state, dtype) if quant_state.dtype == dtype else None
+    return dense if dense is not None else dequantize_4bit(weight, quant_state).to(dtype)
 
 
 def _forward(x, a, b, weight, quant_state, bias, scale, p, triton_dropout=False):
-    """(output, x @ A.T as (tokens, r), how the dropout was drawn: None, ("kernel", seed) or ("torch", RNG state))."""
-    out = F.linear(x, _weight(weight, quant_state, x.dtype), None if bias is None else bias.to(x.dtype))
+    """(output, x @ A.T as (tokens, r), how the dropout was drawn: None, ("kernel", seed) or ("torch", RNG state)).
+    Plain 2-D mm/addmm calls, not F.linear: the fast path waits for the host (docs/benchmarks.md), and linear's
+    matmul/reshape layers cost host time per call for nothing here."""
     rows = x.reshape(-1, x.shape[-1])
+    w = _weight(weight, quant_state, x.dtype).t()
+    out = torch.mm(rows, w) if bias is None else torch.addmm(bias.to(x.dtype), rows, w)
     a = a.to(x.dtype)
     if p > 0 and triton_dropout and lora_kernels.usable(rows, a):  # GPU: the mask lives only inside the kernels
         seed = lora_kernels.new_seed()
         h, drawn = lora_kernels.lora_a_forward(rows, a, seed, p), ("kernel", seed)
     elif p > 0:
         drawn = ("torch", generator(x.device).get_state())
-        h = torch.native_dropout(rows, p, True)[0] @ a.t()
+        h = torch.mm(torch.native_dropout(rows, p, True)[0], a.t())
     else:
-        h, drawn = rows @ a.t(), None
-    out.view(-1, out.shape[-1]).addmm_(h, b.to(x.dtype).t(), alpha=scale)  # base + scale * h @ B.T, one kernel
-    return out, h, drawn
+        h, drawn = torch.mm(rows, a.t()), None
+    out.addmm_(h, b.to(x.dtype).t(), alpha=scale)  # base + scale * h @ B.T, one kernel
+    return out.view(*x.shape[:-1], out.shape[-1]), h, drawn
 
 
 class _QLoraLinear(torch.autograd.Function):
@@ -66,13 +67,17 @@ class _QLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # Ordered for the smallest transient (this runs at the backward's memory peak): the LoRA weight
-        # gradients first, the replayed dropout output freed at once, the dense base weight last
+        # gradients first, the replayed dropout output freed at once, the dense base weight last. Each scale rides
+        # in a GEMM's alpha (addmm with beta=0 ignores its input): one kernel launch each, fewer host calls
         x, a, b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
         a_cd = a.to(g.dtype)
-        grad_b = (g.t() @ (h * ctx.scale)).to(b.dtype) if ctx.needs_input_grad[2] else None
-        gh = g @ (b.to(g.dtype) * ctx.scale)  # (tokens, r): the gradient reaching x @ A.T
+        unused = g.new_empty(())  # addmm's ignored input (beta=0: never read, nothing launched)
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.addmm(unused, g.t(), h.to(g.dtype), beta=0, alpha=ctx.scale).to(b.dtype)
+        gh = torch.addmm(unused, g, b.to(g.dtype), beta=0, alpha=ctx.scale)  # (tokens, r): the gradient at x @ A.T
         kind, drawn = ctx.drawn or (None, None)
         mask, grad_a = None, None
         if kind == "kernel":
@@ -81,17 +86,17 @@ class _QLoraLinear(torch.autograd.Function):
         else:
             dropped, mask = replay_dropout(rows, drawn, ctx.p) if kind == "torch" else (rows, None)
             if ctx.needs_input_grad[1]:
-                grad_a = (gh.t() @ dropped).to(a.dtype)
+                grad_a = torch.mm(gh.t(), dropped).to(a.dtype)
             del dropped
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ _weight(ctx.weight, ctx.quant_state, g.dtype)
+            grad_x = torch.mm(g, _weight(ctx.weight, ctx.quant_state, g.dtype))
             if kind == "kernel":
                 lora_kernels.lora_x_grad_(grad_x, gh, a_cd, drawn, ctx.p)
             elif mask is None:
                 grad_x.addmm_(gh, a_cd)
-            else:  # dropout's 1/(1-p) goes into the small A; mask and add in one kernel
-                grad_x.addcmul_(gh @ (a_cd * (1 / (1 - ctx.p))), mask)
+            else:  # mask, dropout's 1/(1-p) and the add in one kernel
+                grad_x.addcmul_(torch.mm(gh, a_cd), mask, value=1 / (1 - ctx.p))
             grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None
 

@@ -35,22 +35,36 @@ def usable(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
             and weight.numel() * 2 == _numel(qs.shape) and weight.numel() < 2**30)
 
 
-def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor | None:
     """The dense (out, in) weight in `dtype`, as bitsandbytes' dequantize_4bit(weight, quant_state).to(dtype) gives
-    it when quant_state.dtype is `dtype` (the fused layer's case: compute dtype = storage dtype)."""
+    it when quant_state.dtype is `dtype` (the fused layer's case: compute dtype = storage dtype); None where the
+    kernel does not apply (`usable`). What a launch needs is worked out once per weight and kept on its
+    quant_state (a frozen base never changes; a moved weight has another data pointer and gets it anew): the
+    fast path waits for the host, so a call is one allocation and one launch."""
     qs = quant_state
+    key = (weight.data_ptr(), dtype)
+    cached = getattr(qs, "_train_nf4", None)
+    if cached is None or cached[0] != key:
+        cached = qs._train_nf4 = (key, _launch_args(weight, qs) if usable(weight, qs, dtype) else None)
+    args = cached[1]
+    if args is None:
+        return None
     out = torch.empty(qs.shape, dtype=dtype, device=weight.device)
-    n_bytes = weight.numel()
+    grid, consts = args[-2:]
+    _kernel()[grid](weight, *args[:-2], out, weight.numel(), **consts)
+    return out
+
+
+def _launch_args(weight: torch.Tensor, qs) -> tuple:
+    """(absmax, code2, absmax2, offset, table, grid, constexprs) for the kernel."""
     if qs.nested:
         absmax, code2, absmax2, offset = qs.absmax, qs.state2.code, qs.state2.absmax, _offset(qs)
     else:
         absmax = qs.absmax.float()
         code2 = absmax2 = offset = absmax  # unread (NESTED is off); any pointer of the right device
-    grid = (-(-n_bytes // BYTES),)
-    _kernel()[grid](weight, absmax, code2, absmax2, offset, _table(qs.code, weight.device), out, n_bytes,
-                    BYTES=BYTES, BLOCK=qs.blocksize, BLOCK2=qs.state2.blocksize if qs.nested else 1,
-                    NESTED=qs.nested, num_warps=4, enable_fp_fusion=False)
-    return out
+    consts = dict(BYTES=BYTES, BLOCK=qs.blocksize, BLOCK2=qs.state2.blocksize if qs.nested else 1, NESTED=qs.nested,
+                  num_warps=4, enable_fp_fusion=False)
+    return absmax, code2, absmax2, offset, _table(qs.code, weight.device), (-(-weight.numel() // BYTES),), consts
 
 
 def _numel(shape) -> int:
