@@ -27,8 +27,10 @@ def usable(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
     from train.kernels import lora_kernels
 
     qs = quant_state
+    # Triton's CPU interpreter (tests) only for fp16: it has no bf16, and the CPU suite's fp32 fits stay on
+    # bitsandbytes' CPU kernel instead of the interpreter's slow numpy
     here = (weight.is_cuda and weight.device.index == torch.cuda.current_device()) or (
-        lora_kernels.interpreting() and dtype != torch.bfloat16)  # the CPU interpreter has no bf16
+        lora_kernels.interpreting() and dtype == torch.float16)
     nested_ok = not qs.nested or (qs.state2.blocksize == 256 and qs.state2.absmax.dtype == torch.float32)
     return (lora_kernels.triton_module() is not None and here and qs.quant_type == "nf4" and qs.blocksize == 64
             and weight.dtype == torch.uint8 and dtype in _DTYPES and nested_ok

@@ -1,0 +1,108 @@
+"""Where the GPU waited for the host in one profiled training step: scripts/bench.py --profile WAY --trace writes
+REPORT/trace-WAY.json.gz (torch.profiler's Chrome trace); this reads it and prints
+  - each GPU stream's busy time (kernels, copies) and the union over streams, against the step's wall time;
+  - the compute stream's idle time (gaps between its kernels), and how it is spread over the step (twentieths);
+  - that idle time charged to the CPU op that launched the kernel ending each gap: the host work the GPU waited on;
+  - the host time (inclusive, CPU) of the project's per-layer Functions and the optimizer step.
+Usage: python scripts/trace_gaps.py TRACE.json.gz [...]
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import gzip
+import json
+import sys
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_OPS = ("_QLoraLinear", "_QLoraLinearBackward", "CheckpointFunction", "CheckpointFunctionBackward",
+            "Optimizer.step#AdamW.step", "Optimizer.step#PagedAdamW.step", "aten::mm", "cuLaunchKernelEx",
+            "cudaLaunchKernel")
+
+
+def load(path: str) -> list[dict]:
+    with gzip.open(path) if path.endswith(".gz") else open(path, "rb") as f:
+        data = json.load(f)
+    return [e for e in (data["traceEvents"] if isinstance(data, dict) else data) if e.get("ph") == "X"]
+
+
+def union_us(intervals) -> float:
+    total, cur = 0.0, None
+    for s, e in sorted(intervals):
+        if cur is None or s > cur[1]:
+            total += (cur[1] - cur[0]) if cur else 0
+            cur = [s, e]
+        else:
+            cur[1] = max(cur[1], e)
+    return total + ((cur[1] - cur[0]) if cur else 0)
+
+
+def launcher(kernel: dict, runtime: dict, ops: list[dict], starts: list[float]) -> str:
+    """The innermost CPU op around the runtime call that launched `kernel` ("?" when the trace does not say)."""
+    call = runtime.get(kernel.get("args", {}).get("correlation"))
+    if call is None:
+        return "?"
+    i = bisect.bisect_right(starts, call["ts"]) - 1
+    best = None
+    for j in range(i, max(-1, i - 400), -1):
+        o = ops[j]
+        if o.get("tid") == call.get("tid") and o["ts"] + o["dur"] >= call["ts"] + call["dur"]:
+            if best is None or o["dur"] < best["dur"]:
+                best = o
+    return best["name"] if best else "?"
+
+
+def report(path: str, top: int = 12) -> None:
+    ev = load(path)
+    gpu = [e for e in ev if e.get("cat") in GPU_CATS]
+    host = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")]
+    t0, t1 = min(e["ts"] for e in ev), max(e["ts"] + e["dur"] for e in ev)
+    print(f"{path}: profiled step {(t1 - t0) / 1e3:.1f} ms wall")
+    streams = collections.defaultdict(list)
+    for e in gpu:
+        streams[(e.get("tid"), e["cat"])].append((e["ts"], e["ts"] + e["dur"]))
+    for (tid, cat), iv in sorted(streams.items(), key=lambda kv: -len(kv[1])):
+        print(f"  stream {tid} {cat}: {len(iv)} events, busy {union_us(iv) / 1e3:.1f} ms")
+    print(f"  GPU busy (union of streams): {union_us([(e['ts'], e['ts'] + e['dur']) for e in gpu]) / 1e3:.1f} ms")
+    kernels = sorted((e for e in gpu if e["cat"] == "kernel"), key=lambda e: e["ts"])
+    main = collections.Counter(e.get("tid") for e in kernels).most_common(1)[0][0]
+    comp = [e for e in kernels if e.get("tid") == main]
+    runtime = {e["args"].get("correlation"): e for e in host if e.get("cat") in ("cuda_runtime", "cuda_driver")
+               and "args" in e}
+    ops = sorted((e for e in host if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ops]
+    charged, end, gaps = collections.Counter(), None, []
+    for k in comp:
+        if end is not None and k["ts"] > end:
+            gaps.append((end, k["ts"]))
+            charged[launcher(k, runtime, ops, starts)] += k["ts"] - end
+        end = max(end or 0, k["ts"] + k["dur"])
+    idle = sum(b - a for a, b in gaps)
+    print(f"  compute stream idle between kernels: {idle / 1e3:.1f} ms ({len(gaps)} gaps; "
+          f"{sum(b - a for a, b in gaps if b - a > 1000) / 1e3:.1f} ms in gaps over 1 ms)")
+    width = (t1 - t0) / 20
+    busy = [union_us([(max(s, t0 + i * width), min(e, t0 + (i + 1) * width)) for s, e in
+                      ((k["ts"], k["ts"] + k["dur"]) for k in comp) if e > t0 + i * width and s < t0 + (i + 1) * width])
+            / width for i in range(20)]
+    print("  compute stream busy %, by twentieth of the step:", " ".join(f"{100 * b:.0f}" for b in busy))
+    print("  idle charged to the op that launched the kernel after the gap (ms):")
+    for name, us in charged.most_common(top):
+        print(f"    {us / 1e3:8.1f}  {name[:80]}")
+    incl = collections.defaultdict(lambda: [0, 0.0])
+    for e in host:
+        if e["name"] in HOST_OPS:
+            incl[e["name"]][0] += 1
+            incl[e["name"]][1] += e["dur"]
+    print("  host time, inclusive (calls, ms, us/call):")
+    for name in HOST_OPS:
+        if name in incl:
+            n, us = incl[name]
+            print(f"    {name:<32} {n:6d} {us / 1e3:8.1f} {us / n:8.1f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for p in sys.argv[1:]:
+        report(p)
