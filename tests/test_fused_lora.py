@@ -110,3 +110,16 @@ def test_not_installed_for_peft_kernel_dora_or_sharded(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert _fused_layers(_peft_4bit(tmp_path / "c")[0]) == []
+
+
+def test_cached_base_layer_adds_no_state_and_follows_a_copy(tmp_path):
+    """The fused layer looks its base layer up once (host time): that adds no submodule or state-dict key, and a
+    deep copy of the model uses its own base layer, not the original's."""
+    peft_model, _ = _peft_4bit(tmp_path)
+    keys, count = set(peft_model.state_dict()), len(list(peft_model.modules()))
+    layer = _fused_layers(peft_model)[0].train()
+    layer(torch.randn(1, 3, layer.in_features, requires_grad=True)).sum().backward()
+    assert layer.base_layer_cached() is layer.get_base_layer()
+    assert set(peft_model.state_dict()) == keys and len(list(peft_model.modules())) == count
+    twin = _fused_layers(copy.deepcopy(peft_model))[0]
+    assert twin.base_layer_cached() is twin.get_base_layer() is not layer.get_base_layer()
