@@ -14,11 +14,14 @@
 #   qwen           train plan against a random Qwen2.5-7B (issue #20 item 4): 16 rows of 2,048 and one of 16,384
 #   levers         the default workload with the dropout in Triton (lora.kernel=fused_triton), resident and offloaded:
 #                  dropout costs ~10 % there (session 5: 8,690 -> 9,572 tok/s with lora.dropout=0)
+#   host           the default workload's host cost (session 6: the GPU idles 41-45 % of a step waiting for the host):
+#                  scripts/layer_bench.py (one layer's host us and GPU ms per call: fused, fused_triton, peft; the NF4
+#                  dequantization), then c and c-offload with the dropout in torch and in Triton, interleaved
 #   all            every stage in one run (no 10-minute limit)
 # Usage, from the repo root with .gpu-wheels/ and .unsloth-wheels/ (../shared/tools/unsloth-wheels.sh) carried:
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
 set -uo pipefail
-stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|all [OUT_DIR]}
+stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
@@ -45,6 +48,11 @@ case $stage in
     bench --plan-check --plan-tokens 1x131072 --set train.offload_checkpoints=false --report "$out/no-offload" ;;
   qwen) bench --plan-check --base Qwen/Qwen2.5-7B --plan-tokens 16x2048,1x16384 ;;
   levers) bench --ways c,c-offload --warmup 2 --steps 4 --set lora.kernel=fused_triton ;;
+  host) mkdir -p "$out" && python3 scripts/layer_bench.py --rounds 3 | tee "$out/layer.md" &&
+    for way in c c-offload; do
+      bench --ways $way --warmup 2 --steps 8 --report "$out/fused-$way" &&
+        bench --ways $way --warmup 2 --steps 8 --set lora.kernel=fused_triton --report "$out/triton-$way"
+    done ;;
   all) budget=100000; bench --ways c,c-offload,unsloth --warmup 2 --steps 4 --plan-check \
          --plan-tokens 1x16384,1x131072,1x262144,1x350000 --plan-stacks ours,unsloth ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

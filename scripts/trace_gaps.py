@@ -66,6 +66,9 @@ def report(path: str, top: int = 12) -> None:
         print(f"  stream {tid} {cat}: {len(iv)} events, busy {union_us(iv) / 1e3:.1f} ms")
     print(f"  GPU busy (union of streams): {union_us([(e['ts'], e['ts'] + e['dur']) for e in gpu]) / 1e3:.1f} ms")
     kernels = sorted((e for e in gpu if e["cat"] == "kernel"), key=lambda e: e["ts"])
+    if not kernels:
+        print("  no GPU kernels in this trace (a CPU run?): nothing waited for the host")
+        return
     main = collections.Counter(e.get("tid") for e in kernels).most_common(1)[0][0]
     comp = [e for e in kernels if e.get("tid") == main]
     runtime = {e["args"].get("correlation"): e for e in host if e.get("cat") in ("cuda_runtime", "cuda_driver")

@@ -1,0 +1,52 @@
+"""scripts/trace_gaps.py: GPU idle between kernels is found and charged to the CPU op that launched the kernel after
+each gap; the bench's trace writer produces what it reads."""
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import trace_gaps  # noqa: E402
+from bench_measure import write_trace  # noqa: E402
+
+
+def _x(name, cat, ts, dur, tid=1, corr=None):
+    e = {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "tid": tid, "pid": 0}
+    if corr is not None:
+        e["args"] = {"correlation": corr}
+    return e
+
+
+def test_idle_is_charged_to_the_op_that_launched_the_late_kernel(tmp_path, capsys):
+    events = [  # kernel A runs 0-100 us; the host launches B from inside aten::mm at 350 us; B runs 400-500 us
+        _x("fwd", "cpu_op", 0, 600), _x("aten::add", "cpu_op", 5, 20), _x("cudaLaunchKernel", "cuda_runtime", 10, 5, corr=1),
+        _x("aten::mm", "cpu_op", 300, 80), _x("cudaLaunchKernel", "cuda_runtime", 350, 5, corr=2),
+        _x("kernelA", "kernel", 0, 100, tid=7, corr=1), _x("kernelB", "kernel", 400, 100, tid=7, corr=2),
+        _x("Memcpy DtoH", "gpu_memcpy", 120, 50, tid=9)]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    trace_gaps.report(str(path))
+    out = capsys.readouterr().out
+    assert "compute stream idle between kernels: 0.3 ms (1 gaps" in out
+    assert "GPU busy (union of streams): 0.2 ms" in out  # 100 + 100 us of kernels, 50 us of copy: 0.25
+    charged = out.split("idle charged")[1]
+    assert "aten::mm" in charged.splitlines()[1] and "0.3" in charged.splitlines()[1]
+
+
+def test_union_merges_overlaps():
+    assert trace_gaps.union_us([(0, 10), (5, 20), (30, 40)]) == 30
+
+
+def test_bench_trace_writer_output_reads_back(tmp_path, capsys):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    write_trace(prof, str(tmp_path / "trace-c.json"))
+    assert not (tmp_path / "trace-c.json").exists()  # only the gzipped copy stays
+    events = trace_gaps.load(str(tmp_path / "trace-c.json.gz"))
+    assert any(e["name"] == "aten::mm" for e in events)
+    trace_gaps.report(str(tmp_path / "trace-c.json.gz"))
+    assert "no GPU kernels" in capsys.readouterr().out
