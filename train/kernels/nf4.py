@@ -49,8 +49,8 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
     if cached is None or cached[0] != key:
         cached = qs._train_nf4 = (key, _launch_args(weight, qs) if usable(weight, qs, dtype) else None)
     args = cached[1]
-    if args is None:
-        return None
+    if args is None or (weight.is_cuda and weight.device.index != torch.cuda.current_device()):
+        return None  # Triton launches on the current device: a weight on another GPU of this process goes to bnb
     out = torch.empty(qs.shape, dtype=dtype, device=weight.device)
     grid, consts = args[-2:]
     _kernel()[grid](weight, *args[:-2], out, weight.numel(), **consts)
