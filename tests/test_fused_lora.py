@@ -123,3 +123,5 @@ def test_cached_base_layer_adds_no_state_and_follows_a_copy(tmp_path):
     assert set(peft_model.state_dict()) == keys and len(list(peft_model.modules())) == count
     twin = _fused_layers(copy.deepcopy(peft_model))[0]
     assert twin.base_layer_cached() is twin.get_base_layer() is not layer.get_base_layer()
+    layer.base_layer = twin.get_base_layer()  # a replaced child (transformers' dequantize() does this): followed
+    assert layer.base_layer_cached() is twin.get_base_layer()

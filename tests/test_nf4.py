@@ -35,6 +35,7 @@ def test_what_it_leaves_to_bitsandbytes():
     wide, wide_state = quantize_4bit(torch.randn(64, 256), blocksize=128, quant_type="nf4")
     assert not nf4.usable(wide, wide_state, torch.float16)  # blocks of 128
     assert not nf4.usable(packed, qs, torch.float32)  # on CPU: bitsandbytes' own kernel, not the interpreter
+    assert not nf4.usable(packed.view(1, -1), qs, torch.float16)  # bitsandbytes' old transposed packed layout
     assert nf4.dequantize(fp4, fp4_state, torch.float16) is None  # the caller then asks bitsandbytes
 
 
@@ -47,3 +48,6 @@ def test_launch_args_follow_a_moved_weight():
     other[:8] = 0x77  # different codes under the same quant_state
     assert torch.equal(nf4.dequantize(other, qs, torch.float16), dequantize_4bit(other, qs).half())
     assert not torch.equal(nf4.dequantize(other, qs, torch.float16), first)
+    qs.absmax = qs.absmax.clone()  # the same weight under moved scales (QuantState.to swaps its tensors in place)
+    qs.absmax[:] = 0  # every nested scale now code2[0] * absmax2 + offset: a stale cache would not see it
+    assert torch.equal(nf4.dequantize(other, qs, torch.float16), dequantize_4bit(other, qs).half())

@@ -22,18 +22,26 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def usable(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
-    """The kernel handles this weight: NF4 in bytes on the current CUDA device (or Triton's CPU interpreter, for
-    tests), blocks of 64 (nested scales in blocks of 256), an output dtype it writes."""
+    """The kernel handles this weight now: `covers` it, and a CUDA weight is on the current device (Triton launches
+    there; a weight on another GPU of this process goes to bitsandbytes)."""
+    if weight.is_cuda and weight.device.index != torch.cuda.current_device():
+        return False
+    return covers(weight, quant_state, dtype)
+
+
+def covers(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
+    """The kernel computes this weight: NF4 in bytes on a CUDA device (or Triton's CPU interpreter, for tests), in
+    bitsandbytes' (n/2, 1) packed layout, blocks of 64 (nested scales in blocks of 256), an output dtype it writes."""
     from train.kernels import lora_kernels
 
     qs = quant_state
     # Triton's CPU interpreter (tests) only for fp16: it has no bf16, and the CPU suite's fp32 fits stay on
     # bitsandbytes' CPU kernel instead of the interpreter's slow numpy
-    here = (weight.is_cuda and weight.device.index == torch.cuda.current_device()) or (
-        lora_kernels.interpreting() and dtype == torch.float16)
+    here = weight.is_cuda or (lora_kernels.interpreting() and dtype == torch.float16)
     nested_ok = not qs.nested or (qs.state2.blocksize == 256 and qs.state2.absmax.dtype == torch.float32)
     return (lora_kernels.triton_module() is not None and here and qs.quant_type == "nf4" and qs.blocksize == 64
             and weight.dtype == torch.uint8 and dtype in _DTYPES and nested_ok
+            and weight.shape[0] != 1  # (1, n/2) is bitsandbytes' old transposed layout: it returns that one transposed
             and weight.numel() * 2 == _numel(qs.shape) and weight.numel() < 2**30)
 
 
@@ -41,13 +49,13 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
     """The dense (out, in) weight in `dtype`, as bitsandbytes' dequantize_4bit(weight, quant_state).to(dtype) gives
     it when quant_state.dtype is `dtype` (the fused layer's case: compute dtype = storage dtype); None where the
     kernel does not apply (`usable`). What a launch needs is worked out once per weight and kept on its
-    quant_state (a frozen base never changes; a moved weight has another data pointer and gets it anew): the
-    fast path waits for the host, so a call is one allocation and one launch."""
+    quant_state (a frozen base never changes; a moved weight or state has other data pointers and gets it anew):
+    the fast path waits for the host, so a call is one allocation and one launch."""
     qs = quant_state
-    key = (weight.data_ptr(), dtype)
+    key = (weight.data_ptr(), qs.absmax.data_ptr(), dtype)  # a moved weight or quant_state: worked out anew
     cached = getattr(qs, "_train_nf4", None)
     if cached is None or cached[0] != key:
-        cached = qs._train_nf4 = (key, _launch_args(weight, qs) if usable(weight, qs, dtype) else None)
+        cached = qs._train_nf4 = (key, _launch_args(weight, qs) if covers(weight, qs, dtype) else None)
     args = cached[1]
     if args is None or (weight.is_cuda and weight.device.index != torch.cuda.current_device()):
         return None  # Triton launches on the current device: a weight on another GPU of this process goes to bnb
