@@ -15,16 +15,41 @@ from pathlib import Path
 
 from train import patches
 
-KERNEL_GROUPS = (  # first match wins: where the GPU time of one training step goes
+KERNEL_GROUPS = (  # first match wins: issue #21's kernel families, where the GPU time of one training step goes
     ("annotation (not a kernel)", ("Optimizer.step", "ProfilerStep", "##")),
-    ("attention", ("flash", "fmha", "attention", "_efficient_attention")),
-    ("bnb dequant", ("dequant", "kDequantize")),
-    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas", "wgmma", "ampere_")),
-    ("dropout", ("dropout",)),
+    ("attention", ("flash", "fmha", "attention", "_efficient_attention", "sdpa")),
+    ("NF4 dequant", ("dequant", "kDequantize")),
+    ("optimizer + grad norm", ("kOptimizer", "multi_tensor_apply")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas", "wgmma", "ampere_")),
+    ("LoRA dropout", ("dropout", "addcmul")),  # torch's dropout and the backward's mask-and-add
+    ("norm/rope/swiglu (Liger)", ("_rms_norm", "_swiglu", "_rope")),
     ("elementwise/reduce/copy", ("elementwise", "vectorized", "reduce", "unrolled", "index", "copy", "cat",
                                  "memcpy", "memset", "fill")),
-    ("liger/triton", ("_rms_norm", "_swiglu", "_rope", "triton", "liger", "_kernel")),
+    ("loss and other Triton", ("triton", "liger", "_kernel")),
 )
+# our Triton kernels by exact name (train/kernels/_lora_triton.py, _nf4_triton.py): too short to match as substrings
+EXACT_KERNELS = {"a_fwd": "LoRA dropout", "a_grad": "LoRA dropout", "x_grad": "LoRA dropout", "dequant": "NF4 dequant"}
+
+
+def kernel_group(name: str) -> str:
+    """The family of a profiled kernel (KERNEL_GROUPS, EXACT_KERNELS), "other" when none matches."""
+    if name in EXACT_KERNELS:
+        return EXACT_KERNELS[name]
+    low = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k.lower() in low for k in keys)), "other")
+
+
+def gpu_idle_ms(prof) -> float | None:
+    """Time in the profiled step when no kernel or copy ran on the GPU (any stream): the host gaps, between the
+    first and the last event the profiler recorded. None without GPU events."""
+    from trace_gaps import union_us
+
+    events = [e for e in prof.events() if getattr(e, "time_range", None) is not None]
+    gpu = [(e.time_range.start, e.time_range.end) for e in events if "CUDA" in str(getattr(e, "device_type", ""))]
+    if not gpu:
+        return None
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    return round((span - union_us(gpu)) / 1e3, 1)
 
 
 def versions(names=("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger_kernel",
@@ -305,7 +330,8 @@ def long_rows_table(results: list[dict], plan_ways: dict, claim: bool = True) ->
 
 
 def profile_summary(prof, wall_s: float) -> dict:
-    """GPU time of the profiled step by kernel group, kernel launches, sync-like calls, top kernels and host ops."""
+    """GPU time of the profiled step by kernel family, the host gaps (GPU idle), kernel launches, sync-like calls, top
+    kernels and host ops."""
     groups: dict = {}
     kernels = []
     events = prof.key_averages()
@@ -315,8 +341,7 @@ def profile_summary(prof, wall_s: float) -> dict:
         dev = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
         if dev <= 0:
             continue
-        low = evt.key.lower()
-        group = next((g for g, keys in KERNEL_GROUPS if any(k.lower() in low for k in keys)), "other")
+        group = kernel_group(evt.key)
         groups[group] = groups.get(group, 0) + dev
         kernels.append((dev, evt.count, evt.key[:90], group))
     total = sum(v for g, v in groups.items() if not g.startswith("annotation"))
@@ -326,7 +351,7 @@ def profile_summary(prof, wall_s: float) -> dict:
     launch = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
     sync = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize",
             "aten::item", "aten::_local_scalar_dense", "aten::nonzero")
-    return {"wall_ms": round(wall_s * 1e3, 1), "gpu_busy_ms": round(total / 1e3, 1),
+    return {"wall_ms": round(wall_s * 1e3, 1), "gpu_busy_ms": round(total / 1e3, 1), "gpu_idle_ms": gpu_idle_ms(prof),
             "kernel_launches": sum(e.count for e in events if e.key in launch),
             "sync_like_calls": {e.key: e.count for e in events if e.key in sync},
             "groups_ms": {g: round(v / 1e3, 1) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},

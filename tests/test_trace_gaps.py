@@ -50,3 +50,39 @@ def test_bench_trace_writer_output_reads_back(tmp_path, capsys):
     assert any(e["name"] == "aten::mm" for e in events)
     trace_gaps.report(str(tmp_path / "trace-c.json.gz"))
     assert "no GPU kernels" in capsys.readouterr().out
+
+
+def test_kernel_families_of_a_real_step():
+    """Kernel names from an H100 profile of the default workload (session 6) land in issue #21's families."""
+    from bench_measure import kernel_group
+
+    expect = {
+        "nvjet_sm90_tst_256x160_64x4_2x1_v_bz_coopA_TNT": "matmul",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float>": "matmul",
+        "dequant": "NF4 dequant", "a_fwd": "LoRA dropout", "a_grad": "LoRA dropout", "x_grad": "LoRA dropout",
+        "void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16, float>": "LoRA dropout",
+        "void at::native::unrolled_elementwise_kernel<at::native::addcmul_cuda_kernel(at::TensorIteratorBase&)": "LoRA dropout",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false>>": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0": "attention",
+        "_rms_norm_forward_kernel": "norm/rope/swiglu (Liger)", "_triton_rope": "norm/rope/swiglu (Liger)",
+        "_swiglu_backward_kernel": "norm/rope/swiglu (Liger)",
+        "void kOptimizer32bit2State<__nv_bfloat16, 0>(__nv_bfloat16*, float*)": "optimizer + grad norm",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor>": "optimizer + grad norm",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise/reduce/copy",
+        "_forward_kernel": "loss and other Triton",
+    }
+    assert {name: kernel_group(name) for name in expect} == expect
+
+
+def test_gpu_idle_is_the_span_minus_busy_time():
+    from types import SimpleNamespace as NS
+
+    from bench_measure import gpu_idle_ms
+
+    def evt(start, end, device):
+        return NS(time_range=NS(start=start, end=end), device_type=f"DeviceType.{device}")
+
+    prof = NS(events=lambda: [evt(0, 10_000, "CPU"), evt(1_000, 3_000, "CUDA"), evt(2_000, 4_000, "CUDA"),
+                              evt(8_000, 9_000, "CUDA")])
+    assert gpu_idle_ms(prof) == 6.0  # 10 ms span, kernels busy 1-4 and 8-9 ms
+    assert gpu_idle_ms(NS(events=lambda: [evt(0, 5, "CPU")])) is None
