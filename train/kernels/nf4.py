@@ -13,8 +13,11 @@ on the GPU). Anything it does not cover (FP4, other block sizes, CPU tensors) go
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+
+from train.kernels import lora_kernels
 
 BYTES = 1024  # packed bytes per program: 2,048 weights, 32 scale blocks of 64
 
@@ -24,16 +27,17 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def usable(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
     """The kernel handles this weight now: `covers` it, and a CUDA weight is on the current device (Triton launches
     there; a weight on another GPU of this process goes to bitsandbytes)."""
-    if weight.is_cuda and weight.device.index != torch.cuda.current_device():
-        return False
-    return covers(weight, quant_state, dtype)
+    return _launchable(weight) and covers(weight, quant_state, dtype)
+
+
+def _launchable(weight: torch.Tensor) -> bool:
+    """Not a CUDA tensor on another GPU than the current one (where Triton would launch)."""
+    return not weight.is_cuda or lora_kernels.on_current_gpu(weight)
 
 
 def covers(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
     """The kernel computes this weight: NF4 in bytes on a CUDA device (or Triton's CPU interpreter, for tests), in
     bitsandbytes' (n/2, 1) packed layout, blocks of 64 (nested scales in blocks of 256), an output dtype it writes."""
-    from train.kernels import lora_kernels
-
     qs = quant_state
     # Triton's CPU interpreter (tests) only for fp16: it has no bf16, and the CPU suite's fp32 fits stay on
     # bitsandbytes' CPU kernel instead of the interpreter's slow numpy
@@ -42,7 +46,7 @@ def covers(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> bool:
     return (lora_kernels.triton_module() is not None and here and qs.quant_type == "nf4" and qs.blocksize == 64
             and weight.dtype == torch.uint8 and dtype in _DTYPES and nested_ok
             and weight.shape[0] != 1  # (1, n/2) is bitsandbytes' old transposed layout: it returns that one transposed
-            and weight.numel() * 2 == _numel(qs.shape) and weight.numel() < 2**30)
+            and weight.numel() * 2 == math.prod(qs.shape) and weight.numel() < 2**30)
 
 
 def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor | None:
@@ -57,8 +61,8 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
     if cached is None or cached[0] != key:
         cached = qs._train_nf4 = (key, _launch_args(weight, qs) if covers(weight, qs, dtype) else None)
     args = cached[1]
-    if args is None or (weight.is_cuda and weight.device.index != torch.cuda.current_device()):
-        return None  # Triton launches on the current device: a weight on another GPU of this process goes to bnb
+    if args is None or not _launchable(weight):
+        return None
     out = torch.empty(qs.shape, dtype=dtype, device=weight.device)
     grid, consts = args[-2:]
     _kernel()[grid](weight, *args[:-2], out, weight.numel(), **consts)
@@ -75,13 +79,6 @@ def _launch_args(weight: torch.Tensor, qs) -> tuple:
     consts = dict(BYTES=BYTES, BLOCK=qs.blocksize, BLOCK2=qs.state2.blocksize if qs.nested else 1, NESTED=qs.nested,
                   num_warps=4, enable_fp_fusion=False)
     return absmax, code2, absmax2, offset, _table(qs.code, weight.device), (-(-weight.numel() // BYTES),), consts
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _offset(qs) -> torch.Tensor:
