@@ -90,7 +90,31 @@ def dequant_fns(n_in: int, n_out: int) -> dict:
     except ImportError:  # a tree from before the kernel
         return fns
     assert torch.equal(nf4.dequantize(packed, qs, torch.bfloat16), dequantize_4bit(packed, qs))
-    return {**fns, "ours (nf4.py)": lambda: nf4.dequantize(packed, qs, torch.bfloat16)}
+    ours = {"ours (nf4.py)": lambda: nf4.dequantize(packed, qs, torch.bfloat16)}
+    return {**fns, **launch_variants(ours)}
+
+
+def launch_variants(fns: dict) -> dict:
+    """Each fn twice where train/kernels/launch.py exists: Triton's own launch path, then our direct relaunch."""
+    try:
+        from train.kernels import launch
+    except ImportError:  # a tree from before it
+        return fns
+    out = {}
+    for k, fn in fns.items():
+        for direct in (False, True):
+            out[f"{k}, {'direct' if direct else 'Triton'} launch"] = lambda fn=fn, d=direct: _with_direct(fn, d)
+    return out
+
+
+def _with_direct(fn, direct: bool):
+    from train.kernels import launch
+
+    launch.DIRECT = direct
+    try:
+        return fn()
+    finally:
+        launch.DIRECT = True
 
 
 def main() -> int:
@@ -115,11 +139,11 @@ def main() -> int:
             print(f"| dequant, {k} | {shape} | {statistics.median(h):.1f} | {statistics.median(g):.3f} |")
     for shape, (n_in, n_out) in SHAPES.items():
         models = {k: layer(n_in, n_out, k) for k in ("fused", "fused_triton", "peft")}
-        small = {k: step_fn(m, 64, n_in) for k, m in models.items()}
-        large = {k: step_fn(m, args.tokens, n_in) for k, m in models.items()}
-        res = {k: ([], []) for k in models}
+        small = launch_variants({k: step_fn(m, 64, n_in) for k, m in models.items()})
+        large = launch_variants({k: step_fn(m, args.tokens, n_in) for k, m in models.items()})
+        res = {k: ([], []) for k in small}
         for _ in range(args.rounds):
-            for k in models:
+            for k in small:
                 res[k][0].append(host_us(small[k]))
                 res[k][1].append(gpu_ms(large[k]))
         for k, (h, g) in res.items():

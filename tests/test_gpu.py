@@ -141,6 +141,45 @@ def test_nf4_kernel_equals_bitsandbytes_bit_for_bit(nested):
         assert torch.equal(nf4.dequantize(packed, qs, torch.bfloat16), dequantize_4bit(packed, qs)), shape
 
 
+@on_gpu
+def test_direct_relaunch_equals_tritons_own_launch(monkeypatch):
+    """train/kernels/launch.py: relaunching the compiled kernels gives exactly what Triton's own launch gives, across
+    what Triton specializes on (token counts divisible by 16 or not, a row view that is not 16-byte aligned, seeds,
+    ranks), and the relaunch path did run (on this Triton's CompiledKernel launcher)."""
+    from bitsandbytes.functional import quantize_4bit
+
+    from train.kernels import launch, nf4
+
+    compiled_triton()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    packed, qs = quantize_4bit((torch.randn(1024, 4096, device="cuda", generator=g) * 0.02).bfloat16(),
+                               blocksize=64, compress_statistics=True, quant_type="nf4")
+    base = torch.randn(1601, 4096, device="cuda", generator=g).bfloat16()
+    shifted = base.view(-1)[1:1 + 1600 * 4096].view(1600, 4096)  # a contiguous view 2 bytes off alignment
+    cases = [(base[:1520], 16, 11), (shifted, 16, 12), (base[:1536], 32, 16), (base[:1520], 16, 11)]
+
+    def run_all() -> list:
+        outs = [nf4.dequantize(packed, qs, torch.bfloat16) for _ in range(2)]
+        for x, r, seed in cases:
+            a = (torch.randn(r, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(r)) * 0.02).bfloat16()
+            gh = torch.randn(x.shape[0], r, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
+            gx = torch.ones_like(x)
+            outs += [K.lora_a_forward(x, a, seed, 0.1), K.lora_a_grad(x, gh, seed, 0.1),
+                     K.lora_x_grad_(gx, gh, a, seed, 0.1)]
+        return outs
+
+    monkeypatch.setattr(launch, "DIRECT", False)
+    want = run_all()
+    monkeypatch.setattr(launch, "DIRECT", True)
+    before = nf4._kernel().relaunches + sum(k.relaunches for k in K._kernels().values() if hasattr(k, "relaunches"))
+    run_all()  # compiles or caches each signature on first sight
+    got = run_all()
+    after = nf4._kernel().relaunches + sum(k.relaunches for k in K._kernels().values() if hasattr(k, "relaunches"))
+    assert after - before >= len(want)  # the second pass relaunched every kernel directly
+    for i, (w, o) in enumerate(zip(want, got)):
+        assert torch.equal(w, o), i
+
+
 # ---------------------------------------------------------------- (b) fused layer vs peft on NF4
 
 class _MaskDropout(torch.nn.Module):

@@ -22,6 +22,8 @@ import functools
 
 import torch
 
+from train.kernels import launch
+
 RANKS = (16, 32, 64, 128)  # tl.dot needs dimensions >= 16; other ranks take the torch path
 CHUNK = 1024  # input columns per forward program: 4-14 programs per 64 rows on Llama-8B shapes (a multiple of BK)
 
@@ -73,8 +75,8 @@ def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> to
     split = triton_cdiv(n_in, CHUNK)
     part = torch.empty(split, m, r, device=x2.device, dtype=torch.float32)
     bk = 128 if r <= 32 else 64  # A's tile is BK x r: keep 3 pipeline stages under ~100 KB of shared memory
-    k["a_fwd"][(triton_cdiv(m, 64), split)](x2, a, part, m, n_in, CHUNK, mix(seed), _threshold(p), 1 / (1 - p),
-                                             R=r, BM=64, BK=bk, num_warps=4, num_stages=3)
+    k["a_fwd"]((triton_cdiv(m, 64), split), x2, a, part, m, n_in, CHUNK, mix(seed), _threshold(p), 1 / (1 - p),
+                R=r, BM=64, BK=bk, num_warps=4, num_stages=3)
     return part.sum(0).to(x2.dtype)
 
 
@@ -88,8 +90,8 @@ def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float) -> torc
     part = torch.empty(split, r, n_in, device=x2.device, dtype=torch.float32)
     rows_per = triton_cdiv(triton_cdiv(m, split), 64) * 64
     grid = (triton_cdiv(n_in, 64), split)
-    k["a_grad"][grid](x2, gh, part, m, n_in, rows_per, mix(seed), _threshold(p), 1 / (1 - p),
-                      R=r, BM=64, BK=64, num_warps=4, num_stages=3)
+    k["a_grad"](grid, x2, gh, part, m, n_in, rows_per, mix(seed), _threshold(p), 1 / (1 - p),
+                 R=r, BM=64, BK=64, num_warps=4, num_stages=3)
     return part.sum(0)
 
 
@@ -100,8 +102,8 @@ def lora_x_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: 
     gh, a = gh.contiguous(), a.contiguous()
     m, n_in = grad_x.shape
     grid = (triton_cdiv(m, 64), triton_cdiv(n_in, 64))
-    k["x_grad"][grid](grad_x, gh, a, m, n_in, mix(seed), _threshold(p), 1 / (1 - p),
-                      R=a.shape[0], BM=64, BK=64, num_warps=4)
+    k["x_grad"](grid, grad_x, gh, a, m, n_in, mix(seed), _threshold(p), 1 / (1 - p),
+                 R=a.shape[0], BM=64, BK=64, num_warps=4)
     return grad_x
 
 
@@ -139,4 +141,5 @@ def _kernels() -> dict:
     import importlib
 
     mod = importlib.import_module("train.kernels._lora_triton")
-    return {"a_fwd": mod.a_fwd, "a_grad": mod.a_grad, "x_grad": mod.x_grad, "mask": mod.mask}
+    return {"a_fwd": launch.Kernel(mod.a_fwd), "a_grad": launch.Kernel(mod.a_grad), "x_grad": launch.Kernel(mod.x_grad),
+            "mask": mod.mask}

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from train.kernels import lora_kernels
+from train.kernels import launch, lora_kernels
 
 BYTES = 1024  # packed bytes per program: 2,048 weights, 32 scale blocks of 64
 
@@ -65,7 +65,7 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
         return None
     out = torch.empty(qs.shape, dtype=dtype, device=weight.device)
     grid, consts = args[-2:]
-    _kernel()[grid](weight, *args[:-2], out, weight.numel(), **consts)
+    _kernel()(grid, weight, *args[:-2], out, weight.numel(), **consts)
     return out
 
 
@@ -105,4 +105,4 @@ def _table(code: torch.Tensor, device) -> torch.Tensor:
 def _kernel():
     import importlib
 
-    return importlib.import_module("train.kernels._nf4_triton").dequant
+    return launch.Kernel(importlib.import_module("train.kernels._nf4_triton").dequant)
