@@ -117,6 +117,38 @@ def _with_direct(fn, direct: bool):
         launch.DIRECT = True
 
 
+def optimizer_ms(rounds: int) -> dict:
+    """ms per optimizer step (wall, synced) over Llama-8B's 448 LoRA tensors (r=16, bf16): bitsandbytes' paged
+    32-bit AdamW against train/optim.py's one-step version of it, alternating."""
+    import bitsandbytes as bnb
+
+    try:
+        from train import optim
+    except ImportError:  # a tree from before it
+        return {}
+    layer = [(16, 4096), (4096, 16), (16, 4096), (1024, 16), (16, 4096), (1024, 16), (16, 4096), (4096, 16),
+             (16, 4096), (14336, 16), (16, 4096), (14336, 16), (16, 14336), (4096, 16)]
+    opts = {}
+    for name, cls in (("bitsandbytes paged_adamw_32bit", bnb.optim.AdamW), ("ours (train/optim.py)",
+                                                                           optim.flat_adamw_class())):
+        ps = [torch.nn.Parameter(torch.randn(s, device="cuda").bfloat16() * 0.01) for s in layer * 32]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 0.01
+        opts[name] = cls(ps, lr=2e-4, optim_bits=32, is_paged=True, weight_decay=0.0)
+    res = {k: [] for k in opts}
+    for _ in range(rounds):
+        for k, opt in opts.items():
+            for _ in range(3):
+                opt.step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10):
+                opt.step()
+            torch.cuda.synchronize()
+            res[k].append((time.perf_counter() - t) / 10 * 1e3)
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192, help="tokens of the GPU-timed call (default 8192)")
@@ -126,6 +158,8 @@ def main() -> int:
         print("layer_bench.py: error: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    for k, ms in optimizer_ms(args.rounds).items():
+        print(f"optimizer step, 448 LoRA tensors of Llama-8B, {k}: {ms:.2f} ms")
     print("| what | shape | host us/call (64 tokens) | GPU ms/call |")
     print("|---|---|---:|---:|")
     for shape, (n_in, n_out) in SHAPES.items():

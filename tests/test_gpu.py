@@ -596,6 +596,47 @@ def long_row_step(net, tokens: int = 4096):
 
 
 @on_gpu
+def test_one_step_adamw_matches_bitsandbytes_paged_adamw_on_cuda():
+    """train/optim.py on the GPU: paged_adamw_32bit's results (bitsandbytes' CUDA kernel, one tensor at a time) within
+    rounding, the same states paged (tensors of >= 1e5 elements) and the same device memory counted."""
+    import bitsandbytes as bnb
+
+    from train import optim
+
+    shapes = [(16, 4096), (4096, 16), (16, 14336), (14336, 16), (16, 1024)] * 3
+
+    def build(cls):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).cuda().bfloat16()) for s in shapes]
+        return ps, cls(ps, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, optim_bits=32, is_paged=True)
+
+    results = []
+    for cls in (bnb.optim.AdamW, optim.flat_adamw_class()):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        ps, opt = build(cls)
+        for k in range(5):
+            g = torch.Generator().manual_seed(100 + k)
+            for p in ps:
+                p.grad = (torch.randn(p.shape, generator=g) * 0.01).cuda().bfloat16()
+            opt.step()
+        for p in ps:
+            p.grad = None
+        torch.cuda.synchronize()
+        paged = [getattr(opt.state[p]["state1"], "is_paged", False) or
+                 getattr(opt.state[p]["state1"]._base, "is_paged", False) for p in ps]
+        results.append((ps, opt, torch.cuda.memory_allocated() - before, paged))
+    (ref_ps, ref, ref_mem, ref_paged), (ps, ours, mem, paged) = results
+    assert ours.train_flat
+    assert paged == ref_paged and any(paged) and not all(paged)
+    assert abs(mem - ref_mem) < 2**20, (mem, ref_mem)
+    for p, q in zip(ps, ref_ps):
+        torch.testing.assert_close(p.float(), q.float(), rtol=8e-3, atol=1e-6)
+        for key in ("state1", "state2"):
+            torch.testing.assert_close(ours.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-9)
+
+
+@on_gpu
 def test_offloaded_checkpoints_train_exactly_as_resident_ones():
     """Side-stream copies out and one-layer-ahead prefetch back: bit-identical loss and LoRA gradients."""
     from train.kernels import offload

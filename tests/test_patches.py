@@ -281,3 +281,15 @@ def test_has_lora_variant_tells_dora_from_plain_lora(dora):
     peft_model = get_peft_model(net, LoraConfig(r=2, target_modules=["0"], use_dora=dora))
     layer = next(m for m in peft_model.modules() if isinstance(m, LoraLayer))
     assert patches.has_lora_variant(layer, "default") is dora
+
+
+def test_bitsandbytes_optimizer_internals():
+    """train/optim.py's one-step AdamW calls bitsandbytes' per-tensor step pieces and reads its args and page manager."""
+    import bitsandbytes as bnb
+    import torch
+
+    opt = bnb.optim.AdamW([torch.nn.Parameter(torch.zeros(4))], optim_bits=32)
+    try:
+        patches.check_bnb_optimizer(opt)
+    except patches.PatchBroken as e:
+        pytest.fail(str(e))

@@ -325,3 +325,72 @@ def check_fsdp_prefix() -> None:
     if FSDP_WRAPPED_MODULE != FSDP_WRAPPED:
         raise PatchBroken(f"torch {installed('torch')}: FSDP's wrapper prefix is now {FSDP_WRAPPED_MODULE!r} "
                           f"(tested with torch {TESTED['torch']})")
+
+
+# --------------------------------------------------------------------------------------------
+# bitsandbytes' Optimizer8bit internals used by train/optim.py's one-step AdamW: its lazy first-step setup
+# (initialized, check_overrides, to_gpu), its per-parameter overrides (mng.index2config), its per-tensor update
+# (init_state, prefetch_state, update_step, then utils.sync_gpu: what its own step() does per tensor), its args
+# (optim_bits, max_unorm, skip_zeros) and paged buffers (functional.get_paged, fill, page_mng.paged_tensors).
+
+BNB_OPTIMIZER = {"check_overrides": (), "to_gpu": (), "init_state": ("group", "p", "gindex", "pindex"),
+                 "prefetch_state": ("p",), "update_step": ("group", "p", "gindex", "pindex")}
+
+
+def check_bnb_optimizer(opt=None) -> None:
+    """The methods above with their signatures, and (given an optimizer) the attributes read."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from bitsandbytes import utils
+
+    for name, params in BNB_OPTIMIZER.items():
+        require("bitsandbytes", bnb.optim.AdamW, name, params)
+    for owner, name in ((F, "get_paged"), (F, "fill"), (utils, "sync_gpu")):
+        require("bitsandbytes", owner, name)
+    if opt is not None:
+        missing = [a for a in ("initialized", "is_paged", "args", "mng", "page_mng") if not hasattr(opt, a)]
+        missing += [a for a in ("optim_bits", "max_unorm", "skip_zeros") if not hasattr(opt.args, a)]
+        missing += [] if hasattr(opt.mng, "index2config") else ["mng.index2config"]
+        missing += [] if hasattr(opt.page_mng, "paged_tensors") else ["page_mng.paged_tensors"]
+        if missing:
+            raise PatchBroken(f"bitsandbytes {installed('bitsandbytes')}: its optimizer no longer has {missing} "
+                              f"(train/optim.py was tested with {TESTED['bitsandbytes']}); update train/patches.py")
+
+
+def bnb_optimizer_ready(opt) -> None:
+    """What bitsandbytes' step() does before its first update (overrides registered, states on the device)."""
+    if not opt.initialized:
+        check_bnb_optimizer(opt)
+        opt.check_overrides()
+        opt.to_gpu()
+        opt.initialized = True
+
+
+def bnb_has_overrides(opt) -> bool:
+    return bool(opt.mng.index2config)
+
+
+def bnb_group_step(opt, gindex: int, group: dict) -> None:
+    """bitsandbytes' own step() for one parameter group: each tensor updated on its own, a sync after each."""
+    from bitsandbytes.utils import sync_gpu
+
+    p = None
+    for pindex, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        if len(opt.state[p]) == 0:
+            opt.init_state(group, p, gindex, pindex)
+        opt.prefetch_state(p)
+        opt.update_step(group, p, gindex, pindex)
+        sync_gpu(p)
+
+
+def bnb_paged_zeros(opt, n: int, device):
+    """A paged fp32 buffer of n zeros, registered with the optimizer's page manager (as get_state_buffer does)."""
+    import bitsandbytes.functional as F
+    import torch
+
+    buf = F.get_paged(n, dtype=torch.float32, device=device)
+    F.fill(buf, 0)
+    opt.page_mng.paged_tensors.append(buf)
+    return buf

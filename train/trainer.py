@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from train import checkpoints, lora, patches, sampler
+from train import checkpoints, lora, optim, patches, sampler
 from train.callbacks import MarkComplete, MetricsFile, StepLines
 from train.config import Config
 from train.kernels.long_rows import LongRows
@@ -30,6 +30,12 @@ def trainer_class():
         """
 
         task_scorer = None  # callable(model) -> {"eval_mae": ...}: task metric logged with each eval
+
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            """Trainer's choice, with bitsandbytes' 32-bit AdamW stepping a whole group at once (train/optim.py)."""
+            cls, kwargs = SFTTrainer.get_optimizer_cls_and_kwargs(args, model)
+            return optim.optimizer_class(cls, kwargs), kwargs
 
         def train_sampler_hook(self, train_sampler):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed

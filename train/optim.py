@@ -1,0 +1,171 @@
+"""Owns the optimizer step of bitsandbytes' 32-bit AdamW (train.optimizer=paged_adamw_32bit, the default): one update
+for all of a parameter group's tensors instead of one per tensor.
+
+Why our own code: bitsandbytes updates each tensor on its own and synchronizes the GPU after each one. On the 8B
+benchmark that is 448 LoRA tensors, 30-42 ms of host time a step with the GPU idle in between, on a step that
+waits for the host (docs/benchmarks.md, session 6). Here a group's states live in two flat fp32 buffers, one
+resident and one paged. They are split by bitsandbytes' own rule: a tensor's state is paged when the optimizer is
+and the tensor has at least 1e5 elements, so the same memory is paged as before. Each tensor's state1/state2 is a
+view into them, so the optimizer's state_dict, checkpoints and resume are bitsandbytes' own. The update is
+bitsandbytes' AdamW arithmetic, op for op as its CPU kernel does it, on the flat buffers: a few kernels a step, no
+sync. A group the layout does not fit takes bitsandbytes' own per-tensor path: per-parameter overrides, max_unorm,
+skip_zeros, 8-bit states, a tensor without a gradient, mixed devices or dtypes, different step counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from train import patches
+
+PAGED_MIN = 100_000  # bitsandbytes' get_state_buffer: smaller states are never paged
+
+
+def optimizer_class(cls, kwargs: dict):
+    """The class Trainer should build for (cls, kwargs) from its get_optimizer_cls_and_kwargs: FlatAdamW32bit in
+    place of bitsandbytes' AdamW with 32-bit states, anything else unchanged."""
+    import bitsandbytes as bnb
+
+    if cls is bnb.optim.AdamW and kwargs.get("optim_bits", 32) == 32:
+        return flat_adamw_class()
+    return cls
+
+
+@dataclass
+class _Segment:
+    s1: torch.Tensor  # flat fp32 state1 (exp_avg) of the segment's tensors, in order
+    s2: torch.Tensor  # flat fp32 state2 (exp_avg_sq)
+    start: int  # the segment's offset in the group's concatenated gradients
+    n: int
+
+
+@dataclass
+class _Flat:
+    ids: tuple  # id() of the group's parameters, in the group's order
+    order: list  # the parameters: resident states first, then paged
+    views1: list  # each parameter's state1: a view into a segment (checked each step: load_state_dict replaces them)
+    views2: list
+    segments: list
+    state: dict  # the optimizer.state the views were put in (load_state_dict replaces it)
+
+
+@functools.cache
+def flat_adamw_class():
+    import bitsandbytes as bnb
+
+    class FlatAdamW32bit(bnb.optim.AdamW):
+        """bitsandbytes' AdamW (32-bit states, paged or not) whose step updates a whole group at once."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            patches.bnb_optimizer_ready(self)
+            for gindex, group in enumerate(self.param_groups):
+                flat = _layout(self, gindex, group)
+                if flat is None:
+                    patches.bnb_group_step(self, gindex, group)
+                else:
+                    _adamw_step(self, flat, group)
+            return loss
+
+    return FlatAdamW32bit
+
+
+def _layout(opt, gindex: int, group: dict):
+    """The group's flat layout, built (or rebuilt after load_state_dict) when the group fits it; else None."""
+    params = group["params"]
+    if not _fits(opt, group):
+        return None
+    cache = opt.__dict__.setdefault("train_flat", {})  # gindex -> _Flat
+    flat = cache.get(gindex)
+    ids = tuple(map(id, params))
+    if flat is not None and flat.ids == ids and flat.state is opt.state and all(
+            opt.state[p]["state1"] is v1 and opt.state[p]["state2"] is v2
+            for p, v1, v2 in zip(flat.order, flat.views1, flat.views2)):
+        return flat
+    cache[gindex] = flat = _pack(opt, params, ids)
+    return flat
+
+
+def _fits(opt, group: dict) -> bool:
+    """Every tensor of the group has a gradient, one device and dtype, and states that are fresh or fp32 at one step;
+    the optimizer has no per-parameter overrides, max_unorm or skip_zeros."""
+    params = group["params"]
+    if not params or patches.bnb_has_overrides(opt) or len(group["betas"]) != 2:
+        return False
+    args = opt.args
+    if args.optim_bits != 32 or args.max_unorm > 0 or args.skip_zeros:
+        return False
+    first = params[0]
+    if any(p.grad is None or p.device != first.device or p.dtype != first.dtype for p in params):
+        return False
+    states = [opt.state.get(p, {}) for p in params]
+    if all(len(s) == 0 for s in states):
+        return True
+    return all(s.get("state1") is not None and s["state1"].dtype == torch.float32 and s.get("state2") is not None
+               and s["step"] == states[0]["step"] for s in states)
+
+
+def _pack(opt, params: list, ids: tuple) -> _Flat:
+    """Put the group's states into flat buffers (fresh states start at zero; loaded ones are copied in)."""
+    paged = [opt.is_paged and p.device.type == "cuda" and p.numel() >= PAGED_MIN for p in params]
+    order = [p for p, pg in zip(params, paged) if not pg] + [p for p, pg in zip(params, paged) if pg]
+    segments, views1, views2, start = [], [], [], 0
+    for members, is_paged in (([p for p, pg in zip(params, paged) if not pg], False),
+                              ([p for p, pg in zip(params, paged) if pg], True)):
+        n = sum(p.numel() for p in members)
+        if n == 0:
+            continue
+        device = members[0].device
+        s1, s2 = (patches.bnb_paged_zeros(opt, n, device) if is_paged else
+                  torch.zeros(n, dtype=torch.float32, device=device) for _ in range(2))
+        offset = 0
+        for p in members:
+            state = opt.state[p]
+            for key, flat, views in (("state1", s1, views1), ("state2", s2, views2)):
+                view = flat[offset:offset + p.numel()].view_as(p)
+                if key in state:
+                    view.copy_(state[key])
+                state[key] = view
+                views.append(view)
+            state.setdefault("step", 0)
+            offset += p.numel()
+        segments.append(_Segment(s1, s2, start, n))
+        start += n
+    return _Flat(ids, order, views1, views2, segments, opt.state)
+
+
+def _adamw_step(opt, flat: _Flat, group: dict) -> None:
+    """bitsandbytes' 32-bit AdamW update (its CPU kernel's ops, in its order) for every tensor of the group at once."""
+    beta1, beta2 = group["betas"]
+    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+    states = [opt.state[p] for p in flat.order]
+    step = states[0]["step"] + 1
+    for state in states:
+        state["step"] = step
+    correction1 = 1.0 - beta1 ** step
+    correction2 = math.sqrt(1.0 - beta2 ** step)
+    step_size = -lr * correction2 / correction1
+    grads = torch.cat([p.grad.reshape(-1) for p in flat.order])
+    weights = torch.cat([p.reshape(-1) for p in flat.order])
+    for seg in flat.segments:
+        g = grads[seg.start:seg.start + seg.n].float()
+        w = weights[seg.start:seg.start + seg.n].float()
+        seg.s1.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        seg.s2.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        del g
+        if decay > 0.0:
+            w.mul_(1.0 - lr * decay)
+        update = seg.s1 / (seg.s2.sqrt() + eps * correction2)
+        w.add_(update, alpha=step_size * 1.0)  # bitsandbytes' update_scale: 1.0 without max_unorm
+        del update
+        weights[seg.start:seg.start + seg.n].copy_(w)
+    sizes = [p.numel() for p in flat.order]
+    torch._foreach_copy_(flat.order, [c.view_as(p) for c, p in zip(weights.split(sizes), flat.order)])
