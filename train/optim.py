@@ -47,6 +47,7 @@ class _Segment:
 class _Flat:
     ids: tuple  # id() of the group's parameters, in the group's order
     order: list  # the parameters: resident states first, then paged
+    sizes: list  # their numel()s, in that order
     views1: list  # each parameter's state1: a view into a segment (checked each step: load_state_dict replaces them)
     views2: list
     segments: list
@@ -95,8 +96,8 @@ def _layout(opt, gindex: int, group: dict):
 
 
 def _fits(opt, group: dict) -> bool:
-    """Every tensor of the group has a gradient, one device and dtype, and states that are fresh or fp32 at one step;
-    the optimizer has no per-parameter overrides, max_unorm or skip_zeros."""
+    """Every tensor of the group has a plain (not DTensor) gradient, one device and dtype, and states that are fresh or
+    fp32 at one step; the optimizer has no per-parameter overrides, max_unorm or skip_zeros."""
     params = group["params"]
     if not params or patches.bnb_has_overrides(opt) or len(group["betas"]) != 2:
         return False
@@ -104,7 +105,8 @@ def _fits(opt, group: dict) -> bool:
     if args.optim_bits != 32 or args.max_unorm > 0 or args.skip_zeros:
         return False
     first = params[0]
-    if any(p.grad is None or p.device != first.device or p.dtype != first.dtype for p in params):
+    if any(p.grad is None or type(p.grad) is not torch.Tensor or p.device != first.device or p.dtype != first.dtype
+           for p in params):  # plain tensors only: a DTensor (FSDP2) gradient takes bitsandbytes' own path
         return False
     states = [opt.state.get(p, {}) for p in params]
     if all(len(s) == 0 for s in states):
@@ -139,7 +141,7 @@ def _pack(opt, params: list, ids: tuple) -> _Flat:
             offset += p.numel()
         segments.append(_Segment(s1, s2, start, n))
         start += n
-    return _Flat(ids, order, views1, views2, segments, opt.state)
+    return _Flat(ids, order, [p.numel() for p in order], views1, views2, segments, opt.state)
 
 
 def _adamw_step(opt, flat: _Flat, group: dict) -> None:
@@ -167,5 +169,4 @@ def _adamw_step(opt, flat: _Flat, group: dict) -> None:
         w.add_(update, alpha=step_size * 1.0)  # bitsandbytes' update_scale: 1.0 without max_unorm
         del update
         weights[seg.start:seg.start + seg.n].copy_(w)
-    sizes = [p.numel() for p in flat.order]
-    torch._foreach_copy_(flat.order, [c.view_as(p) for c, p in zip(weights.split(sizes), flat.order)])
+    torch._foreach_copy_(flat.order, [c.view_as(p) for c, p in zip(weights.split(flat.sizes), flat.order)])
