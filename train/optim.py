@@ -6,16 +6,16 @@ benchmark that is 448 LoRA tensors, 30-42 ms of host time a step with the GPU id
 waits for the host (docs/benchmarks.md, session 6). Here a group's states live in two flat fp32 buffers, one
 resident and one paged. They are split by bitsandbytes' own rule: a tensor's state is paged when the optimizer is
 and the tensor has at least 1e5 elements, so the same memory is paged as before. Each tensor's state1/state2 is a
-view into them, so the optimizer's state_dict, checkpoints and resume are bitsandbytes' own. The update is
-bitsandbytes' AdamW arithmetic, op for op as its CPU kernel does it, on the flat buffers: a few kernels a step, no
-sync. A group the layout does not fit takes bitsandbytes' own per-tensor path: per-parameter overrides, max_unorm,
-skip_zeros, 8-bit states, a tensor without a gradient, mixed devices or dtypes, different step counts.
+view into them, so the optimizer's state_dict, checkpoints and resume are bitsandbytes' own. bitsandbytes' own
+update kernel (elementwise) then runs once per buffer on the concatenated gradients and weights: the same numbers
+as once per tensor, in a few kernels and no sync. A group the layout does not fit takes bitsandbytes' own
+per-tensor path: per-parameter overrides, max_unorm, skip_zeros, 8-bit states, a tensor without a gradient, mixed
+devices or dtypes, different step counts, DTensor gradients.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -145,28 +145,22 @@ def _pack(opt, params: list, ids: tuple) -> _Flat:
 
 
 def _adamw_step(opt, flat: _Flat, group: dict) -> None:
-    """bitsandbytes' 32-bit AdamW update (its CPU kernel's ops, in its order) for every tensor of the group at once."""
-    beta1, beta2 = group["betas"]
-    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+    """bitsandbytes' own 32-bit update kernel, once per segment on the concatenated gradients and weights (it is
+    elementwise: the same result as once per tensor), then the weights copied back into the parameters."""
+    import bitsandbytes.functional as F
+
     states = [opt.state[p] for p in flat.order]
     step = states[0]["step"] + 1
     for state in states:
         state["step"] = step
-    correction1 = 1.0 - beta1 ** step
-    correction2 = math.sqrt(1.0 - beta2 ** step)
-    step_size = -lr * correction2 / correction1
     grads = torch.cat([p.grad.reshape(-1) for p in flat.order])
     weights = torch.cat([p.reshape(-1) for p in flat.order])
     for seg in flat.segments:
-        g = grads[seg.start:seg.start + seg.n].float()
-        w = weights[seg.start:seg.start + seg.n].float()
-        seg.s1.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        seg.s2.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        del g
-        if decay > 0.0:
-            w.mul_(1.0 - lr * decay)
-        update = seg.s1 / (seg.s2.sqrt() + eps * correction2)
-        w.add_(update, alpha=step_size * 1.0)  # bitsandbytes' update_scale: 1.0 without max_unorm
-        del update
-        weights[seg.start:seg.start + seg.n].copy_(w)
+        if getattr(seg.s1, "is_paged", False):  # as bitsandbytes' prefetch_state: the pages onto the GPU first
+            F.prefetch_tensor(seg.s1)
+            F.prefetch_tensor(seg.s2)
+        F.optimizer_update_32bit(opt.optimizer_name, grads[seg.start:seg.start + seg.n],
+                                 weights[seg.start:seg.start + seg.n], seg.s1, group["betas"][0], group["eps"], step,
+                                 group["lr"], seg.s2, group["betas"][1], 0.0, 0.0, group["weight_decay"], 1.0, None,
+                                 max_unorm=0.0, skip_zeros=False)
     torch._foreach_copy_(flat.order, [c.view_as(p) for c, p in zip(weights.split(flat.sizes), flat.order)])

@@ -331,7 +331,8 @@ def check_fsdp_prefix() -> None:
 # bitsandbytes' Optimizer8bit internals used by train/optim.py's one-step AdamW: its lazy first-step setup
 # (initialized, check_overrides, to_gpu), its per-parameter overrides (mng.index2config), its per-tensor update
 # (init_state, prefetch_state, update_step, then utils.sync_gpu: what its own step() does per tensor), its args
-# (optim_bits, max_unorm, skip_zeros) and paged buffers (functional.get_paged, fill, page_mng.paged_tensors).
+# (optim_bits, max_unorm, skip_zeros, optimizer_name) and paged buffers (functional.get_paged, fill,
+# page_mng.paged_tensors). functional.optimizer_update_32bit and prefetch_tensor are its public functional API.
 
 BNB_OPTIMIZER = {"check_overrides": (), "to_gpu": (), "init_state": ("group", "p", "gindex", "pindex"),
                  "prefetch_state": ("p",), "update_step": ("group", "p", "gindex", "pindex")}
@@ -345,10 +346,12 @@ def check_bnb_optimizer(opt=None) -> None:
 
     for name, params in BNB_OPTIMIZER.items():
         require("bitsandbytes", bnb.optim.AdamW, name, params)
-    for owner, name in ((F, "get_paged"), (F, "fill"), (utils, "sync_gpu")):
+    for owner, name in ((F, "get_paged"), (F, "fill"), (F, "prefetch_tensor"), (F, "optimizer_update_32bit"),
+                        (utils, "sync_gpu")):
         require("bitsandbytes", owner, name)
     if opt is not None:
-        missing = [a for a in ("initialized", "is_paged", "args", "mng", "page_mng") if not hasattr(opt, a)]
+        missing = [a for a in ("initialized", "is_paged", "args", "mng", "page_mng", "optimizer_name")
+                   if not hasattr(opt, a)]
         missing += [a for a in ("optim_bits", "max_unorm", "skip_zeros") if not hasattr(opt.args, a)]
         missing += [] if hasattr(opt.mng, "index2config") else ["mng.index2config"]
         missing += [] if hasattr(opt.page_mng, "paged_tensors") else ["page_mng.paged_tensors"]
