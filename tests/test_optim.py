@@ -91,14 +91,17 @@ def test_resume_from_a_state_dict_equals_the_uninterrupted_run(source):
     assert_same(resumed, resumed_ps, whole, whole_ps)
 
 
-def test_trainer_builds_the_one_step_adamw_for_paged_adamw_32bit_only():
+@pytest.mark.parametrize("on", [True, False])
+def test_trainer_builds_the_one_step_adamw_for_paged_adamw_32bit_only(monkeypatch, on):
+    """With TRAIN_ONE_STEP_ADAMW=1 (until the GPU check has run it), paged_adamw_32bit only."""
     from transformers import TrainingArguments
 
     from train.trainer import trainer_class
 
+    monkeypatch.setenv(optim.ENV, "1" if on else "0")
     cls = trainer_class()
-    for name, want in (("paged_adamw_32bit", optim.flat_adamw_class()), ("paged_adamw_8bit", bnb.optim.AdamW),
-                       ("adamw_torch", torch.optim.AdamW)):
+    for name, want in (("paged_adamw_32bit", optim.flat_adamw_class() if on else bnb.optim.AdamW),
+                       ("paged_adamw_8bit", bnb.optim.AdamW), ("adamw_torch", torch.optim.AdamW)):
         args = TrainingArguments(output_dir="unused", optim=name, report_to=[])
         got, kwargs = cls.get_optimizer_cls_and_kwargs(args)
         assert got is want, name
