@@ -1,12 +1,13 @@
 """Host and GPU cost of one QLoRA layer of Llama-8B's shapes, per call: the NF4 dequantization alone (bitsandbytes'
-against train/kernels/nf4.py) and the fused layer's forward + backward (lora.kernel fused, fused_triton, peft).
+against train/kernels/nf4.py) and the fused layer's forward + backward (lora.kernel fused, fused_triton, peft); and
+the optimizer step over the 8B's 448 LoRA tensors (bitsandbytes' paged AdamW against train/optim.py's).
 
 Why: on the default workload the GPU waits for the host for much of a step (docs/benchmarks.md, session 6), and
 whole-run tok/s on a shared host varies by +-10 % between runs, too much to see a change of a few percent in the
 per-layer host work. Here each variant runs in the same process, alternating, and prints the medians of
   host us/call  a small call (64 tokens): the GPU keeps up, so the wall time per call is the host's
   GPU ms/call   a large call (8,192 tokens), timed by CUDA events
-Usage (a CUDA machine): python scripts/layer_bench.py [--tokens 8192] [--rounds 5]
+Usage (a CUDA machine): python scripts/layer_bench.py [--tokens 8192] [--rounds 5] [--optimizer-only]
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192, help="tokens of the GPU-timed call (default 8192)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are printed (default 5)")
+    p.add_argument("--optimizer-only", action="store_true", help="only the optimizer step's timing")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("layer_bench.py: error: needs a CUDA GPU", file=sys.stderr)
@@ -160,6 +162,8 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     for k, ms in optimizer_ms(args.rounds).items():
         print(f"optimizer step, 448 LoRA tensors of Llama-8B, {k}: {ms:.2f} ms")
+    if args.optimizer_only:
+        return 0
     print("| what | shape | host us/call (64 tokens) | GPU ms/call |")
     print("|---|---|---:|---:|")
     for shape, (n_in, n_out) in SHAPES.items():
