@@ -3,7 +3,9 @@ REPORT/trace-WAY.json.gz (torch.profiler's Chrome trace); this reads it and prin
   - each GPU stream's busy time (kernels, copies) and the union over streams, against the step's wall time;
   - the compute stream's idle time (gaps between its kernels), and how it is spread over the step (twentieths);
   - that idle time charged to the CPU op that launched the kernel ending each gap: the host work the GPU waited on;
-  - the host time (inclusive, CPU) of the project's per-layer Functions and the optimizer step.
+  - the host time (inclusive, CPU) of the project's per-layer Functions and the optimizer step;
+  - per host thread (the forward's, autograd's), the CPU ops' self time: where the host time goes, and by the
+    us/call of plain ops (aten::view, aten::empty) how fast this host ran (session 6: 2x from one process to the next).
 Usage: python scripts/trace_gaps.py TRACE.json.gz [...]
 """
 
@@ -51,6 +53,36 @@ def launcher(kernel: dict, runtime: dict, ops: list[dict], starts: list[float]) 
             if best is None or o["dur"] < best["dur"]:
                 best = o
     return best["name"] if best else "?"
+
+
+def self_times(events: list[dict]) -> dict:
+    """{thread id: {op name: [calls, self us]}} over the CPU ops: an op's time less that of the ops nested in it."""
+    by_tid = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            by_tid[e.get("tid")].append(e)
+    out = {}
+    for tid, ops in by_tid.items():
+        table, stack = collections.defaultdict(lambda: [0, 0.0]), []
+        for e in sorted(ops, key=lambda e: (e["ts"], -e["dur"])):
+            while stack and e["ts"] >= stack[-1]["ts"] + stack[-1]["dur"]:
+                stack.pop()
+            if stack:
+                table[stack[-1]["name"]][1] -= e["dur"]
+            table[e["name"]][0] += 1
+            table[e["name"]][1] += e["dur"]
+            stack.append(e)
+        out[tid] = dict(table)
+    return out
+
+
+def print_self_times(events: list[dict], top: int) -> None:
+    tables = self_times(events)
+    for tid, table in sorted(tables.items(), key=lambda kv: -sum(n for n, _ in kv[1].values()))[:2]:
+        total = sum(us for _, us in table.values())
+        print(f"  host thread {tid}: CPU ops' self time {total / 1e3:.1f} ms (calls, ms, us/call):")
+        for name, (n, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"    {name[:48]:<48} {n:6d} {us / 1e3:8.1f} {us / n:8.1f}")
 
 
 def report(path: str, top: int = 12) -> None:
@@ -102,6 +134,7 @@ def report(path: str, top: int = 12) -> None:
         if name in incl:
             n, us = incl[name]
             print(f"    {name:<32} {n:6d} {us / 1e3:8.1f} {us / n:8.1f}")
+    print_self_times(ev, top)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,12 @@ def test_gpu_idle_is_the_span_minus_busy_time():
                               evt(8_000, 9_000, "CUDA")])
     assert gpu_idle_ms(prof) == 6.0  # 10 ms span, kernels busy 1-4 and 8-9 ms
     assert gpu_idle_ms(NS(events=lambda: [evt(0, 5, "CPU")])) is None
+
+
+def test_self_time_subtracts_nested_ops_per_thread():
+    events = [_x("outer", "cpu_op", 0, 100), _x("aten::mm", "cpu_op", 10, 30), _x("aten::view", "cpu_op", 15, 5),
+              _x("aten::view", "cpu_op", 60, 10), _x("other-thread", "cpu_op", 0, 50, tid=2),
+              _x("cudaLaunchKernel", "cuda_runtime", 20, 5)]  # runtime calls are not CPU ops
+    tables = trace_gaps.self_times(events)
+    assert tables[1] == {"outer": [1, 60.0], "aten::mm": [1, 25.0], "aten::view": [2, 15.0]}
+    assert tables[2] == {"other-thread": [1, 50.0]}
