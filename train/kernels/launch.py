@@ -3,8 +3,9 @@
 Why our own code: Triton's `kernel[grid](*args)` binds and specializes every argument, reads its runtime knobs from
 the environment, builds a cache key string and checks the kernel's globals on every call. The fused QLoRA layer
 launches ~670-1,570 Triton kernels a step on an 8B (NF4 dequantization, the dropout kernels), on a path where the
-GPU waits for the host (docs/benchmarks.md, session 6: ~100 us of Python before each launch on the GPU machine's
-host). Here the first launch for a signature goes through Triton, which compiles, specializes and launches; it
+GPU waits for the host (docs/benchmarks.md: in session 6's trace ~100 us of host time went by between an NF4
+dequantization's output allocation and its launch; how much of that this saves is not yet measured apart from the
+host's run-to-run noise). Here the first launch for a signature goes through Triton, which compiles, specializes and launches; it
 returns the CompiledKernel, and later launches with the same signature call that kernel's own launcher
 (`CompiledKernel[grid](*args)`, Triton's API for a compiled kernel). The signature covers everything Triton
 specializes on (each tensor's dtype and 16-byte alignment; each integer's width, ==1 and divisibility by 16; the
