@@ -5,7 +5,7 @@ the optimizer step over the 8B's 448 LoRA tensors (bitsandbytes' paged AdamW aga
 Why: on the default workload the GPU waits for the host for much of a step (docs/benchmarks.md, session 6), and
 whole-run tok/s on a shared host varies by +-10 % between runs, too much to see a change of a few percent in the
 per-layer host work. Here each variant runs in the same process, alternating, and prints the medians of
-  host us/call  a small call (64 tokens): the GPU keeps up, so the wall time per call is the host's
+  host us/call  a small call (64 tokens): the GPU keeps up, so the wall time per call is the host's (min, median)
   GPU ms/call   a large call (8,192 tokens), timed by CUDA events
 Usage (a CUDA machine): python scripts/layer_bench.py [--tokens 8192] [--rounds 5] [--optimizer-only]
 """
@@ -164,7 +164,9 @@ def main() -> int:
         print(f"optimizer step, 448 LoRA tensors of Llama-8B, {k}: {ms:.2f} ms")
     if args.optimizer_only:
         return 0
-    print("| what | shape | host us/call (64 tokens) | GPU ms/call |")
+    # host: the fastest round as well as the median (a shared host's speed changes from one moment to the next; the
+    # minimum is the least disturbed estimate of a variant's own cost)
+    print("| what | shape | host us/call (64 tokens), min / median | GPU ms/call |")
     print("|---|---|---:|---:|")
     for shape, (n_in, n_out) in SHAPES.items():
         fns = dequant_fns(n_in, n_out)
@@ -174,7 +176,7 @@ def main() -> int:
                 res[k][0].append(host_us(fn, 1000))
                 res[k][1].append(gpu_ms(fn, 100))
         for k, (h, g) in res.items():
-            print(f"| dequant, {k} | {shape} | {statistics.median(h):.1f} | {statistics.median(g):.3f} |")
+            print(f"| dequant, {k} | {shape} | {min(h):.1f} / {statistics.median(h):.1f} | {statistics.median(g):.3f} |")
     for shape, (n_in, n_out) in SHAPES.items():
         models = {k: layer(n_in, n_out, k) for k in ("fused", "fused_triton", "peft")}
         small = launch_variants({k: step_fn(m, 64, n_in) for k, m in models.items()})
@@ -185,7 +187,8 @@ def main() -> int:
                 res[k][0].append(host_us(small[k]))
                 res[k][1].append(gpu_ms(large[k]))
         for k, (h, g) in res.items():
-            print(f"| fwd+bwd, lora.kernel={k} | {shape} | {statistics.median(h):.1f} | {statistics.median(g):.3f} |")
+            print(f"| fwd+bwd, lora.kernel={k} | {shape} | {min(h):.1f} / {statistics.median(h):.1f} | "
+                  f"{statistics.median(g):.3f} |")
     return 0
 
 
