@@ -176,7 +176,8 @@ def main() -> int:
                 res[k][0].append(host_us(fn, 1000))
                 res[k][1].append(gpu_ms(fn, 100))
         for k, (h, g) in res.items():
-            print(f"| dequant, {k} | {shape} | {min(h):.1f} / {statistics.median(h):.1f} | {statistics.median(g):.3f} |")
+            print(f"| dequant, {k} | {shape} | {min(h):.1f} / {statistics.median(h):.1f} | "
+                  f"{statistics.median(g):.3f} |")
     for shape, (n_in, n_out) in SHAPES.items():
         models = {k: layer(n_in, n_out, k) for k in ("fused", "fused_triton", "peft")}
         small = launch_variants({k: step_fn(m, 64, n_in) for k, m in models.items()})
