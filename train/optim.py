@@ -1,5 +1,5 @@
-"""Owns the optimizer step of bitsandbytes' 32-bit AdamW (train.optimizer=paged_adamw_32bit, the default): one update
-for all of a parameter group's tensors instead of one per tensor.
+"""Owns the optimizer step of bitsandbytes' 32-bit AdamW (train.optimizer=paged_adamw_32bit, the default; staged
+behind TRAIN_ONE_STEP_ADAMW=1, see ENV): one update for all of a parameter group's tensors instead of one per tensor.
 
 Why our own code: bitsandbytes updates each tensor on its own and synchronizes the GPU after each one. On the 8B
 benchmark that is 448 LoRA tensors, 30-42 ms of host time a step with the GPU idle in between, on a step that
