@@ -519,6 +519,7 @@ def main(argv=None) -> int:
     import torch
 
     meta = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "command": " ".join(["python", *sys.argv]),
+            "train_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRAIN_")},  # staged switches
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "base": ctx["base"]}
     if args.cpu:
         ids = wl.cpu_batch(args.model, args.batch, args.seq_len)
@@ -545,7 +546,8 @@ def main(argv=None) -> int:
         main_rows = [r for r in results if r["way"] not in ctx["plan_ways"]]
         labels = {w: v["label"] for w, v in WAYS.items()}
         table = cpu_table(main_rows, ctx, labels) if args.cpu else side_by_side(main_rows, labels, SIDE_BY_SIDE)
-        parts = [model_line(args, ctx)] + ([table] if main_rows else [])
+        env = " ".join(f"{k}={v}" for k, v in meta["train_env"].items())
+        parts = [model_line(args, ctx) + (f"; environment: {env}" if env else "")] + ([table] if main_rows else [])
         doc = {"meta": meta, "results": results}
         if ctx["plan_ways"]:
             ours = {k: w for k, w in ctx["plan_ways"].items() if w["kind"] == "ours" and not w.get("skip")}
