@@ -13,6 +13,7 @@ Usage (a CUDA machine): python scripts/layer_bench.py [--tokens 8192] [--rounds 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -97,9 +98,7 @@ def dequant_fns(n_in: int, n_out: int) -> dict:
 
 def launch_variants(fns: dict) -> dict:
     """Each fn twice where train/kernels/launch.py exists: Triton's own launch path, then our direct relaunch."""
-    try:
-        from train.kernels import launch
-    except ImportError:  # a tree from before it
+    if importlib.util.find_spec("train.kernels.launch") is None:  # a tree from before it
         return fns
     out = {}
     for k, fn in fns.items():
