@@ -161,8 +161,9 @@ def test_direct_relaunch_equals_tritons_own_launch(monkeypatch):
     def run_all() -> list:
         outs = [nf4.dequantize(packed, qs, torch.bfloat16) for _ in range(2)]
         for x, r, seed in cases:
-            a = (torch.randn(r, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(r)) * 0.02).bfloat16()
-            gh = torch.randn(x.shape[0], r, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
+            a_gen, gh_gen = torch.Generator("cuda").manual_seed(r), torch.Generator("cuda").manual_seed(seed)
+            a = (torch.randn(r, 4096, device="cuda", generator=a_gen) * 0.02).bfloat16()
+            gh = torch.randn(x.shape[0], r, device="cuda", generator=gh_gen).bfloat16()
             gx = torch.ones_like(x)
             outs += [K.lora_a_forward(x, a, seed, 0.1), K.lora_a_grad(x, gh, seed, 0.1),
                      K.lora_x_grad_(gx, gh, a, seed, 0.1)]

@@ -122,11 +122,11 @@ def _fits(opt, group: dict) -> bool:
 
 def _pack(opt, params: list, ids: tuple) -> _Flat:
     """Put the group's states into flat buffers (fresh states start at zero; loaded ones are copied in)."""
-    paged = [opt.is_paged and p.device.type == "cuda" and p.numel() >= PAGED_MIN for p in params]
-    order = [p for p, pg in zip(params, paged) if not pg] + [p for p, pg in zip(params, paged) if pg]
+    paged = {id(p) for p in params if opt.is_paged and p.device.type == "cuda" and p.numel() >= PAGED_MIN}
+    resident = [p for p in params if id(p) not in paged]
+    on_pages = [p for p in params if id(p) in paged]
     segments, views1, views2, start = [], [], [], 0
-    for members, is_paged in (([p for p, pg in zip(params, paged) if not pg], False),
-                              ([p for p, pg in zip(params, paged) if pg], True)):
+    for members, is_paged in ((resident, False), (on_pages, True)):
         n = sum(p.numel() for p in members)
         if n == 0:
             continue
@@ -148,6 +148,7 @@ def _pack(opt, params: list, ids: tuple) -> _Flat:
             offset += p.numel()
         segments.append(_Segment(s1, s2, start, n))
         start += n
+    order = resident + on_pages
     return _Flat(ids, order, [p.numel() for p in order], views1, views2, segments, opt.state)
 
 

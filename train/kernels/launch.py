@@ -5,8 +5,8 @@ the environment, builds a cache key string and checks the kernel's globals on ev
 launches ~670-1,570 Triton kernels a step on an 8B (NF4 dequantization, the dropout kernels), on a path where the
 GPU waits for the host (docs/benchmarks.md: in session 6's trace ~100 us of host time went by between an NF4
 dequantization's output allocation and its launch; how much of that this saves is not yet measured apart from the
-host's run-to-run noise). Here the first launch for a signature goes through Triton, which compiles, specializes and launches; it
-returns the CompiledKernel, and later launches with the same signature call that kernel's own launcher
+host's run-to-run noise). Here the first launch for a signature goes through Triton, which compiles, specializes
+and launches; it returns the CompiledKernel, and later launches with the same signature call that kernel's own launcher
 (`CompiledKernel[grid](*args)`, Triton's API for a compiled kernel). The signature covers everything Triton
 specializes on (each tensor's dtype and 16-byte alignment; each integer's width, ==1 and divisibility by 16; the
 constexprs and launch options; the current device), so a relaunch runs the same binary Triton would pick.
@@ -37,8 +37,10 @@ class Kernel:
         if entry is None:
             compiled = self.fn[grid](*args, **kw)  # compiles on first use, and launches
             names = getattr(self.fn, "arg_names", None)
-            rest = names[len(args):] if names is not None else [None]  # the constexprs, passed by name
-            if all(n in kw for n in rest) and callable(getattr(type(compiled), "__getitem__", None)):
+            if names is None or not callable(getattr(type(compiled), "__getitem__", None)):
+                return  # no compiled launcher to call: every launch goes through Triton
+            rest = names[len(args):]  # the constexprs, passed by name
+            if all(n in kw for n in rest):
                 self.compiled[key] = (compiled, tuple(kw[n] for n in rest))
             return
         compiled, tail = entry
