@@ -18,9 +18,9 @@ import json
 import sys
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-HOST_OPS = ("_QLoraLinear", "_QLoraLinearBackward", "CheckpointFunction", "CheckpointFunctionBackward",
-            "Optimizer.step#AdamW.step", "Optimizer.step#PagedAdamW.step", "aten::mm", "cuLaunchKernelEx",
-            "cudaLaunchKernel")
+HOST_OPS = ("_QLoraGroup", "_QLoraGroupBackward", "_QLoraLinear", "_QLoraLinearBackward",  # the fused layer, then before
+            "CheckpointFunction", "CheckpointFunctionBackward", "Optimizer.step#AdamW.step",
+            "Optimizer.step#PagedAdamW.step", "aten::mm", "cuLaunchKernelEx", "cudaLaunchKernel")
 
 
 def load(path: str) -> list[dict]:

@@ -116,6 +116,37 @@ def test_triton_kernels_match_reference_math_bf16(r, p):
     check_kernels(1520, 2128, r, p)
 
 
+def check_group_kernels(m: int, n: int, r: int, p: float, members: int, seed: int = 777) -> None:
+    """The group kernels (one launch for q/k/v or gate/up) against fp64 math with each member's reference mask."""
+    g = torch.Generator().manual_seed(members)
+    x = torch.randn(m, n, generator=g).cuda().bfloat16()
+    a = (torch.randn(members * r, n, generator=g) * 0.1).cuda().bfloat16()
+    gh = torch.randn(m, members * r, generator=g).cuda().bfloat16()
+    tol = {"atol": 2e-2, "rtol": 1.6e-2}
+    keeps = [reference_keep((m, n), K.member_seed(seed, j), p, "cuda") for j in range(members)]
+    assert all(not torch.equal(keeps[0], k) for k in keeps[1:])  # each member its own mask
+    cols = [slice(j * r, (j + 1) * r) for j in range(members)]
+    dropped = [x.double() * keep / (1 - p) for keep in keeps]
+    h = K.lora_a_forward(x, a, seed, p, members)
+    want = torch.cat([d @ a[c].double().t() for d, c in zip(dropped, cols)], 1)
+    torch.testing.assert_close(h.double(), want, **tol, msg="lora_a_forward, group")
+    grad_a = K.lora_a_grad(x, gh, seed, p, members)
+    want = torch.cat([gh[:, c].double().t() @ d for d, c in zip(dropped, cols)])
+    torch.testing.assert_close(grad_a.double(), want, atol=1e-3, rtol=1e-4, msg="lora_a_grad, group")
+    gx = torch.randn(m, n, generator=g).cuda().bfloat16()
+    want = gx.double() + sum((gh[:, c].double() @ a[c].double()) * keep / (1 - p) for keep, c in zip(keeps, cols))
+    torch.testing.assert_close(K.lora_x_grad_(gx, gh, a, seed, p, members).double(), want, **tol,
+                               msg="lora_x_grad_, group")
+
+
+@on_gpu
+@pytest.mark.parametrize("members", [2, 3])
+def test_group_kernels_match_reference_math_bf16(members):
+    compiled_triton()
+    check_group_kernels(1520, 2128, 16, 0.3, members)
+    check_group_kernels(4099, 4096, 32, 0.05, members, seed=2**31 - 2)  # Llama's q/k/v input width, the top seed
+
+
 @on_gpu
 def test_triton_kernels_at_llama_8b_mlp_width():
     """One down_proj input of the 8B benchmark (8192 tokens x 14336): 14 forward chunks, 16 partial sums."""
@@ -334,6 +365,41 @@ def check_fused_model(tmp_path, checkpointing: bool, device="cuda") -> None:
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fused_model_matches_peft_on_cuda(tmp_path, checkpointing):
     check_fused_model(tmp_path, checkpointing)
+
+
+@on_gpu
+def test_grouped_layers_equal_layers_alone_on_cuda(tmp_path, monkeypatch):
+    """lora.kernel=fused_triton in bf16 with dropout on the tiny 4-bit model: q/k/v and gate/up as groups (one Function,
+    the group kernels) against every layer alone, given the seeds that make the masks the same."""
+    from test_fused_lora import _peft_4bit
+    from test_lora_dropout import _loss_and_grads
+    from train import lora
+
+    compiled_triton()
+    models = {}
+    for groups in (True, False):
+        models[groups], cfg = _peft_4bit(tmp_path / str(groups), "bfloat16", 0.3, kernel="fused_triton", groups=groups)
+        lora.match_training_dtypes(models[groups], cfg.quant)
+    _copy_lora(models[True], models[False])
+    layers = models[True].config.num_hidden_layers
+    drawn = [1000 + 7 * i for i in range(4 * layers)]  # one seed per group or lone layer: q/k/v, o, gate/up, down
+    alone = []
+    for i in range(layers):
+        q, o, gate, down = drawn[4 * i:4 * i + 4]
+        alone += [q, K.member_seed(q, 1), K.member_seed(q, 2), o, gate, K.member_seed(gate, 1), down]
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    results = {}
+    for groups, seeds in ((True, drawn), (False, alone)):
+        it = iter(seeds)
+        monkeypatch.setattr(K, "new_seed", lambda: next(it))
+        results[groups] = _loss_and_grads(models[groups].train(), ids, checkpointing=False)
+        assert next(it, None) is None, "every seed drawn: each layer's dropout ran on the kernel path"
+    (loss_g, grads_g), (loss_a, grads_a) = results[True], results[False]
+    torch.testing.assert_close(loss_g, loss_a, atol=2e-3, rtol=2e-3)
+    assert grads_g.keys() == grads_a.keys() and len(grads_g) == 2 * 7 * layers
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item()
+        assert (grads_g[name] - grads_a[name]).abs().max().item() <= 2e-2 * scale + 1e-6, name
 
 
 # ---------------------------------------------------------------- (d) varlen attention vs padded sdpa

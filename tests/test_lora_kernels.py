@@ -74,7 +74,7 @@ def test_fused_layer_with_kernels_matches_reference(interpreted, monkeypatch):
     p, scale, seed = 0.25, 2.0, 4321
     monkeypatch.setattr(K, "new_seed", lambda: seed)
     xs, a_, b_ = (t.clone().requires_grad_(True) for t in (x, a, b))
-    y = fused_lora._QLoraLinear.apply(xs, a_, b_, base.weight, qs, None, scale, p, True)
+    (y,) = fused_lora._QLoraGroup.apply(xs, (((base.weight, qs, None, scale),), p, True), a_, b_)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).half()
     y.backward(dy)
     keep = K.keep_mask(tuple(x.shape), seed, p, "cpu")
@@ -144,4 +144,66 @@ def test_fused_module_on_kernel_path_with_bias_and_checkpointing(interpreted, mo
     yr = xr @ dense.float().t() + layer.get_base_layer().bias.float() + 2.0 * ((xr * keep / 0.75) @ ar.t()) @ br.t()
     yr.backward(dy.float())
     for name, got, want in zip(("y", "grad x", "grad A", "grad B"), plain, (yr, xr.grad, ar.grad, br.grad)):
+        torch.testing.assert_close(got.float(), want.detach(), atol=3e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_group_kernels_give_each_member_its_own_mask(interpreted, members):
+    """A group's kernels (one launch for q/k/v or gate/up): member j's columns, rows and input-gradient term are what
+    its own mask (seed member_seed(seed, j)) gives, and the masks of two members differ."""
+    x, _, _ = _data()
+    g = torch.Generator().manual_seed(11)
+    r = 16
+    a = (torch.randn(members * r, x.shape[1], generator=g) * 0.1).half()
+    gh = torch.randn(x.shape[0], members * r, generator=g).half()
+    p, seed = 0.3, 2024
+    keeps = [K.keep_mask(tuple(x.shape), K.member_seed(seed, j), p, "cpu") for j in range(members)]
+    assert K.member_seed(seed, 0) == seed and not torch.equal(keeps[0], keeps[1])
+    dropped = [x.float() * keep / (1 - p) for keep in keeps]
+    cols = [slice(j * r, (j + 1) * r) for j in range(members)]
+    want_h = torch.cat([d @ a[c].float().t() for d, c in zip(dropped, cols)], 1)
+    torch.testing.assert_close(K.lora_a_forward(x, a, seed, p, members).float(), want_h, atol=2e-2, rtol=1e-2)
+    want_ga = torch.cat([gh[:, c].float().t() @ d for d, c in zip(dropped, cols)])
+    torch.testing.assert_close(K.lora_a_grad(x, gh, seed, p, members), want_ga, atol=2e-2, rtol=1e-3)
+    gx = torch.randn(x.shape, generator=g).half()
+    want_gx = gx.float() + sum((gh[:, c].float() @ a[c].float()) * keep / (1 - p) for keep, c in zip(keeps, cols))
+    torch.testing.assert_close(K.lora_x_grad_(gx, gh, a, seed, p, members).float(), want_gx, atol=3e-2, rtol=1e-2)
+
+
+def test_fused_group_on_kernel_path_matches_reference(interpreted, monkeypatch):
+    """Three 4-bit layers reading one x (q/k/v), one fused Function on the kernel path: every output and gradient
+    against fp32 autograd over the same weights and each member's own mask."""
+    import bitsandbytes as bnb
+
+    from train.kernels import fused_lora
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(8)
+    x, _, _ = _data()
+    outs = (96, 32, 32)
+    layers, dense = [], []
+    for n_out in outs:
+        w = bnb.nn.Params4bit(torch.randn(n_out, 200, generator=g) * 0.05, requires_grad=False, quant_type="nf4")
+        w = w.to("cpu")
+        layers.append(w)
+        dense.append(bnb.functional.dequantize_4bit(w, w.quant_state).float())
+    a_s = [(torch.randn(16, 200, generator=g) * 0.1).half() for _ in outs]
+    b_s = [(torch.randn(n, 16, generator=g) * 0.1).half() for n in outs]
+    p, scales, seed = 0.25, (2.0, 1.5, 0.5), 99
+    monkeypatch.setattr(K, "new_seed", lambda: seed)
+    xs = x.clone().requires_grad_(True)
+    ab = [t.clone().requires_grad_(True) for t in (*a_s, *b_s)]
+    spec = (tuple((w, w.quant_state, None, s) for w, s in zip(layers, scales)), p, True)
+    ys = fused_lora._QLoraGroup.apply(xs, spec, *ab)
+    dys = [torch.randn(y.shape, generator=g).half() for y in ys]
+    torch.autograd.backward(ys, dys)
+    xr = x.float().requires_grad_(True)
+    ref = [t.float().requires_grad_(True) for t in (*a_s, *b_s)]
+    yrs = []
+    for j, (d, s) in enumerate(zip(dense, scales)):
+        keep = K.keep_mask(tuple(x.shape), K.member_seed(seed, j), p, "cpu")
+        yrs.append(xr @ d.t() + s * ((xr * keep / (1 - p)) @ ref[j].t()) @ ref[3 + j].t())
+    torch.autograd.backward(yrs, [dy.float() for dy in dys])
+    for name, got, want in [("grad x", xs.grad, xr.grad)] + [(f"y{j}", y, yr) for j, (y, yr) in enumerate(zip(ys, yrs))] \
+            + [(f"grad {j}", t.grad, r_.grad) for j, (t, r_) in enumerate(zip(ab, ref))]:
         torch.testing.assert_close(got.float(), want.detach(), atol=3e-2, rtol=2e-2, msg=name)

@@ -69,6 +69,9 @@ class LoraCfg:
     # Triton kernels on GPU (0.3 GB less on an 8B; faster on a fast host CPU, slower on a slow one:
     # docs/benchmarks.md); peft: peft's own modules, for comparison
     kernel: Literal["fused", "fused_triton", "peft"] = "fused"
+    # with a fused kernel, siblings that read one input (q/k/v, gate/up) run as one Function: fewer host calls on a
+    # step that waits for the host (train/kernels/lora_group.py); false runs every layer alone
+    groups: bool = True
 
 
 def target_matches(name: str, targets: str | list[str]) -> bool:

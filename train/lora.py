@@ -93,7 +93,7 @@ def wrap(model, l: LoraCfg):
     linear = linear_leaf_names(model) if l.top_layers is not None else None  # only a layer subset needs the names
     peft_model = get_peft_model(model, build_lora_config(l, layers, linear))
     if l.kernel != "peft":
-        use_fused_kernels(peft_model, triton_dropout=l.kernel == "fused_triton")
+        use_fused_kernels(peft_model, triton_dropout=l.kernel == "fused_triton", groups=l.groups)
     trainable, total = peft_model.get_nb_trainable_parameters()
     where = l.target_modules if l.top_layers is None else \
         f"{l.target_modules} of the last {l.top_layers} of {layers} layers"
@@ -102,16 +102,18 @@ def wrap(model, l: LoraCfg):
     return peft_model
 
 
-def use_fused_kernels(peft_model, triton_dropout: bool = False) -> None:
-    """lora.kernel=fused(_triton): the lean dropout everywhere, and the fused 4-bit LoRA linear except under
-    FSDP/DeepSpeed, whose sharded 4-bit weights only bitsandbytes' own module knows how to gather."""
-    from train.kernels import fused_lora
+def use_fused_kernels(peft_model, triton_dropout: bool = False, groups: bool = True) -> None:
+    """lora.kernel=fused(_triton): the lean dropout everywhere, and the fused 4-bit LoRA linear (its siblings on one
+    input grouped, lora.groups) except under FSDP/DeepSpeed, whose sharded 4-bit weights only bitsandbytes' own
+    module knows how to gather."""
+    from train.kernels import fused_lora, lora_group
     from train.model import sharded_launch
 
     use_lean_dropout(peft_model)
     if sharded_launch() is None:
         n = fused_lora.install(peft_model, triton_dropout)
-        log.debug("fused 4-bit LoRA forward on %d layers", n)
+        grouped = lora_group.install(peft_model) if groups else 0
+        log.debug("fused 4-bit LoRA forward on %d layers, %d groups of siblings", n, grouped)
         if triton_dropout:
             _note_dropout_path(peft_model, n)
 

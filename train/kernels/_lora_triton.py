@@ -33,12 +33,22 @@ def _dropped(x_ptr, rows, cols, m, n, seed, threshold):
 
 
 @triton.jit
-def a_fwd(x_ptr, a_ptr, part_ptr, m, n, chunk, seed, threshold, scale,
-          R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    # program (i, s): rows i*BM.., columns s*chunk..(s+1)*chunk; partial sums of dropout(x) @ A.T
+def _member_seed(member, seed0, seed1, seed2):
+    # the mixed seed of group member `member` (0, 1 or 2): siblings reading one input draw independent masks
+    return tl.where(member == 0, seed0, tl.where(member == 1, seed1, seed2))
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
+def a_fwd(x_ptr, a_ptr, part_ptr, m, n, chunk, seed0, seed1, seed2, threshold, scale,
+          R: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # program (i, s, j): rows i*BM.., columns s*chunk..(s+1)*chunk of member j (rows j*R.. of the stacked A);
+    # partial sums of dropout_j(x) @ A_j.T into columns j*R.. of the (tokens, K*R) partials
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     split = tl.program_id(1)
+    member = tl.program_id(2)
+    seed = _member_seed(member, seed0, seed1, seed2)
     ranks = tl.arange(0, R)
+    a_ptr += member * R * n
     acc = tl.zeros((BM, R), dtype=tl.float32)
     start = split * chunk
     for k0 in range(start, tl.minimum(start + chunk, n), BK):
@@ -46,40 +56,48 @@ def a_fwd(x_ptr, a_ptr, part_ptr, m, n, chunk, seed, threshold, scale,
         x = _dropped(x_ptr, rows, cols, m, n, seed, threshold)
         a = tl.load(a_ptr + ranks[None, :] * n + cols[:, None], mask=cols[:, None] < n, other=0.0)
         acc += tl.dot(x, a)
-    tl.store(part_ptr + split * m * R + rows[:, None] * R + ranks[None, :], acc * scale, mask=rows[:, None] < m)
+    out = part_ptr + split * m * (K * R) + rows[:, None] * (K * R) + member * R + ranks[None, :]
+    tl.store(out, acc * scale, mask=rows[:, None] < m)
 
 
-@triton.jit
-def a_grad(x_ptr, gh_ptr, part_ptr, m, n, rows_per, seed, threshold, scale,
-           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    # program (j, s): columns j*BK.., rows s*rows_per..; partial sums of gh.T @ dropout(x)
+@triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
+def a_grad(x_ptr, gh_ptr, part_ptr, m, n, rows_per, seed0, seed1, seed2, threshold, scale,
+           R: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # program (j, s, i): columns j*BK.., rows s*rows_per.. of member i; partial sums of gh_i.T @ dropout_i(x)
+    # (gh is (tokens, K*R): member i's columns i*R..) into rows i*R.. of the (K*R, n) partials
     cols = tl.program_id(0) * BK + tl.arange(0, BK)
     split = tl.program_id(1)
+    member = tl.program_id(2)
+    seed = _member_seed(member, seed0, seed1, seed2)
     ranks = tl.arange(0, R)
     acc = tl.zeros((R, BK), dtype=tl.float32)
     start = split * rows_per
     for r0 in range(start, tl.minimum(start + rows_per, m), BM):
         rows = r0 + tl.arange(0, BM)
         x = _dropped(x_ptr, rows, cols, m, n, seed, threshold)
-        gt = tl.load(gh_ptr + rows[None, :] * R + ranks[:, None], mask=rows[None, :] < m, other=0.0)
+        gt = tl.load(gh_ptr + rows[None, :] * (K * R) + member * R + ranks[:, None], mask=rows[None, :] < m, other=0.0)
         acc += tl.dot(gt, x)
-    tl.store(part_ptr + split * R * n + ranks[:, None] * n + cols[None, :], acc * scale, mask=cols[None, :] < n)
+    out = part_ptr + split * (K * R) * n + (member * R + ranks[:, None]) * n + cols[None, :]
+    tl.store(out, acc * scale, mask=cols[None, :] < n)
 
 
-@triton.jit
-def x_grad(gx_ptr, gh_ptr, a_ptr, m, n, seed, threshold, scale, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    # grad_x[tile] += dropout-masked (gh @ A)[tile] * scale, read and written once
+@triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
+def x_grad(gx_ptr, gh_ptr, a_ptr, m, n, seed0, seed1, seed2, threshold, scale,
+           R: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # grad_x[tile] += sum over the K members of dropout_j-masked (gh_j @ A_j)[tile] * scale, read and written once
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     ranks = tl.arange(0, R)
-    gh = tl.load(gh_ptr + rows[:, None] * R + ranks[None, :], mask=rows[:, None] < m, other=0.0)
-    a = tl.load(a_ptr + ranks[:, None] * n + cols[None, :], mask=cols[None, :] < n, other=0.0)
-    t = tl.dot(gh, a) * scale
-    t = tl.where(_keep(seed, rows, cols, n, threshold), t, 0.0)
+    t = tl.zeros((BM, BK), dtype=tl.float32)
+    for j in tl.static_range(K):
+        gh = tl.load(gh_ptr + rows[:, None] * (K * R) + j * R + ranks[None, :], mask=rows[:, None] < m, other=0.0)
+        a = tl.load(a_ptr + (j * R + ranks[:, None]) * n + cols[None, :], mask=cols[None, :] < n, other=0.0)
+        keep = _keep(_member_seed(j, seed0, seed1, seed2), rows, cols, n, threshold)
+        t += tl.where(keep, tl.dot(gh, a), 0.0)
     ok = (rows[:, None] < m) & (cols[None, :] < n)
     ptrs = gx_ptr + rows[:, None] * n + cols[None, :]
     g = tl.load(ptrs, mask=ok, other=0.0)
-    tl.store(ptrs, (g.to(tl.float32) + t).to(gx_ptr.dtype.element_ty), mask=ok)
+    tl.store(ptrs, (g.to(tl.float32) + t * scale).to(gx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

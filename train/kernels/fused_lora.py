@@ -36,69 +36,118 @@ def _weight(weight, quant_state, dtype):
     return dense if dense is not None else dequantize_4bit(weight, quant_state).to(dtype)
 
 
-def _forward(x, a, b, weight, quant_state, bias, scale, p, triton_dropout=False):
-    """(output, x @ A.T as (tokens, r), how the dropout was drawn: None, ("kernel", seed) or ("torch", RNG state)).
+def _forward(x, spec, a_list, b_list):
+    """(the members' outputs, x @ A_j.T of every member as (tokens, members*r), how the dropout was drawn: None,
+    ("kernel", seed) or ("torch", RNG states)). `spec` is (per member (weight, quant_state, bias, scale), p,
+    triton_dropout); one member is a lone layer, several are a group reading the same x (train/kernels/lora_group.py).
     Plain 2-D mm/addmm calls, not F.linear: the fast path waits for the host (docs/benchmarks.md), and linear's
     matmul/reshape layers cost host time per call for nothing here."""
+    bases, p, triton_dropout = spec
     rows = x.reshape(-1, x.shape[-1])
-    w = _weight(weight, quant_state, x.dtype).t()
-    out = torch.mm(rows, w) if bias is None else torch.addmm(bias.to(x.dtype), rows, w)
-    a = a.to(x.dtype)
-    if p > 0 and triton_dropout and lora_kernels.usable(rows, a):  # GPU: the mask lives only inside the kernels
+    outs = []
+    for weight, quant_state, bias, _ in bases:
+        w = _weight(weight, quant_state, x.dtype).t()
+        outs.append(torch.mm(rows, w) if bias is None else torch.addmm(bias.to(x.dtype), rows, w))
+    h, drawn = _lora_a(rows, a_list, p, triton_dropout)
+    for out, hj, b, (*_, scale) in zip(outs, _columns(h, len(outs)), b_list, bases):
+        out.addmm_(hj, b.to(x.dtype).t(), alpha=scale)  # base + scale * h_j @ B_j.T, one kernel
+    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs], h, drawn
+
+
+def _lora_a(rows, a_list, p, triton_dropout):
+    """(dropout_j(rows) @ A_j.T for every member j, side by side, and how the dropout was drawn)."""
+    a = (a_list[0] if len(a_list) == 1 else torch.cat(a_list)).to(rows.dtype)
+    if p > 0 and triton_dropout and lora_kernels.usable(rows, a_list[0]):  # GPU: the masks live only in the kernels
         seed = lora_kernels.new_seed()
-        h, drawn = lora_kernels.lora_a_forward(rows, a, seed, p), ("kernel", seed)
-    elif p > 0:
-        drawn = ("torch", generator(x.device).get_state())
-        h = torch.mm(torch.native_dropout(rows, p, True)[0], a.t())
-    else:
-        h, drawn = torch.mm(rows, a.t()), None
-    out.addmm_(h, b.to(x.dtype).t(), alpha=scale)  # base + scale * h @ B.T, one kernel
-    return out.view(*x.shape[:-1], out.shape[-1]), h, drawn
+        return lora_kernels.lora_a_forward(rows, a, seed, p, len(a_list)), ("kernel", seed)
+    if p == 0:
+        return torch.mm(rows, a.t()), None
+    states, hs = [], []
+    for aj in _rows(a, len(a_list)):  # one draw per member, in member order: what the members alone would draw
+        states.append(generator(rows.device).get_state())
+        hs.append(torch.mm(torch.native_dropout(rows, p, True)[0], aj.t()))
+    return (hs[0] if len(hs) == 1 else torch.cat(hs, 1)), ("torch", states)
 
 
-class _QLoraLinear(torch.autograd.Function):
+def _columns(t, members):
+    """Member j's block of columns of a (tokens, members*r) tensor (views; the tensor itself for one member)."""
+    r = t.shape[1] // members
+    return [t] if members == 1 else [t[:, j * r:(j + 1) * r] for j in range(members)]
+
+
+def _rows(t, members):
+    """Member j's block of rows of a (members*r, n) tensor."""
+    return [t] if members == 1 else list(t.chunk(members))
+
+
+class _QLoraGroup(torch.autograd.Function):
+    """One fused QLoRA layer, or a group of them reading the same x: apply(x, spec, *A weights, *B weights)."""
+
     @staticmethod
-    def forward(ctx, x, a, b, weight, quant_state, bias, scale, p, triton_dropout):
-        out, h, drawn = _forward(x, a, b, weight, quant_state, bias, scale, p, triton_dropout)
-        ctx.save_for_backward(x, a, b, h)
-        ctx.weight, ctx.quant_state, ctx.scale, ctx.p, ctx.drawn = weight, quant_state, scale, p, drawn
-        return out
+    def forward(ctx, x, spec, *ab):
+        k = len(spec[0])
+        outs, h, drawn = _forward(x, spec, ab[:k], ab[k:])
+        ctx.save_for_backward(x, h, *ab)
+        ctx.spec, ctx.drawn = spec, drawn
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         # Ordered for the smallest transient (this runs at the backward's memory peak): the LoRA weight
-        # gradients first, the replayed dropout output freed at once, the dense base weight last. Each scale rides
-        # in a GEMM's alpha (addmm with beta=0 ignores its input): one kernel launch each, fewer host calls
-        x, a, b, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
+        # gradients first, each replayed dropout output freed at once, the dense base weights one at a time. Each
+        # scale rides in a GEMM's alpha (addmm with beta=0 ignores its input): one kernel launch each
+        x, h, *ab = ctx.saved_tensors
+        bases, p, _ = ctx.spec
+        k = len(bases)
+        a_list, b_list = ab[:k], ab[k:]
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
         rows = x.reshape(-1, x.shape[-1])
-        a_cd = a.to(g.dtype)
-        unused = g.new_empty(())  # addmm's ignored input (beta=0: never read, nothing launched)
-        grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.addmm(unused, g.t(), h.to(g.dtype), beta=0, alpha=ctx.scale).to(b.dtype)
-        gh = torch.addmm(unused, g, b.to(g.dtype), beta=0, alpha=ctx.scale)  # (tokens, r): the gradient at x @ A.T
-        kind, drawn = ctx.drawn or (None, None)
-        mask, grad_a = None, None
-        if kind == "kernel":
-            if ctx.needs_input_grad[1]:
-                grad_a = lora_kernels.lora_a_grad(rows, gh, drawn, ctx.p).to(a.dtype)
-        else:
-            dropped, mask = replay_dropout(rows, drawn, ctx.p) if kind == "torch" else (rows, None)
-            if ctx.needs_input_grad[1]:
-                grad_a = torch.mm(gh.t(), dropped).to(a.dtype)
-            del dropped
+        unused = gs[0].new_empty(())  # addmm's ignored input (beta=0: never read, nothing launched)
+        grad_b, ghs = [], []
+        for j, (g, hj, b) in enumerate(zip(gs, _columns(h, k), b_list)):
+            scale = bases[j][3]
+            grad_b.append(torch.addmm(unused, g.t(), hj.to(g.dtype), beta=0, alpha=scale).to(b.dtype)
+                          if ctx.needs_input_grad[2 + k + j] else None)
+            ghs.append(torch.addmm(unused, g, b.to(g.dtype), beta=0, alpha=scale))  # the gradient at x @ A_j.T
+        gh = ghs[0] if k == 1 else torch.cat(ghs, 1)
+        grad_a, masked = _lora_a_backward(ctx, rows, gh, a_list)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, _weight(ctx.weight, ctx.quant_state, g.dtype))
-            if kind == "kernel":
-                lora_kernels.lora_x_grad_(grad_x, gh, a_cd, drawn, ctx.p)
-            elif mask is None:
-                grad_x.addmm_(gh, a_cd)
-            else:  # mask, dropout's 1/(1-p) and the add in one kernel
-                grad_x.addcmul_(torch.mm(gh, a_cd), mask, value=1 / (1 - ctx.p))
+            for g, (weight, quant_state, *_) in zip(gs, bases):
+                w = _weight(weight, quant_state, g.dtype)
+                grad_x = torch.mm(g, w) if grad_x is None else grad_x.addmm_(g, w)
+                del w
+            masked(grad_x)
             grad_x = grad_x.view(x.shape).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, None, *grad_a, *grad_b
+
+
+def _lora_a_backward(ctx, rows, gh, a_list):
+    """(the gradients of the members' A, a function adding the LoRA term to the input gradient in place)."""
+    k, p = len(a_list), ctx.spec[1]
+    wanted = [ctx.needs_input_grad[2 + j] for j in range(k)]
+    kind, drawn = ctx.drawn or (None, None)
+    a = (a_list[0] if k == 1 else torch.cat(a_list)).to(gh.dtype)
+    if kind == "kernel":
+        grad_a = _rows(lora_kernels.lora_a_grad(rows, gh, drawn, p, k), k) if any(wanted) else [None] * k
+        grads = [g.to(aj.dtype) if want else None for g, aj, want in zip(grad_a, a_list, wanted)]
+        return grads, lambda grad_x: lora_kernels.lora_x_grad_(grad_x, gh, a, drawn, p, k)
+    if kind is None:  # no dropout: plain products
+        grads = [torch.mm(ghj.t(), rows).to(aj.dtype) if want else None
+                 for ghj, aj, want in zip(_columns(gh, k), a_list, wanted)]
+        return grads, lambda grad_x: grad_x.addmm_(gh, a)
+    grads, masks = [], []
+    for ghj, aj, want, state in zip(_columns(gh, k), a_list, wanted, drawn):
+        dropped, mask = replay_dropout(rows, state, p)
+        grads.append(torch.mm(ghj.t(), dropped).to(aj.dtype) if want else None)
+        del dropped
+        masks.append(mask if k == 1 else None)  # a group replays its masks again below: one alive at a time
+
+    def masked(grad_x):  # mask, dropout's 1/(1-p) and the add in one kernel per member
+        for ghj, aj, state, mask in zip(_columns(gh, k), _rows(a, k), drawn, masks):
+            mask = replay_dropout(rows, state, p)[1] if mask is None else mask
+            grad_x.addcmul_(torch.mm(ghj, aj), mask, value=1 / (1 - p))
+    return grads, masked
 
 
 class FusedLinear4bit(PeftLinear4bit):
@@ -108,16 +157,15 @@ class FusedLinear4bit(PeftLinear4bit):
     triton_dropout = False
 
     def forward(self, x, *args, **kwargs):
+        group = self.__dict__.get("_lora_group")  # siblings reading the same x (train/kernels/lora_group.py)
+        if group is not None and not (args or kwargs):
+            out = group.output(self, x)
+            if out is not None:
+                return out
         plan = self.fused_plan(x, args, kwargs)
         if plan is None:
             return super().forward(x, *args, **kwargs)
-        a, b, base, scale, p = plan
-        weight = base.weight
-        bias = base.bias
-        args = (x, a.weight, b.weight, weight, weight.quant_state, bias, scale, p, self.triton_dropout)
-        if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save
-            return _forward(*args)[0]
-        return _QLoraLinear.apply(*args)
+        return run([plan], x, self.triton_dropout)[0]
 
     def base_layer_cached(self):
         """peft's get_base_layer, walked again only when the base_layer child is another object (a replaced child,
@@ -159,6 +207,16 @@ class FusedLinear4bit(PeftLinear4bit):
                 not autocast and not a.weight.dtype == b.weight.dtype == x.dtype):
             return None
         return a, b, base, self.scaling[name], p
+
+
+def run(plans, x, triton_dropout: bool) -> list:
+    """The outputs on x of the layers `plans` describe (fused_plan's tuples: one layer, or a group reading x)."""
+    bases = tuple((base.weight, base.weight.quant_state, base.bias, scale) for _, _, base, scale, _ in plans)
+    spec = (bases, plans[0][4], triton_dropout)
+    a_list, b_list = [plan[0].weight for plan in plans], [plan[1].weight for plan in plans]
+    if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save
+        return _forward(x, spec, a_list, b_list)[0]
+    return list(_QLoraGroup.apply(x, spec, *a_list, *b_list))
 
 
 def install(peft_model, triton_dropout: bool = False) -> int:

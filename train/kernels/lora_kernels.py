@@ -64,46 +64,65 @@ def _threshold(p: float) -> int:
     return int(round(p * (1 << 24)))  # the kernels drop an element when its 24 hash bits fall below this
 
 
-def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """(tokens, in) x (r, in) -> (tokens, r): dropout(x) @ A.T. The in dimension is split into chunks of
+MAX_MEMBERS = 3  # layers of one group that share an input (q/k/v): the kernels take this many seeds
+_GOLDEN = 0x9E3779B9  # member j draws seed + j * this (mod new_seed's range): member 0 keeps the seed itself
+
+
+def member_seed(seed: int, j: int) -> int:
+    """The seed of group member j when the group drew `seed` (keep_mask(shape, member_seed(seed, j), p) is its mask)."""
+    return (seed + j * _GOLDEN) % (2**31 - 1)
+
+
+def _seeds(seed: int, members: int) -> tuple[int, int, int]:
+    """The kernels' three mixed seed arguments for a group of `members` layers (unused ones 0)."""
+    assert 1 <= members <= MAX_MEMBERS, f"{members} layers in one group: the kernels take 1 to {MAX_MEMBERS}"
+    mixed = [mix(member_seed(seed, j)) for j in range(members)]
+    return (*mixed, *[0] * (MAX_MEMBERS - members))
+
+
+def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float, members: int = 1) -> torch.Tensor:
+    """(tokens, in) x (members*r, in) -> (tokens, members*r): member j's columns are dropout_j(x) @ A_j.T, each
+    member (a layer of a group that reads the same x) with its own mask. The in dimension is split into chunks of
     CHUNK columns, one program each, so that a few thousand tokens still fill the GPU; the partial sums
     (fp32, a few MB) are added in a fixed order: deterministic."""
     k = _kernels()
     x2, a = x2.contiguous(), a.contiguous()  # the kernels index rows with stride n_in
     m, n_in = x2.shape
-    r = a.shape[0]
+    r = a.shape[0] // members
     split = triton_cdiv(n_in, CHUNK)
-    part = torch.empty(split, m, r, device=x2.device, dtype=torch.float32)
+    part = torch.empty(split, m, members * r, device=x2.device, dtype=torch.float32)
     bk = 128 if r <= 32 else 64  # A's tile is BK x r: keep 3 pipeline stages under ~100 KB of shared memory
-    k["a_fwd"]((triton_cdiv(m, 64), split), x2, a, part, m, n_in, CHUNK, mix(seed), _threshold(p), 1 / (1 - p),
-                R=r, BM=64, BK=bk, num_warps=4, num_stages=3)
+    k["a_fwd"]((triton_cdiv(m, 64), split, members), x2, a, part, m, n_in, CHUNK, *_seeds(seed, members),
+               _threshold(p), 1 / (1 - p), R=r, K=members, BM=64, BK=bk, num_warps=4, num_stages=3)
     return part.sum(0).to(x2.dtype)
 
 
-def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """gh.T @ dropout(x): (r, in) in fp32, summed over tokens in up to 16 deterministic partial sums."""
+def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float, members: int = 1) -> torch.Tensor:
+    """Member j's rows j*r.. are gh_j.T @ dropout_j(x), gh (tokens, members*r) holding gh_j in columns j*r..:
+    (members*r, in) in fp32, summed over tokens in up to 16 deterministic partial sums."""
     k = _kernels()
     x2, gh = x2.contiguous(), gh.contiguous()
     m, n_in = x2.shape
-    r = gh.shape[1]
+    r = gh.shape[1] // members
     split = max(1, min(16, triton_cdiv(m, 512)))
-    part = torch.empty(split, r, n_in, device=x2.device, dtype=torch.float32)
+    part = torch.empty(split, members * r, n_in, device=x2.device, dtype=torch.float32)
     rows_per = triton_cdiv(triton_cdiv(m, split), 64) * 64
-    grid = (triton_cdiv(n_in, 64), split)
-    k["a_grad"](grid, x2, gh, part, m, n_in, rows_per, mix(seed), _threshold(p), 1 / (1 - p),
-                 R=r, BM=64, BK=64, num_warps=4, num_stages=3)
+    grid = (triton_cdiv(n_in, 64), split, members)
+    k["a_grad"](grid, x2, gh, part, m, n_in, rows_per, *_seeds(seed, members), _threshold(p), 1 / (1 - p),
+                R=r, K=members, BM=64, BK=64, num_warps=4, num_stages=3)
     return part.sum(0)
 
 
-def lora_x_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """grad_x += (gh @ A) * mask / (1 - p), in place on the (tokens, in) grad_x."""
+def lora_x_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: int, p: float,
+                 members: int = 1) -> torch.Tensor:
+    """grad_x += sum over members j of (gh_j @ A_j) * mask_j / (1 - p), in place on the (tokens, in) grad_x."""
     k = _kernels()
     assert grad_x.is_contiguous(), "lora_x_grad_ writes grad_x in place"
     gh, a = gh.contiguous(), a.contiguous()
     m, n_in = grad_x.shape
     grid = (triton_cdiv(m, 64), triton_cdiv(n_in, 64))
-    k["x_grad"](grid, grad_x, gh, a, m, n_in, mix(seed), _threshold(p), 1 / (1 - p),
-                 R=a.shape[0], BM=64, BK=64, num_warps=4)
+    k["x_grad"](grid, grad_x, gh, a, m, n_in, *_seeds(seed, members), _threshold(p), 1 / (1 - p),
+                R=a.shape[0] // members, K=members, BM=64, BK=64, num_warps=4)
     return grad_x
 
 
