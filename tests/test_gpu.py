@@ -378,7 +378,8 @@ def test_grouped_layers_equal_layers_alone_on_cuda(tmp_path, monkeypatch):
     compiled_triton()
     models = {}
     for groups in (True, False):
-        models[groups], cfg = _peft_4bit(tmp_path / str(groups), "bfloat16", 0.3, kernel="fused_triton", groups=groups)
+        models[groups], cfg = _peft_4bit(tmp_path / str(groups), "bfloat16", 0.3, kernel="fused_triton", groups=groups,
+                                         r=16, alpha=32)  # a rank the kernels take (K.RANKS)
         lora.match_training_dtypes(models[groups], cfg.quant)
     _copy_lora(models[True], models[False])
     layers = models[True].config.num_hidden_layers

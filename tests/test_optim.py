@@ -93,12 +93,15 @@ def test_resume_from_a_state_dict_equals_the_uninterrupted_run(source):
 
 @pytest.mark.parametrize("on", [True, False])
 def test_trainer_builds_the_one_step_adamw_for_paged_adamw_32bit_only(monkeypatch, on):
-    """With TRAIN_ONE_STEP_ADAMW=1 (until the GPU check has run it), paged_adamw_32bit only."""
+    """By default (TRAIN_ONE_STEP_ADAMW=0 turns it off for an A/B), for paged_adamw_32bit only."""
     from transformers import TrainingArguments
 
     from train.trainer import trainer_class
 
-    monkeypatch.setenv(optim.ENV, "1" if on else "0")
+    if on:
+        monkeypatch.delenv(optim.ENV, raising=False)
+    else:
+        monkeypatch.setenv(optim.ENV, "0")
     cls = trainer_class()
     for name, want in (("paged_adamw_32bit", optim.flat_adamw_class() if on else bnb.optim.AdamW),
                        ("paged_adamw_8bit", bnb.optim.AdamW), ("adamw_torch", torch.optim.AdamW)):

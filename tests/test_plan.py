@@ -245,15 +245,16 @@ def test_total_counts_only_the_larger_working_set(tiny):
 # compute, LoRA r16 alpha 32 dropout 0.05 on all linear layers, paged_adamw_32bit, gradient checkpointing,
 # 16 rows per padding-free micro-batch of lognormal lengths (mean 400, capped at data.max_length 2048).
 # Measured: torch.cuda.max_memory_allocated over 10 steps (2 warm-up + 8 timed), whose largest micro-batch was
-# step 3's 9,538 tokens: 10.71 GB with the default lora.kernel=fused (runs 7-9, 13, 14: 10.7096 GB every
-# time, docs/results/bench-h100-run14.json), 10.42 GB with fused_triton (runs 9, 10, 14).
+# step 3's 9,538 tokens: 10.71 GB with lora.kernel=fused (runs 7-9, 13, 14: 10.7096 GB every
+# time, docs/results/bench-h100-run14.json), 10.42 GB with fused_triton, the default (runs 9, 10, 14, and session 8
+# with LoRA groups and the one-step AdamW: 10.4163 GB).
 WORKLOAD_TOKENS = 9538
 MEASURED_WORKLOAD_GB = {"fused": 10.7096, "fused_triton": 10.4163}
 # --plan-check (run 10, lora.kernel=fused_triton, then the default): B rows of exactly L tokens per micro-batch
 MEASURED_FIXED_GB = {2048: 7.0396, 8192: 9.8010, 16384: 13.6002}
 
 
-def workload_cfg(kernel: str = "fused") -> Config:
+def workload_cfg(kernel: str = "fused_triton") -> Config:
     """The bench's config for way c (scripts/bench.py write_our_config): everything else is a default."""
     return make_cfg(model=ModelCfg(name_or_path="meta-llama/Llama-3.1-8B"),
                     data=DataCfg(train="train.jsonl", format="text", max_length=2048),

@@ -66,9 +66,9 @@ class LoraCfg:
     top_layers: Optional[int] = None
     # fused: each 4-bit layer and its adapter run as one autograd Function with the memory-lean dropout
     # (train/kernels/fused_lora.py, same math and adapter files, faster); fused_triton: the same with the dropout in
-    # Triton kernels on GPU (0.3 GB less on an 8B; faster on a fast host CPU, slower on a slow one:
-    # docs/benchmarks.md); peft: peft's own modules, for comparison
-    kernel: Literal["fused", "fused_triton", "peft"] = "fused"
+    # Triton kernels on GPU (0.3 GB less on an 8B, and faster in every same-run pair since session 6:
+    # docs/benchmarks.md; torch's dropout where Triton cannot run); peft: peft's own modules, for comparison
+    kernel: Literal["fused", "fused_triton", "peft"] = "fused_triton"
     # with a fused kernel, siblings that read one input (q/k/v, gate/up) run as one Function: fewer host calls on a
     # step that waits for the host (train/kernels/lora_group.py); false runs every layer alone
     groups: bool = True

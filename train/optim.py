@@ -1,5 +1,5 @@
-"""Owns the optimizer step of bitsandbytes' 32-bit AdamW (train.optimizer=paged_adamw_32bit, the default; staged
-behind TRAIN_ONE_STEP_ADAMW=1, see ENV): one update for all of a parameter group's tensors instead of one per tensor.
+"""Owns the optimizer step of bitsandbytes' 32-bit AdamW (train.optimizer=paged_adamw_32bit, the default): one update
+for all of a parameter group's tensors instead of one per tensor.
 
 Why our own code: bitsandbytes updates each tensor on its own and synchronizes the GPU after each one. On the 8B
 benchmark that is 448 LoRA tensors, 30-42 ms of host time a step with the GPU idle in between, on a step that
@@ -24,18 +24,16 @@ import torch
 from train import patches
 
 PAGED_MIN = 100_000  # bitsandbytes' get_state_buffer: smaller states are never paged
-# Off until the GPU check has run this version (tests/test_gpu.py): the first one passed every CPU test and failed on
-# the GPU (torch ops on bitsandbytes' CPU-typed paged memory). TRAIN_ONE_STEP_ADAMW=1 turns it on for that check and
-# for the bench's A/B; the next step is to make it the default.
+# TRAIN_ONE_STEP_ADAMW=0 steps with bitsandbytes' own per-tensor AdamW instead: the bench's A/B (docs/benchmarks.md)
 ENV = "TRAIN_ONE_STEP_ADAMW"
 
 
 def optimizer_class(cls, kwargs: dict):
     """The class Trainer should build for (cls, kwargs) from its get_optimizer_cls_and_kwargs: FlatAdamW32bit in
-    place of bitsandbytes' AdamW with 32-bit states where TRAIN_ONE_STEP_ADAMW=1, anything else unchanged."""
+    place of bitsandbytes' AdamW with 32-bit states (unless TRAIN_ONE_STEP_ADAMW=0), anything else unchanged."""
     import bitsandbytes as bnb
 
-    if os.environ.get(ENV) == "1" and cls is bnb.optim.AdamW and kwargs.get("optim_bits", 32) == 32:
+    if os.environ.get(ENV, "1") != "0" and cls is bnb.optim.AdamW and kwargs.get("optim_bits", 32) == 32:
         return flat_adamw_class()
     return cls
 
