@@ -148,3 +148,23 @@ def test_offload_keeps_inputs_on_the_device_past_the_host_budget(monkeypatch):
     off = offload.install(model, "cpu", min_bytes=1, host_limit=2 * 8192)
     assert_same(step(model), want, rtol=0, atol=0)
     assert (off.offloaded, off.kept, len(off.slabs)) == (LAYERS - 1, 1, LAYERS - 1)
+
+
+def test_offload_pins_the_largest_micro_batch_once(monkeypatch):
+    """With reserve_tokens, the first offloaded input pins slabs for every layer's input at that many tokens: a later,
+    longer micro-batch (up to it) pins nothing more, and the training step is unchanged."""
+    want = step(tiny_lora(gc=True))
+    model = tiny_lora(gc=True)
+    off = offload.install(model, "cpu", min_bytes=1, reserve_tokens=3 * TOKENS)
+    assert_same(step(model), want, rtol=0, atol=0)
+    per_layer = 3 * TOKENS * 32 * 4  # tokens x hidden x fp32
+    slabs = [s[0] for s in off.slabs]
+    assert sum(s.numel() // per_layer for s in slabs) >= LAYERS and sum(s.numel() for s in slabs) < 2 * LAYERS * per_layer
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (1, 3 * TOKENS))  # the longest micro-batch the reservation is for
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert [id(s[0]) for s in off.slabs] == [id(s) for s in slabs] and off.offloaded == 2 * LAYERS and off.kept == 0
+    model = tiny_lora(gc=True)
+    off = offload.install(model, "cpu", min_bytes=1, reserve_tokens=3 * TOKENS, host_limit=per_layer)
+    assert_same(step(model), want, rtol=0, atol=0)  # no room for the reservation: slabs as needed, as without it
+    assert off.offloaded + off.kept == LAYERS

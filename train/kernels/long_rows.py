@@ -43,7 +43,8 @@ def install(cfg: Config, model) -> dict:
 
     done = {"offload": False, "tiled_mlps": tiled_mlp.install(model, cfg.train.tile_mlp)}
     if offloads(cfg) and getattr(model, "checkpoint_offload", None) is None:
-        model.checkpoint_offload = offload.install(model, torch.device("cuda", torch.cuda.current_device()))
+        model.checkpoint_offload = offload.install(model, torch.device("cuda", torch.cuda.current_device()),
+                                                   reserve_tokens=cfg.train.batch_size * cfg.data.max_length)
         done["offload"] = model.checkpoint_offload is not None
     if done["offload"] or tiled_mlp.tiles(cfg.train.tile_mlp, cfg.train.batch_size * cfg.data.max_length):
         where = "offloaded to pinned CPU RAM" if done["offload"] else "kept on the device"

@@ -37,7 +37,8 @@ class CheckpointOffload:
     """saved_tensors_hooks for the checkpointed layers of one model. `device` is where activations live (a CUDA
     device in training; "cpu" in tests, where the copies run without streams)."""
 
-    def __init__(self, device, min_bytes: int = MIN_BYTES, host_limit: int | None = None):
+    def __init__(self, device, min_bytes: int = MIN_BYTES, host_limit: int | None = None, layers: int = 0,
+                 reserve_tokens: int | None = None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # tensors say cuda:0, never bare "cuda"
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -48,12 +49,32 @@ class CheckpointOffload:
         self.saved: list[_Saved] = []  # this forward's offloaded tensors, in forward order
         self.slabs: list[list] = []  # [pinned uint8 tensor, bytes used]; kept across steps
         self.offloaded = self.prefetched = self.kept = 0  # counts, for tests and the bench
+        # the largest micro-batch's tokens (train.batch_size x data.max_length): the first offloaded tensor sizes pinned
+        # slabs for `layers` inputs of that many tokens at once, so a later, longer micro-batch pins nothing mid-run
+        self.layers, self.reserve_tokens = layers, reserve_tokens
 
     def new_step(self) -> None:
         """A new forward begins: its tensors reuse the pinned slabs from the start."""
         self.saved = []
         for slab in self.slabs:
             slab[1] = 0
+
+    def reserve(self, t: torch.Tensor) -> None:
+        """Pin, before the first copy, slabs for `layers` layer inputs shaped like `t` at reserve_tokens tokens (when
+        they fit the host budget; else slabs come as needed). Pinning takes ~1 s per few GB and stalls the step that
+        does it: session 8 measured offload 6-14 % slower than resident over 8 timed steps whose micro-batches kept
+        growing, and equal in a later step (805 against 817 ms), so the pinning belongs before the first step."""
+        tokens = t.numel() // t.shape[-1]
+        per_layer = -(-(t.nbytes // tokens * self.reserve_tokens) // ALIGN) * ALIGN
+        left = self.layers
+        if per_layer * left > self.host_limit:
+            return
+        while left > 0:  # powers of two (torch's pinned allocator rounds up to one), each filled with whole inputs
+            size = 1 << max((per_layer * left).bit_length() - 1, (per_layer - 1).bit_length())
+            self.slabs.append([torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda), 0])
+            left -= size // per_layer
+        log.info("checkpoint offload: %.1f GB of pinned RAM for %d layer inputs of up to %s tokens",
+                 sum(s[0].numel() for s in self.slabs) / 1e9, self.layers, f"{self.reserve_tokens:,}")
 
     def host_buffer(self, nbytes: int) -> torch.Tensor | None:
         """`nbytes` of pinned memory carved from a slab (a new slab when none has room; None past host_limit)."""
@@ -72,6 +93,8 @@ class CheckpointOffload:
         if (t.device != self.device or t.nbytes < self.min_bytes or not t.is_contiguous()
                 or isinstance(t, torch.nn.Parameter)):
             return t
+        if not self.slabs and self.reserve_tokens and self.layers:
+            self.reserve(t)
         buf = self.host_buffer(t.nbytes)
         if buf is None:  # host RAM budget spent: this layer's input stays on the GPU
             self.kept += 1
@@ -135,14 +158,15 @@ def checkpointed_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def install(model, device, min_bytes: int = MIN_BYTES, host_limit: int | None = None) -> CheckpointOffload | None:
+def install(model, device, min_bytes: int = MIN_BYTES, host_limit: int | None = None,
+            reserve_tokens: int | None = None) -> CheckpointOffload | None:
     """Hooks around every checkpointed decoder layer: while one runs its training forward with checkpointing on,
-    what autograd saves (the layer's input) is offloaded. Returns the offloader, None when the model has no
-    such layers."""
+    what autograd saves (the layer's input) is offloaded, into pinned RAM reserved for micro-batches of up to
+    `reserve_tokens` tokens (None: pinned as needed). Returns the offloader, None when the model has no such layers."""
     layers = checkpointed_layers(model)
     if not layers:
         return None
-    off = CheckpointOffload(device, min_bytes, host_limit)
+    off = CheckpointOffload(device, min_bytes, host_limit, layers=len(layers), reserve_tokens=reserve_tokens)
     active: list = []  # the hooks context entered by the layer now running (at most one)
 
     def enter(layer, args, kwargs=None):
