@@ -475,3 +475,32 @@ def test_gathered_adapter_is_written_as_peft_writes_it(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny(), tmp_path / "ours")
     ids = torch.arange(10)[None]
     assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_sft_step_waits_for_no_device_sync_it_can_avoid(tmp_path):
+    """The Trainer's per-micro-step syncs that stall the host until the backward is done (the GPU then idles through
+    the optimizer step's host work): the NaN filter is off, batches copy without waiting, tokens count on the host."""
+    _, a = sft(tmp_path, train={"packing": "bfd"})  # (padding_free is padded on CPU: no varlen kernel)
+    assert a.logging_nan_inf_filter is False
+    assert a.accelerator_config.non_blocking is True
+    assert a.dataloader_pin_memory is torch.cuda.is_available()  # pinned batches on a GPU (transformers: not on CPU)
+    assert a.include_num_input_tokens_seen == "all"
+
+
+def test_host_token_count_equals_the_trainers(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from train import tiny
+    from train.trainer import build_trainer
+
+    cfg = small_config(tmp_path / "run", model={"name_or_path": "builtin:tiny-llama"})
+    tr = build_trainer(cfg, tiny.build_model(), tiny.build_tokenizer(), Dataset.from_dict({"input_ids": [[1, 2, 3]]}), None,
+                       tmp_path)
+    inputs = {"input_ids": torch.ones(1, 37, dtype=torch.long), "position_ids": torch.arange(37)[None]}
+    counts = []
+    for track in (tr._track_num_input_tokens, lambda i: Trainer._track_num_input_tokens(tr, i)):
+        tr.state.num_input_tokens_seen = 5
+        track(inputs)
+        counts.append(tr.state.num_input_tokens_seen)
+    assert counts == [42, 42]

@@ -56,6 +56,7 @@ TRAINER_PRIVATES = {
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     "_load_optimizer_and_scheduler": ("checkpoint",),
     "_prepare_inputs": ("inputs",),
+    "_track_num_input_tokens": ("inputs",),
 }
 
 
@@ -68,7 +69,7 @@ def check_trainer() -> None:
 
 def trainer_hooks(base):
     """`base` (a Trainer subclass) with public-named hooks on four private Trainer methods, none of which
-    has a public equivalent:
+    has a public equivalent (their signatures: TRAINER_PRIVATES, checked here and by tests/test_patches.py):
 
     - `_get_train_sampler` -> `self.train_sampler_hook(sampler)`: the run's seed and token-balanced
       partition for transformers' BatchRebalanceSampler (get_train_dataloader would have to be copied whole).
@@ -78,6 +79,11 @@ def trainer_hooks(base):
       training dtype before the optimizer is built (no callback runs between the two).
     - `_load_optimizer_and_scheduler` -> `self.optimizer_load_hook(checkpoint, fresh_scheduler_state)`:
       restart an extended run's schedule over the checkpoint's ended one.
+
+    And `_track_num_input_tokens` counts on the host where it can: Trainer copies each micro-batch's token count to
+    the GPU and reads it back, two device syncs per micro-step that stall the host until the backward has finished
+    (the GPU then idles through the optimizer step's host work). One process counting every token
+    (include_num_input_tokens_seen="all", the padding-free default) needs no device: the count is the input's numel().
     """
     check_trainer()
 
@@ -104,6 +110,13 @@ def trainer_hooks(base):
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             self.checkpoint_loaded_hook()
+
+        def _track_num_input_tokens(self, inputs):
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if self.args.include_num_input_tokens_seen == "all" and self.args.world_size == 1 and main in inputs:
+                self.state.num_input_tokens_seen += inputs[main].numel()
+                return
+            super()._track_num_input_tokens(inputs)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             import copy

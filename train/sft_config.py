@@ -68,9 +68,14 @@ def build_sft_config(cfg: Config, run: Path, has_eval: bool):
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         logging_steps=t.logging_steps,
-        # tokens/s that counts real tokens only (padding-free batches have none to exclude, and "all"
-        # avoids a device sync per step)
+        # tokens/s that counts real tokens only (padding-free batches have none to exclude, and "all" is counted on
+        # the host: QLoRATrainer._track_num_input_tokens)
         include_num_input_tokens_seen="all" if packing != "none" else "non_padding",
+        # a NaN or inf loss is logged as it is: Trainer's filter would log the running mean instead, and its check
+        # waits for each micro-step's backward to finish, so the GPU idles through the optimizer's host work
+        logging_nan_inf_filter=False,
+        # batches are pinned (dataloader_pin_memory) and copied to the GPU without waiting for the step before
+        accelerator_config={"non_blocking": True},
         report_to=cfg.log.report_to or "none",
         run_name=cfg.log.run_name or run.name,
         seed=cfg.run.seed,
