@@ -260,3 +260,30 @@ def test_cudnn_refusal_falls_back_to_varlen_once_and_says_so(cpu_varlen, monkeyp
     assert len(cpu_varlen) == 3
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(again, ref)
+
+
+def test_packed_batch_builds_no_dense_mask(cpu_varlen, monkeypatch):
+    """transformers builds a [tokens, tokens] mask for every packed batch; the varlen path never reads it, so it is never
+    built. A padded batch's layers fall back to sdpa, which reads it: built once per forward and mask type."""
+    import transformers.masking_utils as mu
+    from transformers import AutoModelForCausalLM
+
+    from test_packing import ROWS
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    built = []
+    real = mu.sdpa_mask
+    monkeypatch.setattr(mu, "sdpa_mask", lambda *a, **k: built.append(k.get("q_length")) or real(*a, **k))
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(family_config_object("llama"), attn_implementation=attention.NAME).eval()
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": r, "labels": r} for r in ROWS])
+    batch.pop("labels")
+    with torch.no_grad():
+        net(**batch)
+        assert cpu_varlen and built == []
+        width = max(map(len, ROWS))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in ROWS])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ROWS])
+        net(input_ids=ids, attention_mask=mask)
+    assert built == [width]

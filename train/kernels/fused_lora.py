@@ -12,7 +12,9 @@ so each of those costs time. Here one Function does
 with the LoRA term added inside the base output by a single addmm, and a hand-written backward that
 keeps only x, the small x @ A.T and the RNG state (the dropout mask is replayed, as in train/kernels/dropout.py's
 lean dropout). The parameters, their names and the saved adapter are peft's, unchanged; only the
-module's forward differs, and only where it computes exactly peft's LoRA (tests/test_fused_lora.py).
+module's forward differs, and only where it computes exactly peft's LoRA (tests/test_fused_lora.py). Layers that
+read the same x (q/k/v, gate/up: train/kernels/lora_group.py) run as one Function of several members, each with its
+own base weight, adapter and dropout mask.
 Anything else (eval/generation, merged or disabled adapters, several active adapters, DoRA and other
 variants, other dtypes, FSDP/DeepSpeed shards) runs peft's own forward.
 """

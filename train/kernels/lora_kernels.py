@@ -10,6 +10,10 @@ of (seed, element index) computed inside each kernel (an integer hash, see train
     lora_a_grad      grad_A = gh.T @ (x * m) / (1 - p)           one read of x
     lora_x_grad      grad_x += ((gh @ A) * m) / (1 - p)          one read and write of grad_x
 
+Each kernel also takes a group of up to MAX_MEMBERS layers reading the same x (q/k/v, gate/up:
+train/kernels/lora_group.py) in one launch: A stacked as (members*r, in), h and gh side by side as (tokens, members*r),
+member j masked with its own seed (member_seed). lora_x_grad then adds every member's term in one pass over grad_x.
+
 The same seed gives the same mask in the forward, the checkpointed recompute and the backward. Dropout
 keeps each element with probability 1 - p, independently per layer and call (a fresh seed each call,
 drawn from torch's CPU generator, which checkpointing and resume already save and restore). The
@@ -45,7 +49,7 @@ def on_current_gpu(t: torch.Tensor) -> bool:
 def new_seed() -> int:
     """A fresh dropout seed from torch's CPU generator: no device sync, and reproduced by checkpointing
     (which restores the CPU RNG state before a recompute) and by a resumed run."""
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device="cpu"))  # never a default CUDA device
 
 
 def mix(seed: int) -> int:
