@@ -597,3 +597,12 @@ def test_cli_tokens_sets_the_micro_batch_planned(capsys):
 
     small, large = total(["--tokens", "2048"]), total(["--tokens", "16384"])
     assert small < large
+
+
+def test_plan_prints_the_pinned_ram_offload_reserves():
+    """Offload pins slabs for its largest micro-batch before the first copy (kernels/offload.py): at one 350,000-token
+    row of the 8B, 32 inputs of 2.87 GB in power-of-two slabs of 64 + 16 + 8 + 4 + 4 GiB."""
+    est = plan.estimate(long_row_cfg(350000, True, True), plan.known_base("meta-llama/Llama-3.1-8B"))
+    assert est["host_offload"] == 96 * 2**30
+    small = plan.estimate(long_row_cfg(350000, True, True), plan.known_base("meta-llama/Llama-3.1-8B"), tokens=1000)
+    assert small["host_offload"] == est["host_offload"]  # pinned for the largest micro-batch, whatever this one is

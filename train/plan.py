@@ -426,8 +426,8 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
         working = tokens * (layer_saved - alias - freed + bwd) + dequant  the layer being recomputed
         (alias = R * hidden in kbit mode: the input norm saves the checkpointed fp32 input itself)
       offloaded (train.offload_checkpoints, kernels/offload.py): 3 instead of n_layers hidden states stay on the
-      GPU (the layer being recomputed, the one prefetched, the embedding output); host = n_layers * R * hidden
-      * tokens
+      GPU (the layer being recomputed, the one prefetched, the embedding output); host = the pinned slabs for
+      n_layers inputs of R * hidden * (train.batch_size x data.max_length) bytes (offload.slab_sizes)
       The working set is the larger of the MLP backward's (above) and the attention backward's
       (tokens * attention_backward_bytes_per_token): the latter is the peak once the MLP is tiled.
     Without:
@@ -442,6 +442,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     rope = 2 * head_dim * R (cos, sin), inputs = 24 (int64 ids, mask, labels).
     """
     from train.kernels import long_rows, tiled_mlp
+    from train.kernels.offload import slab_sizes
 
     p = precision(cfg.quant)
     parts = layer_saved_bytes_per_token(shape, cfg.lora, cfg.quant)
@@ -465,11 +466,12 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     if offload:
         on_gpu = min(shape.n_layers, OFFLOAD_GPU_LAYERS) + OFFLOAD_KEPT_HIDDEN
     hidden = p.residual * shape.hidden
+    reserved = max(tokens, cfg.train.batch_size * cfg.data.max_length)  # offload pins for its largest micro-batch
     mlp_peak = tokens * (layer - alias + bwd) + chunk_cost
     attention_peak = tokens * attention_backward_bytes_per_token(shape, cfg.quant)
     return {"saved": tokens * (on_gpu * hidden + shared),
             "working": max(mlp_peak, attention_peak) + dequant,
-            "host": float(tokens * shape.n_layers * hidden) if offload else 0.0}
+            "host": float(sum(slab_sizes(hidden * reserved, shape.n_layers))) if offload else 0.0}
 
 
 def loss_head_bytes(shape: ModelShape, quant: QuantCfg, tokens: int, fused: bool = FUSED_LM_HEAD) -> float:

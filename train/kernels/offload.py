@@ -64,15 +64,10 @@ class CheckpointOffload:
         they fit the host budget; else slabs come as needed). Pinning takes ~1 s per few GB and stalls the step that
         does it: session 8 measured offload 6-14 % slower than resident over 8 timed steps whose micro-batches kept
         growing, and equal in a later step (805 against 817 ms), so the pinning belongs before the first step."""
-        tokens = t.numel() // t.shape[-1]
-        per_layer = -(-(t.nbytes // tokens * self.reserve_tokens) // ALIGN) * ALIGN
-        left = self.layers
-        if per_layer * left > self.host_limit:
+        sizes = slab_sizes(t.nbytes // (t.numel() // t.shape[-1]) * self.reserve_tokens, self.layers)
+        if sum(sizes) > self.host_limit:
             return
-        while left > 0:  # powers of two (torch's pinned allocator rounds up to one), each filled with whole inputs
-            size = 1 << max((per_layer * left).bit_length() - 1, (per_layer - 1).bit_length())
-            self.slabs.append([torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda), 0])
-            left -= size // per_layer
+        self.slabs = [[torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda), 0] for size in sizes]
         log.info("checkpoint offload: %.1f GB of pinned RAM for %d layer inputs of up to %s tokens",
                  sum(s[0].numel() for s in self.slabs) / 1e9, self.layers, f"{self.reserve_tokens:,}")
 
@@ -140,6 +135,17 @@ class CheckpointOffload:
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def slab_sizes(input_bytes: int, layers: int) -> list[int]:
+    """The pinned slabs that hold `layers` layer inputs of `input_bytes` each: powers of two (torch's pinned allocator
+    rounds every block up to one), largest first, each filled with whole inputs. train plan prints their sum."""
+    step = -(-input_bytes // ALIGN) * ALIGN
+    sizes, left = [], layers
+    while left > 0:
+        sizes.append(1 << max((step * left).bit_length() - 1, (step - 1).bit_length()))
+        left -= sizes[-1] // step
+    return sizes
 
 
 def free_ram() -> int:
