@@ -17,14 +17,18 @@
 #   host           the default workload's host cost (session 6: the GPU idles 41-45 % of a step waiting for the host):
 #                  scripts/layer_bench.py (one layer's host us and GPU ms per call: fused, fused_triton, peft; the NF4
 #                  dequantization), then c and c-offload with the dropout in torch and in Triton, interleaved
-#   optim          train/optim.py's one-step AdamW (staged behind TRAIN_ONE_STEP_ADAMW=1): the optimizer step alone,
-#                  bitsandbytes' against ours (scripts/layer_bench.py), then c (lora.kernel=fused_triton) with the
-#                  variable off and on, interleaved twice
+#   optim          train/optim.py's one-step AdamW (the default; TRAIN_ONE_STEP_ADAMW=0 is bitsandbytes' per-tensor
+#                  step): the optimizer step alone, bitsandbytes' against ours (scripts/layer_bench.py), then c with
+#                  the variable 0 and 1, interleaved twice
+#   offload-ab     what offload costs on the default workload (train.offload_checkpoints auto is off there while that
+#                  is over 3 %): c-offload and c interleaved, three of each, per-step times in each results.json
+#   issue          issue #21's done-when in one invocation: the default workload (c, our defaults, and Unsloth) and
+#                  one 350,000-token row of ours with train plan beside it (~9 minutes on an H100)
 #   all            every stage in one run (no 10-minute limit)
 # Usage, from the repo root with .gpu-wheels/ and .unsloth-wheels/ (../shared/tools/unsloth-wheels.sh) carried:
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
 set -uo pipefail
-stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|all [OUT_DIR]}
+stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|issue|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
@@ -59,10 +63,13 @@ case $stage in
   optim) mkdir -p "$out" && python3 scripts/layer_bench.py --optimizer-only | tee "$out/optimizer.md" &&
     for round in 1 2; do
       for on in 0 1; do
-        TRAIN_ONE_STEP_ADAMW=$on bench --ways c --warmup 2 --steps 8 --set lora.kernel=fused_triton \
-          --report "$out/$round-one-step-$on"
+        TRAIN_ONE_STEP_ADAMW=$on bench --ways c --warmup 2 --steps 8 --report "$out/$round-one-step-$on"
       done
     done ;;
+  offload-ab) for round in 1 2 3; do
+      for way in c-offload c; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
+    done ;;
+  issue) bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 ;;
   all) budget=100000; bench --ways c,c-offload,unsloth --warmup 2 --steps 4 --plan-check \
          --plan-tokens 1x16384,1x131072,1x262144,1x350000 --plan-stacks ours,unsloth ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
