@@ -707,20 +707,27 @@ def test_one_step_adamw_matches_bitsandbytes_paged_adamw_on_cuda():
 
 
 @on_gpu
-def test_offloaded_checkpoints_train_exactly_as_resident_ones():
-    """Side-stream copies out and one-layer-ahead prefetch back: bit-identical loss and LoRA gradients."""
+@pytest.mark.parametrize("reserve", [None, 8192])
+def test_offloaded_checkpoints_train_exactly_as_resident_ones(reserve):
+    """Side-stream copies out and one-layer-ahead prefetch back (the last layer's input kept, the one before it
+    copied back as the forward ends): bit-identical loss and LoRA gradients, with slabs pinned as needed or reserved
+    for a micro-batch of 8,192 tokens before the first copy (then a 1,024-token step and an 8,192-token one, which
+    outgrows the slab pinned as needed for the first)."""
     from train.kernels import offload
 
-    want = long_row_step(long_row_model())
     net = long_row_model()
-    off = offload.install(net, "cuda")
-    for _ in range(2):  # the second step reuses the pinned slabs
+    off = offload.install(net, "cuda", reserve_tokens=reserve)
+    for tokens in (1024, 8192):
+        want = long_row_step(long_row_model(), tokens)
         for p in net.parameters():
             p.grad = None
-        got = long_row_step(net)
+        got = long_row_step(net, tokens)
         assert torch.equal(got[0], want[0])
         assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
-    assert (off.offloaded, off.prefetched, len(off.slabs)) == (8, 6, 1)  # 4 layer inputs a step; slabs reused
+        if tokens == 1024:
+            slabs = [id(s[0]) for s in off.slabs]
+    assert (off.offloaded, off.prefetched) == (6, 6)  # 3 of 4 layer inputs a step, every one copied back ahead
+    assert ([id(s[0]) for s in off.slabs] == slabs) == (reserve is not None)  # reserved: no slab pinned mid-run
 
 
 @on_gpu

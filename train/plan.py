@@ -427,7 +427,8 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
         (alias = R * hidden in kbit mode: the input norm saves the checkpointed fp32 input itself)
       offloaded (train.offload_checkpoints, kernels/offload.py): 3 instead of n_layers hidden states stay on the
       GPU (the layer being recomputed, the one prefetched, the embedding output); host = the pinned slabs for
-      n_layers inputs of R * hidden * (train.batch_size x data.max_length) bytes (offload.slab_sizes)
+      n_layers - 1 inputs (the last layer's stays) of R * hidden * (train.batch_size x data.max_length) bytes
+      (offload.slab_sizes)
       The working set is the larger of the MLP backward's (above) and the attention backward's
       (tokens * attention_backward_bytes_per_token): the latter is the peak once the MLP is tiled.
     Without:
@@ -471,7 +472,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
     attention_peak = tokens * attention_backward_bytes_per_token(shape, cfg.quant)
     return {"saved": tokens * (on_gpu * hidden + shared),
             "working": max(mlp_peak, attention_peak) + dequant,
-            "host": float(sum(slab_sizes(hidden * reserved, shape.n_layers))) if offload else 0.0}
+            "host": float(sum(slab_sizes(hidden * reserved, max(shape.n_layers - 1, 1)))) if offload else 0.0}
 
 
 def loss_head_bytes(shape: ModelShape, quant: QuantCfg, tokens: int, fused: bool = FUSED_LM_HEAD) -> float:

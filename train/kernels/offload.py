@@ -1,5 +1,5 @@
-"""Owns checkpoint offloading: the input gradient checkpointing keeps for each decoder layer goes to pinned CPU
-memory on a side stream during the forward, and comes back one layer ahead of that layer's recompute.
+"""Owns checkpoint offloading: the input gradient checkpointing keeps for each decoder layer but the last goes to
+pinned CPU memory on a side stream during the forward, and comes back one layer ahead of that layer's recompute.
 
 Why not the stack's own: TRL's `activation_offloading` (trl/models/activation_offloading.py, from torchtune) hooks
 the whole training step, so with our reentrant checkpointing it also offloads every tensor the recompute saves
@@ -172,11 +172,18 @@ def install(model, device, min_bytes: int = MIN_BYTES, host_limit: int | None = 
     layers = checkpointed_layers(model)
     if not layers:
         return None
-    off = CheckpointOffload(device, min_bytes, host_limit, layers=len(layers), reserve_tokens=reserve_tokens)
+    # the last layer's input stays on the GPU: its backward comes first, before any copy back could be under way. Its
+    # forward's end starts copying back the input offloaded last, the one the backward needs next
+    last = layers[-1] if len(layers) > 1 else None
+    off = CheckpointOffload(device, min_bytes, host_limit, layers=len(layers) - (last is not None),
+                            reserve_tokens=reserve_tokens)
     active: list = []  # the hooks context entered by the layer now running (at most one)
 
+    def training(layer) -> bool:
+        return layer.training and torch.is_grad_enabled() and getattr(layer, "gradient_checkpointing", False)
+
     def enter(layer, args, kwargs=None):
-        if layer.training and torch.is_grad_enabled() and getattr(layer, "gradient_checkpointing", False):
+        if layer is not last and training(layer):
             if layer is layers[0]:
                 off.new_step()
             active.append(off.hooks())
@@ -185,6 +192,8 @@ def install(model, device, min_bytes: int = MIN_BYTES, host_limit: int | None = 
     def leave(layer, args, output):
         if active:
             active.pop().__exit__(None, None, None)
+        if layer is last and off.saved and training(layer):
+            off.fetch(off.saved[-1])
 
     for layer in layers:
         layer.register_forward_pre_hook(enter)
