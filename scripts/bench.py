@@ -471,6 +471,8 @@ def main(argv=None) -> int:
     p.add_argument("--trace", action="store_true", help="--profile ways also write their profiled step's timeline\n"
                    "(REPORT/trace-WAY.json.gz, Chrome trace: open in Perfetto)")
     p.add_argument("--budget-s", type=float, help="start no way after this many seconds")
+    p.add_argument("--plan-first", action="store_true", help="run the --plan-check ways before --ways: a long row\n"
+                   "gets the most of --budget-s (a 350K-token step takes minutes)")
     p.add_argument("--plan-check", action="store_true", help="train/plan.py against measured peaks: way c at fixed\n"
                    "micro-batches (--plan-tokens); only this unless --ways is given too")
     p.add_argument("--plan-stacks", default="ours", help="--plan-check: ours, unsloth or ours,unsloth (Unsloth on\n"
@@ -566,7 +568,8 @@ def main(argv=None) -> int:
             (d / "table.md").write_text(text + "\n")
         return text
 
-    for name in [*ways, *(k for k, w in ctx["plan_ways"].items() if not w.get("skip"))]:
+    plan_names = [k for k, w in ctx["plan_ways"].items() if not w.get("skip")]
+    for name in [*plan_names, *ways] if args.plan_first else [*ways, *plan_names]:
         way = WAYS.get(name) or ctx["plan_ways"][name]
         left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
         res = ({"way": name, "error": f"skipped: {left:.0f}s of budget left"} if left is not None and left < 45

@@ -69,7 +69,8 @@ case $stage in
   offload-ab) for round in 1 2 3; do
       for way in c-offload c; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
     done ;;
-  issue) bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 ;;
+  issue) budget=${BUDGET_S:-575}  # the 350K row first, with the most of one 10-minute call; then c and Unsloth
+    bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 --plan-first ;;
   all) budget=100000; bench --ways c,c-offload,unsloth --warmup 2 --steps 4 --plan-check \
          --plan-tokens 1x16384,1x131072,1x262144,1x350000 --plan-stacks ours,unsloth ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
