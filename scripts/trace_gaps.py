@@ -18,7 +18,8 @@ import json
 import sys
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-HOST_OPS = ("_QLoraGroup", "_QLoraGroupBackward", "_QLoraLinear", "_QLoraLinearBackward",  # the fused layer, then before
+HOST_OPS = ("_QLoraGroup", "_QLoraGroupBackward",  # the fused layer (and, in older traces, its name before groups:)
+            "_QLoraLinear", "_QLoraLinearBackward",
             "CheckpointFunction", "CheckpointFunctionBackward", "Optimizer.step#AdamW.step",
             "Optimizer.step#PagedAdamW.step", "aten::mm", "cuLaunchKernelEx", "cudaLaunchKernel")
 

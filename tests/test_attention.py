@@ -279,11 +279,13 @@ def test_packed_batch_builds_no_dense_mask(cpu_varlen, monkeypatch):
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
         [{"input_ids": r, "labels": r} for r in ROWS])
     batch.pop("labels")
-    with torch.no_grad():
-        net(**batch)
-        assert cpu_varlen and built == []
-        width = max(map(len, ROWS))
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in ROWS])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ROWS])
-        net(input_ids=ids, attention_mask=mask)
+    net(**batch)  # with grad, as in training
+    assert cpu_varlen and built == []
+    width = max(map(len, ROWS))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in ROWS])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ROWS])
+    net(input_ids=ids, attention_mask=mask)
     assert built == [width]
+    with torch.no_grad():  # eval and generation: built at once (generation may pass it back as a tensor)
+        mask = attention.lazy_sdpa_mask(batch_size=1, q_length=4, kv_length=4, allow_is_causal_skip=False)
+    assert torch.is_tensor(mask)

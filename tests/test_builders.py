@@ -495,8 +495,8 @@ def test_host_token_count_equals_the_trainers(tmp_path):
     from train.trainer import build_trainer
 
     cfg = small_config(tmp_path / "run", model={"name_or_path": "builtin:tiny-llama"})
-    tr = build_trainer(cfg, tiny.build_model(), tiny.build_tokenizer(), Dataset.from_dict({"input_ids": [[1, 2, 3]]}), None,
-                       tmp_path)
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    tr = build_trainer(cfg, tiny.build_model(), tiny.build_tokenizer(), rows, None, tmp_path)
     inputs = {"input_ids": torch.ones(1, 37, dtype=torch.long), "position_ids": torch.arange(37)[None]}
     counts = []
     for track in (tr._track_num_input_tokens, lambda i: Trainer._track_num_input_tokens(tr, i)):

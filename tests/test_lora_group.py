@@ -45,7 +45,8 @@ def test_grouped_model_equals_layers_alone(tmp_path, checkpointing, count_runs):
         m.__dict__.pop("_lora_group", None)
     groups = _groups(grouped)
     layers = grouped.config.num_hidden_layers
-    assert sorted(g.names for g in groups) == sorted([["gate_proj", "up_proj"], ["q_proj", "k_proj", "v_proj"]] * layers)
+    want = [["gate_proj", "up_proj"], ["q_proj", "k_proj", "v_proj"]] * layers
+    assert sorted(g.names for g in groups) == sorted(want)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     loss_a, grads_a = _loss_and_grads(alone, ids, checkpointing)
     count_runs.clear()
@@ -69,9 +70,9 @@ def test_groups_off_runs_every_layer_alone(tmp_path, count_runs):
     assert set(count_runs) == {1}
 
 
-def test_members_on_different_inputs_run_alone(tmp_path, count_runs):
-    """A caller that feeds siblings different tensors (or changes the input in place) gets each layer's own output:
-    the group notices the unclaimed outputs and stops grouping."""
+def test_members_on_different_inputs_get_their_own_outputs(tmp_path, count_runs):
+    """A caller that feeds siblings different tensors (or changes the input in place) gets each layer's own output; the
+    group notices the unclaimed outputs, and from the next model.train() (a new training step) the members run alone."""
     model = _model(tmp_path, dropout=0.0).train()
     attn = model.base_model.model.model.layers[0].self_attn
     group = attn.q_proj.__dict__["_lora_group"]
@@ -90,6 +91,8 @@ def test_members_on_different_inputs_run_alone(tmp_path, count_runs):
         k = attn.k_proj(y)  # not x: q's group computed k on x, which must not be returned here
         torch.testing.assert_close(q, alone(attn.q_proj, x))
         torch.testing.assert_close(k, alone(attn.k_proj, y))
+        assert group.unclaimed and not group.broken  # within a step the path stays what it was (see below)
+        model.train()
         assert group.broken and group.pending is None
         before = len(count_runs)
         attn.v_proj(x)
@@ -101,6 +104,35 @@ def test_members_on_different_inputs_run_alone(tmp_path, count_runs):
         attn.q_proj(x)
         x.mul_(2)  # the same tensor, changed in place: k must see the new values
         torch.testing.assert_close(attn.k_proj(x), alone(attn.k_proj, x))
+
+
+def test_siblings_on_copies_of_the_input_train_exactly_under_checkpointing(tmp_path):
+    """k and v fed copies of q's input (as a hook that moves or copies inputs does). In the step where the group first
+    sees that, its checkpointed recompute must take the forward's path and draw the same dropout masks: the loss and
+    gradients equal the same step without checkpointing. From the next step the members run alone, exactly as
+    without groups."""
+    grouped = _model(tmp_path)
+    alone = copy.deepcopy(grouped)
+    for m in alone.modules():
+        m.__dict__.pop("_lora_group", None)
+    for model in (grouped, alone):
+        for layer in model.base_model.model.model.layers:
+            for name in ("k_proj", "v_proj"):
+                getattr(layer.self_attn, name).register_forward_pre_hook(lambda mod, args: (args[0].clone(),))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+
+    def assert_same(got, want):
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+        for name in want[1]:
+            torch.testing.assert_close(got[1][name], want[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+    checkpointed = copy.deepcopy(grouped)
+    first = _loss_and_grads(checkpointed, ids, checkpointing=True)
+    assert_same(first, _loss_and_grads(copy.deepcopy(grouped), ids, checkpointing=False))
+    assert all(g.unclaimed for g in _groups(checkpointed) if "k_proj" in g.names)
+    checkpointed.zero_grad(set_to_none=True)
+    assert_same(_loss_and_grads(checkpointed, ids, checkpointing=True), _loss_and_grads(alone, ids, checkpointing=True))
+    assert all(g.broken == ("k_proj" in g.names) for g in _groups(checkpointed))
 
 
 def test_copy_of_a_model_mid_forward_has_its_own_groups(tmp_path):

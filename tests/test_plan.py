@@ -301,8 +301,8 @@ def test_long_row_peaks_match_measured_without_offload_and_tiling(tokens):
 
 def test_offload_and_tiling_in_the_plan():
     """At 131K on the 8B: offload keeps 2 of 32 layer inputs and the embedding output on the GPU and puts 31 (all but
-    the last layer's) in pinned RAM; tiling counts the MLP's tensors for one 16K chunk and keeps the chunk inputs (R * hidden per
-    token) instead, which leaves the attention backward as the working set's peak."""
+    the last layer's) in pinned RAM; tiling counts the MLP's tensors for one 16K chunk and keeps the chunk inputs
+    (R * hidden per token) instead, which leaves the attention backward as the working set's peak."""
     from train.kernels import tiled_mlp
 
     model, n = plan.known_base("meta-llama/Llama-3.1-8B"), 131072

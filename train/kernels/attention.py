@@ -174,7 +174,13 @@ class LazyMask:
         return self.built
 
 
-def lazy_sdpa_mask(*args, **kwargs) -> LazyMask:
+def lazy_sdpa_mask(*args, **kwargs):
+    """sdpa's mask, lazy in training (where the batches are padding-free). Without grad (eval, generation) it is built
+    at once: generation may hand it back to the model as its attention_mask, where transformers reads it as a tensor."""
+    if not torch.is_grad_enabled():
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(*args, **kwargs)
     return LazyMask(args, kwargs)
 
 

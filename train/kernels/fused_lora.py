@@ -169,6 +169,12 @@ class FusedLinear4bit(PeftLinear4bit):
             return super().forward(x, *args, **kwargs)
         return run([plan], x, self.triton_dropout)[0]
 
+    def train(self, mode: bool = True):
+        group = self.__dict__.get("_lora_group")
+        if group is not None:
+            group.settle()
+        return super().train(mode)
+
     def base_layer_cached(self):
         """peft's get_base_layer, walked again only when the base_layer child is another object (a replaced child,
         as transformers' dequantize() does): the walk costs ~7 us of host time a call, two calls a step per layer.

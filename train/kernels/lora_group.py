@@ -28,14 +28,17 @@ class Group:
     def __init__(self, names: list[str], members: list):
         self.names, self.members = names, members
         self.pending = None  # (x, its version, {member: output}) for the siblings not yet called on x
-        self.broken = False  # a computed output went unclaimed: this model does not call the members on one input
+        # a computed output went unclaimed: this model does not call the members on one input. The members run alone
+        # from the next model.train() on (Trainer calls it at every training step), never within a step: a
+        # checkpointed layer's recompute must take the same path as its forward, or it draws other dropout masks
+        self.unclaimed = self.broken = False
 
     def __deepcopy__(self, memo):
         """A copied model gets its own group of the copied members, with nothing pending (outputs of this step's graph
         cannot be copied, and belong to the original)."""
         copied = memo[id(self)] = Group(list(self.names), [])  # in the memo first: the members refer back to it
         copied.members = copy.deepcopy(self.members, memo)
-        copied.broken = self.broken
+        copied.unclaimed, copied.broken = self.unclaimed, self.broken
         return copied
 
     def output(self, member, x: torch.Tensor):
@@ -46,12 +49,18 @@ class Group:
                 out = outs.pop(member)
                 self.pending = pending if outs else None
                 return out
-            self.broken = True
-            log.info("LoRA groups: %s are not called on one input here; they run one by one from now on",
-                     "/".join(self.names))
+            self.unclaimed = True  # dropped: this call decides as if nothing were pending, in forward and recompute
         if self.broken or not member.training or torch.is_inference(x):
             return None
         return self._compute(member, x)
+
+    def settle(self) -> None:
+        """Called from each member's train(): between steps, an unclaimed output switches grouping off for good."""
+        self.pending = None
+        if self.unclaimed and not self.broken:
+            self.broken = True
+            log.info("LoRA groups: %s are not called on one input here; they run one by one from now on",
+                     "/".join(self.names))
 
     def _compute(self, member, x):
         from train.kernels import fused_lora
