@@ -6,8 +6,9 @@ layer's q_proj, k_proj and v_proj all read the same normed hidden states, as do 
 member called computes every member's output in one fused Function (train/kernels/fused_lora.py: one seed, one
 launch of each dropout kernel for all members, one input gradient accumulated in place) and keeps the others'
 outputs; each sibling then takes its own, when it is called with that very tensor (same object, unchanged since).
-Any other call (another input, peft's path, eval) runs the layer alone, exactly as without groups. The members
-keep their parameters, names and saved adapters; each draws its own dropout mask, as alone.
+A sibling called with another tensor gets its own output on it (the group runs again there), and from the next
+training step such a group's members run alone, as do calls that take peft's path (eval, generation). The members keep
+their parameters, names and saved adapters; each draws its own dropout mask, as alone.
 """
 
 from __future__ import annotations
