@@ -27,6 +27,7 @@
 #   all            every stage in one run (no 10-minute limit)
 # Usage, from the repo root with .gpu-wheels/ and .unsloth-wheels/ (../shared/tools/unsloth-wheels.sh) carried:
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
+#   PACK=1 ...: OUT_DIR/STAGE.tar.gz instead of the folder (the device machine returns only a few files a call)
 set -uo pipefail
 stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|issue|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
@@ -75,3 +76,8 @@ case $stage in
          --plan-tokens 1x16384,1x131072,1x262144,1x350000 --plan-stacks ours,unsloth ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
+rc=$?
+if [ "${PACK:-0}" = 1 ] && [ -d "$out" ]; then
+  tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+fi
+exit $rc
