@@ -58,7 +58,7 @@ def _forward(x, spec, a_list, b_list):
 
 def _lora_a(rows, a_list, p, triton_dropout):
     """(dropout_j(rows) @ A_j.T for every member j, side by side, and how the dropout was drawn)."""
-    a = (a_list[0] if len(a_list) == 1 else torch.cat(a_list)).to(rows.dtype)
+    a = _stacked(a_list, rows.dtype)
     if p > 0 and triton_dropout and lora_kernels.usable(rows, a_list[0]):  # GPU: the masks live only in the kernels
         seed = lora_kernels.new_seed()
         return lora_kernels.lora_a_forward(rows, a, seed, p, len(a_list)), ("kernel", seed)
@@ -69,6 +69,11 @@ def _lora_a(rows, a_list, p, triton_dropout):
         states.append(generator(rows.device).get_state())
         hs.append(torch.mm(torch.native_dropout(rows, p, True)[0], aj.t()))
     return (hs[0] if len(hs) == 1 else torch.cat(hs, 1)), ("torch", states)
+
+
+def _stacked(a_list, dtype):
+    """The members' A weights as one (members*r, in) matrix in `dtype` (a lone layer's own, cast)."""
+    return (a_list[0] if len(a_list) == 1 else torch.cat(a_list)).to(dtype)
 
 
 def _columns(t, members):
@@ -129,7 +134,7 @@ def _lora_a_backward(ctx, rows, gh, a_list):
     k, p = len(a_list), ctx.spec[1]
     wanted = [ctx.needs_input_grad[2 + j] for j in range(k)]
     kind, drawn = ctx.drawn or (None, None)
-    a = (a_list[0] if k == 1 else torch.cat(a_list)).to(gh.dtype)
+    a = _stacked(a_list, gh.dtype)
     if kind == "kernel":
         grad_a = _rows(lora_kernels.lora_a_grad(rows, gh, drawn, p, k), k) if any(wanted) else [None] * k
         grads = [g.to(aj.dtype) if want else None for g, aj, want in zip(grad_a, a_list, wanted)]

@@ -36,8 +36,8 @@ def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
     """The kernels handle this call: CUDA (or Triton's CPU interpreter), 16-bit inputs, a supported rank,
     and element indices that fit the mask hash's 32-bit input."""
     interpretable = interpreting() and x.dtype == torch.float16  # the CPU interpreter has no bf16
-    return (triton_module() is not None and (on_current_gpu(x) or interpretable) and x.dtype in (torch.bfloat16, torch.float16)
-            and a.shape[0] in RANKS and x.numel() < 2**31)
+    return (triton_module() is not None and (on_current_gpu(x) or interpretable)
+            and x.dtype in (torch.bfloat16, torch.float16) and a.shape[0] in RANKS and x.numel() < 2**31)
 
 
 def on_current_gpu(t: torch.Tensor) -> bool:

@@ -73,7 +73,7 @@ class CheckpointOffload:
 
     def host_buffer(self, nbytes: int) -> torch.Tensor | None:
         """`nbytes` of pinned memory carved from a slab (a new slab when none has room; None past host_limit)."""
-        step = -(-nbytes // ALIGN) * ALIGN
+        step = _aligned(nbytes)
         for slab in self.slabs:
             if slab[0].numel() - slab[1] >= step:
                 slab[1] += step
@@ -137,10 +137,15 @@ class CheckpointOffload:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
+def _aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to ALIGN: the room one tensor takes in a slab."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def slab_sizes(input_bytes: int, layers: int) -> list[int]:
     """The pinned slabs that hold `layers` layer inputs of `input_bytes` each: powers of two (torch's pinned allocator
     rounds every block up to one), largest first, each filled with whole inputs. train plan prints their sum."""
-    step = -(-input_bytes // ALIGN) * ALIGN
+    step = _aligned(input_bytes)
     sizes, left = [], layers
     while left > 0:
         sizes.append(1 << max((step * left).bit_length() - 1, (step - 1).bit_length()))
