@@ -10,6 +10,7 @@ which runs its own transformers/TRL/peft, can use this module too.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
             self.marks.append((0, time.perf_counter(), state.num_input_tokens_seen, time.process_time()))
 
         def on_step_begin(self, args, state, control, **kw):
+            if cuda and sync_debug and state.global_step == warmup:  # the first timed step: list its syncs
+                self.syncs = sync_recorder()
             if self.profile_step and state.global_step + 1 == self.profile_step:
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
                 self.prof = torch.profiler.profile(activities=acts)
@@ -95,6 +98,9 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
                 self.prof_t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if getattr(self, "syncs", None) is not None:
+                self.sync_sites = self.syncs()
+                self.syncs = None
             if cuda:
                 torch.cuda.synchronize()
             self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen,
@@ -116,7 +122,42 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
                 torch.cuda.synchronize()
                 self.peak, self.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
 
+    sync_debug = os.environ.get("BENCH_SYNC_DEBUG") == "1"
     return Timer()
+
+
+def sync_recorder():
+    """Until the returned stop() is called, every CUDA operation that makes the host wait for the GPU (torch's sync
+    debug mode) is recorded with the Python frames that called it; stop() returns the distinct call sites, most
+    frequent first. Each one is a point where the host stops running ahead of the GPU."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    sites: collections.Counter = collections.Counter()
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-6:]
+        sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
+
+    catcher = warnings.catch_warnings()
+    catcher.__enter__()
+    warnings.simplefilter("always")
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+
+    def stop():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("default")
+        catcher.__exit__(None, None, None)
+        return [f"{n}x {site}" for site, n in sites.most_common()]
+
+    return stop
 
 
 def write_trace(prof, path: str) -> None:
@@ -174,7 +215,7 @@ def summarize(timer, log: list, accum: int, warmup: int, steps: int) -> dict:
             "step_cpu_s": [round(b[3] - a[3], 3) for a, b in zip(marks, marks[1:])],
             # None without CUDA
             "peak_alloc_gb": timer.peak / 1e9 or None, "peak_reserved_gb": timer.reserved / 1e9 or None,
-            "profile": timer.profile,
+            "profile": timer.profile, "sync_sites": getattr(timer, "sync_sites", None),
             "seqs_per_step": [sum(b["seqs"] for b in timed[i:i + accum]) for i in range(0, len(timed), accum)],
             "pad_fraction": round(1 - real / computed, 4) if computed else None,
             # every micro-batch trained (warm-up, timed, profiled): the peak memory covers all of them
