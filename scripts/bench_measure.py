@@ -67,44 +67,57 @@ def versions(names=("torch", "transformers", "trl", "peft", "bitsandbytes", "acc
 
 
 def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None = None):
-    """A TrainerCallback: step-end timestamps (after a device sync) with the process's CPU time, the Trainer's token
-    count, logged losses, the peak memory of training. With `profile`, one more step after the timed ones runs
-    under torch.profiler; with `trace` too, that step's timeline is written there (Chrome trace, gzipped: which
-    stream ran what when, where the GPU waited for the host)."""
+    """A TrainerCallback: step-end times with the process's CPU time, the Trainer's token count, logged losses, the peak
+    memory of training. A step's end is a CUDA event recorded behind its work, read when training ends: timing does
+    not make the host wait for the GPU each step, which training itself need not do (BENCH_STEP_SYNC=1: a device
+    sync at each step end instead, the way runs before session 9 were timed). With `profile`, one more step after
+    the timed ones runs under torch.profiler, synced at both ends; with `trace` too, that step's timeline is written
+    there (Chrome trace, gzipped: which stream ran what when, where the GPU waited for the host). BENCH_SYNC_DEBUG=1
+    lists every host-GPU sync from the last warm-up step's end to the first timed step's end (sync_recorder)."""
     import torch
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
+    step_sync = not cuda or os.environ.get("BENCH_STEP_SYNC") == "1"
 
     class Timer(TrainerCallback):
         def __init__(self):
             self.marks, self.losses, self.peak, self.reserved = [], [], 0, 0
+            self.events = []  # a CUDA event at train begin and at each step end (not with step_sync)
+            self.timing = "device sync at each step end" if step_sync else "CUDA events (no per-step sync)"
             self.profile_step = warmup + steps + 1 if profile else None
-            self.prof, self.profile = None, None
+            self.prof, self.profile, self.syncs = None, None, None
 
         def on_train_begin(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            self.marks.append((0, time.perf_counter(), state.num_input_tokens_seen, time.process_time()))
+            self.mark(state)
+
+        def mark(self, state):
+            if cuda and not step_sync:
+                self.events.append(torch.cuda.Event(enable_timing=True))
+                self.events[-1].record()
+            self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen,
+                               time.process_time()))
 
         def on_step_begin(self, args, state, control, **kw):
-            if cuda and sync_debug and state.global_step == warmup:  # the first timed step: list its syncs
-                self.syncs = sync_recorder()
             if self.profile_step and state.global_step + 1 == self.profile_step:
+                torch.cuda.synchronize() if cuda else None
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
                 self.prof_t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            if getattr(self, "syncs", None) is not None:
+            if self.syncs is not None:
                 self.sync_sites = self.syncs()
                 self.syncs = None
-            if cuda:
+            if cuda and (step_sync or state.global_step == self.profile_step):
                 torch.cuda.synchronize()
-            self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen,
-                               time.process_time()))
+            self.mark(state)
+            if cuda and sync_debug and state.global_step == warmup:  # one whole step, with the log at its start
+                self.syncs = sync_recorder()
             if self.prof is not None and state.global_step == self.profile_step:
                 wall = time.perf_counter() - self.prof_t0
                 self.prof.__exit__(None, None, None)
@@ -121,6 +134,10 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
             if cuda:
                 torch.cuda.synchronize()
                 self.peak, self.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            if self.events:  # each mark's time: train begin's wall time + the GPU's time since then
+                t0 = self.marks[0][1]
+                self.marks = [(s, t0 + self.events[0].elapsed_time(e) / 1e3, n, c)
+                              for (s, _, n, c), e in zip(self.marks, self.events)]
 
     sync_debug = os.environ.get("BENCH_SYNC_DEBUG") == "1"
     return Timer()
@@ -191,8 +208,8 @@ def count_batches(collate, log: list):
 
 
 def summarize(timer, log: list, accum: int, warmup: int, steps: int) -> dict:
-    """The way's numbers. tok/s = real tokens the collator handed to the timed steps / their wall time (the same
-    count for every stack); the Trainer's own num_input_tokens_seen is kept beside it as a cross-check.
+    """The way's numbers. tok/s = real tokens the collator handed to the timed steps / their time (the same count for
+    every stack; on a GPU the time between CUDA events behind the last warm-up step and the last timed step, make_timer); the Trainer's own num_input_tokens_seen is kept beside it as a cross-check.
     first_step_s is the first optimizer step (compilation, autotuning, allocator warm-up) on its own. timed_cpu_s is
     the process's CPU time (all threads) over the timed steps, and step_cpu_s per step."""
     marks = timer.marks
@@ -216,6 +233,7 @@ def summarize(timer, log: list, accum: int, warmup: int, steps: int) -> dict:
             # None without CUDA
             "peak_alloc_gb": timer.peak / 1e9 or None, "peak_reserved_gb": timer.reserved / 1e9 or None,
             "profile": timer.profile, "sync_sites": getattr(timer, "sync_sites", None),
+            "step_timing": getattr(timer, "timing", None),
             "seqs_per_step": [sum(b["seqs"] for b in timed[i:i + accum]) for i in range(0, len(timed), accum)],
             "pad_fraction": round(1 - real / computed, 4) if computed else None,
             # every micro-batch trained (warm-up, timed, profiled): the peak memory covers all of them

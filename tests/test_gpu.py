@@ -285,7 +285,10 @@ def check_fused_layers(tmp_path, monkeypatch, kernel: str, dropout: float, devic
     from test_fused_lora import _fused_layers, _run_layer
     from train.kernels import fused_lora
 
-    fused, ref = fused_and_peft(tmp_path, str(dtype).removeprefix("torch."), dropout, kernel, r=16, alpha=32)
+    # groups off: each layer is called here on its own input, where a group member would draw its group's mask
+    # (tests/test_lora_group.py and test_grouped_layers_equal_layers_alone_on_cuda check groups against this)
+    fused, ref = fused_and_peft(tmp_path, str(dtype).removeprefix("torch."), dropout, kernel, r=16, alpha=32,
+                                groups=False)
     layers = {name: m for name, m in fused.named_modules() if isinstance(m, fused_lora.FusedLinear4bit)}
     assert len(layers) == len(_fused_layers(fused)) > 0
     ref_layers = dict(ref.named_modules())

@@ -57,6 +57,8 @@ TRAINER_PRIVATES = {
     "_load_optimizer_and_scheduler": ("checkpoint",),
     "_prepare_inputs": ("inputs",),
     "_track_num_input_tokens": ("inputs",),
+    "_maybe_log_save_evaluate": ("tr_loss", "grad_norm", "model", "trial", "epoch", "ignore_keys_for_eval",
+                                 "start_time", "learning_rate"),
 }
 
 
@@ -68,7 +70,7 @@ def check_trainer() -> None:
 
 
 def trainer_hooks(base):
-    """`base` (a Trainer subclass) with public-named hooks on four private Trainer methods, none of which
+    """`base` (a Trainer subclass) with public-named hooks on five private Trainer methods, none of which
     has a public equivalent (their signatures: TRAINER_PRIVATES, checked here and by tests/test_patches.py):
 
     - `_get_train_sampler` -> `self.train_sampler_hook(sampler)`: the run's seed and token-balanced
@@ -79,6 +81,9 @@ def trainer_hooks(base):
       training dtype before the optimizer is built (no callback runs between the two).
     - `_load_optimizer_and_scheduler` -> `self.optimizer_load_hook(checkpoint, fresh_scheduler_state)`:
       restart an extended run's schedule over the checkpoint's ended one.
+    - `_maybe_log_save_evaluate` -> `self.step_end_hook(tr_loss, grad_norm, learning_rate, start_time)`: a step's log
+      read one step late (train/late_log.py); True when the hook took the step, which then neither saves nor evaluates.
+      It reads Trainer's `_globalstep_last_logged` and `_total_loss_scalar`, as the method it stands in for does.
 
     And `_track_num_input_tokens` counts on the host where it can: Trainer copies each micro-batch's token count to
     the GPU and reads it back, two device syncs per micro-step that stall the host until the backward has finished
@@ -100,6 +105,9 @@ def trainer_hooks(base):
         def optimizer_load_hook(self, checkpoint, fresh: dict[str, Any] | None) -> None:
             pass
 
+        def step_end_hook(self, tr_loss, grad_norm, learning_rate, start_time) -> bool:
+            return False
+
         def _get_train_sampler(self, train_dataset=None):
             return self.train_sampler_hook(super()._get_train_sampler(train_dataset))
 
@@ -110,6 +118,12 @@ def trainer_hooks(base):
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             self.checkpoint_loaded_hook()
+
+        def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                     learning_rate=None, *args, **kwargs):
+            if not self.step_end_hook(tr_loss, grad_norm, learning_rate, start_time):
+                super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
+                                                 start_time, learning_rate, *args, **kwargs)
 
         def _track_num_input_tokens(self, inputs):
             main = getattr(self.model, "main_input_name", "input_ids")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from train import checkpoints, lora, optim, patches, sampler
+from train import checkpoints, late_log, lora, optim, patches, sampler
 from train.callbacks import MarkComplete, MetricsFile, StepLines
 from train.config import Config
 from train.kernels.long_rows import LongRows
@@ -65,10 +65,28 @@ def trainer_class():
             if checkpoint and fresh and self.extension_start == checkpoints.checkpoint_step(Path(checkpoint)):
                 patches.restart_schedule(self.optimizer, self.lr_scheduler, fresh)
 
+        def __init__(self, *args, **kwargs):
+            self.late = late_log.LateLog()  # this trainer's metrics on the device, and a step's log read a step late
+            super().__init__(*args, **kwargs)
+
+        def step_end_hook(self, tr_loss, grad_norm, learning_rate, start_time) -> bool:
+            return self.late.step_end(self, tr_loss, grad_norm, learning_rate, start_time)
+
+        def log(self, logs, start_time=None):
+            """Any log first writes the step still waiting (late_log), then folds this window's device metrics in."""
+            if not self.late.flushing:
+                self.late.flush(self)
+                if self.model.training:
+                    self.late.settle(self)
+            super().log(logs, start_time)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """On GPU, TRL's fused LM head (Triton, labelled positions only). Its CPU fallback projects every
-            position through the LM head in fp32 tiles: on SmolLM2-135M (vocab 49k) that was 40% of a CPU step
-            (docs/benchmarks.md). There, project only the positions that carry a label."""
+            """On GPU, TRL's fused LM head (Triton, labelled positions only), its metrics left on the device
+            (late_log). Its CPU fallback projects every position through the LM head in fp32 tiles: on SmolLM2-135M
+            (vocab 49k) that was 40% of a CPU step (docs/benchmarks.md). There, project only the positions that
+            carry a label."""
+            if torch.cuda.is_available() and not return_outputs and late_log.plain_loss(self):
+                return late_log.late_loss(self, model, inputs, num_items_in_batch)
             if torch.cuda.is_available() or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = labelled_positions_loss(model, inputs, num_items_in_batch)

@@ -1,0 +1,92 @@
+"""train/late_log.py: a step's log read one step late writes what logging at once writes, and the loss and metrics
+kept on the device are TRL's."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import small_config
+from train import late_log, patches
+from train import trainer as trainer_mod
+from train.fit import fit
+
+
+
+def timeless(row: dict) -> dict:
+    """A metrics.jsonl row without the wall-clock numbers, which differ between two runs."""
+    return {k: v for k, v in row.items() if k != "time_s" and not k.endswith(("_runtime", "_per_second"))}
+
+
+class Order(TrainerCallback):
+    """The order of step ends and logs, as ('end', step) and ('log', step)."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.events.append(("end", state.global_step))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.events.append(("log", state.global_step))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same 6-step run (eval and a checkpoint at step 3) logged late and at once."""
+    root, out = tmp_path_factory.mktemp("late"), {}
+    mp = pytest.MonkeyPatch()
+    try:
+        for env in ("1", "0"):
+            mp.setenv(late_log.ENV, env)
+            order = Order()
+            cfg = small_config(root / env, train={"eval_every": 3, "save_every": 3},
+                               eval={"during_training_limit": 4})
+            fitted = fit(cfg, callbacks=[order])
+            rows = [json.loads(x) for x in (fitted.run / "metrics.jsonl").read_text().splitlines()]
+            out[env] = ([timeless(r) for r in rows], order.events)
+    finally:
+        mp.undo()
+    return out
+
+
+def test_late_rows_equal_rows_logged_at_once(two_runs):
+    (late, _), (at_once, _) = two_runs["1"], two_runs["0"]
+    assert [r["step"] for r in late if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert late == at_once
+
+
+def test_a_step_is_logged_after_the_next_one_ends_unless_it_saves(two_runs):
+    late, at_once = two_runs["1"][1], two_runs["0"][1]
+    assert at_once == [e for step in range(1, 7) for e in (("end", step), ("log", step))]
+    # each step is logged when the next one has ended; step 3 (it saves and evaluates) and step 6 (the last) at once
+    assert late == [("end", 1), ("end", 2), ("log", 1), ("end", 3), ("log", 2), ("log", 3), ("end", 4), ("end", 5),
+                    ("log", 4), ("end", 6), ("log", 5), ("log", 6)]
+
+
+def test_late_loss_equals_trl_compute_loss(tmp_path, monkeypatch):
+    """On TRL's fused LM head (its CPU fallback here): the same loss, and after settling the same logged metrics."""
+    from trl import SFTTrainer
+
+    built = []
+    real = trainer_mod.build_trainer
+    monkeypatch.setattr(trainer_mod, "build_trainer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    fit(small_config(tmp_path / "run", train={"max_steps": 1}, lora={"dropout": 0.0}))
+    sft = built[0]
+    sft.model.train()
+    inputs = patches.prepare_inputs(sft, next(iter(sft.get_train_dataloader())))
+    got = {}
+    for way in ("late", "trl"):
+        sft._metrics["train"].clear()
+        sft._total_train_tokens = 0
+        if way == "late":
+            loss = late_log.late_loss(sft, sft.model, dict(inputs))
+            sft.late.settle(sft)
+        else:
+            loss = SFTTrainer.compute_loss(sft, sft.model, dict(inputs))
+        got[way] = (loss.detach(), {k: list(v) for k, v in sft._metrics["train"].items()})
+    assert torch.equal(got["late"][0], got["trl"][0])
+    assert got["late"][1] == got["trl"][1]
+    assert set(got["trl"][1]) == {"entropy", "mean_token_accuracy", "num_tokens"} and got["trl"][1]["num_tokens"][0] > 0
