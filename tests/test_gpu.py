@@ -721,10 +721,13 @@ def test_offloaded_checkpoints_train_exactly_as_resident_ones(reserve):
     net = long_row_model()
     off = offload.install(net, "cuda", reserve_tokens=reserve)
     for tokens in (1024, 8192):
-        want = long_row_step(long_row_model(), tokens)
-        for p in net.parameters():
-            p.grad = None
-        got = long_row_step(net, tokens)
+        # sdpa's math backend: its flash/efficient backward is not deterministic at 8,192 tokens (session 9 measured
+        # 39-43 of 56 LoRA gradients differing between two resident runs), so only this one can be bit-compared
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            want = long_row_step(long_row_model(), tokens)
+            for p in net.parameters():
+                p.grad = None
+            got = long_row_step(net, tokens)
         assert torch.equal(got[0], want[0])
         assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
         if tokens == 1024:
