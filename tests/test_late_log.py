@@ -2,6 +2,7 @@
 kept on the device are TRL's."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -90,3 +91,82 @@ def test_late_loss_equals_trl_compute_loss(tmp_path, monkeypatch):
     assert torch.equal(got["late"][0], got["trl"][0])
     assert got["late"][1] == got["trl"][1]
     assert set(got["trl"][1]) == {"entropy", "mean_token_accuracy", "num_tokens"} and got["trl"][1]["num_tokens"][0] > 0
+
+
+def forced_loss(monkeypatch, way: str):
+    """Trainers whose compute_loss is late_loss ("late", as on a GPU) or TRL's own ("trl"): on CPU QLoRATrainer takes
+    neither (loss.labelled_positions_loss), so this is how the CPU sees the GPU's metric windows."""
+    from trl import SFTTrainer
+
+    real = trainer_mod.build_trainer
+
+    def build(*args, **kwargs):
+        tr = real(*args, **kwargs)
+        if way == "late":
+            tr.compute_loss = lambda model, inputs, return_outputs=False, num_items_in_batch=None: \
+                late_log.late_loss(tr, model, inputs, num_items_in_batch)
+        else:
+            tr.compute_loss = types.MethodType(SFTTrainer.compute_loss, tr)
+        return tr
+
+    monkeypatch.setattr(trainer_mod, "build_trainer", build)
+
+
+def rows_of(run) -> list[dict]:
+    return [timeless(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("late_way", ["late", "trl"])
+def test_metric_windows_equal_trl_logged_at_once(tmp_path, monkeypatch, late_way):
+    """Two logging steps per log, two micro-batches per step, eval and a checkpoint at step 3, a last step that is not
+    a logging step: late_loss logged late writes the rows (TRL's entropy, accuracy, token count included) and the
+    train_loss that TRL's compute_loss logged at once writes. With TRL's own compute_loss (a non-plain loss: MoE aux
+    loss, label smoothing, ...), which reads its metrics itself, each step logs at once and nothing is lost."""
+    train = {"max_steps": 7, "logging_steps": 2, "grad_accum": 2, "eval_every": 3, "save_every": 3}
+    got = {}
+    for env, way in (("0", "trl"), ("1", late_way)):
+        monkeypatch.setenv(late_log.ENV, env)
+        forced_loss(monkeypatch, way)
+        fitted = fit(small_config(tmp_path / env, train=train, eval={"during_training_limit": 2}))
+        got[env] = (rows_of(fitted.run), fitted.metrics.get("train_loss"))
+    assert got["1"] == got["0"]
+    logged = [r for r in got["0"][0] if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6] and all("entropy" in r and "num_tokens" in r for r in logged)
+
+
+class AskAt(TrainerCallback):
+    """Sets control.<flag> in on_log of step `step`, as a user's callback may (early stopping on the loss)."""
+
+    def __init__(self, flag: str, step: int = 2):
+        self.flag, self.step = flag, step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.global_step == self.step:
+            setattr(control, self.flag, True)
+
+
+@pytest.mark.parametrize("flag", ["should_training_stop", "should_save"])
+def test_what_a_callback_asks_in_on_log_is_done_a_step_later(tmp_path, flag):
+    """Step 2's row is written as step 3 ends: a stop or a checkpoint asked for then happens at step 3 (logging at once,
+    at step 2). It is not lost."""
+    fitted = fit(small_config(tmp_path / "run", train={"max_steps": 6, "save_every": 100}), callbacks=[AskAt(flag)])
+    steps = [r["step"] for r in rows_of(fitted.run) if "loss" in r]
+    checkpoints = sorted(p.name for p in (fitted.run / "checkpoints").iterdir())
+    if flag == "should_training_stop":
+        assert steps == [1, 2, 3]
+    else:
+        assert steps == [1, 2, 3, 4, 5, 6] and "checkpoint-3" in checkpoints
+
+
+class FailAt(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == 5:
+            raise RuntimeError("boom in step 5")
+
+
+def test_the_waiting_row_is_written_when_training_raises(tmp_path):
+    """Step 4's row waits for step 5's end; step 5 raises. The row is still written (QLoRATrainer.train's finally)."""
+    cfg = small_config(tmp_path / "run", train={"max_steps": 6})
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(cfg, callbacks=[FailAt()])
+    assert [r["step"] for r in rows_of(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]

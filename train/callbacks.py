@@ -27,13 +27,22 @@ class MetricsFile(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
         self.t0 = time.monotonic()
+        self.ends: dict[int, tuple] = {}  # step -> (time_s, gpu_peak_gb) at its end: a late log (late_log.py) comes later
+
+    def on_step_end(self, args, state, control, **kwargs):
+        peak = round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None
+        self.ends[state.global_step] = (round(time.monotonic() - self.t0, 3), peak)
+        self.ends = {s: v for s, v in self.ends.items() if s >= state.global_step - 1}  # at most one log waits
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row: dict[str, Any] = {"step": state.global_step, "time_s": round(time.monotonic() - self.t0, 3)}
-        if torch.cuda.is_available():
-            row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        now = (round(time.monotonic() - self.t0, 3),
+               round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None)
+        at, peak = self.ends.get(state.global_step, now) if "loss" in logs else now  # a training step's row: its end
+        row: dict[str, Any] = {"step": state.global_step, "time_s": at}
+        if peak is not None:
+            row["gpu_peak_gb"] = peak
         for key, value in logs.items():
             if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
                 row[METRIC_KEYS.get(key, key)] = value

@@ -7,17 +7,22 @@ after each forward. Each read makes the host wait until the GPU has finished eve
 while the host logs, fetches the next batch and launches the next forward (~35 ms at each end of a 0.8 s step on an
 H100, docs/benchmarks.md "Session 9"). Here a logging step's numbers are copied to pinned memory behind the step and
 logged when the next step has been queued, with the step, epoch and token count they belong to. A step that saves,
-evaluates or ends training logs at once, as before, so checkpoints and the final metrics hold every step's row.
+evaluates or ends training logs at once, as before, so checkpoints and the final metrics hold every step's row; so does
+a step whose loss took TRL's own compute_loss (not plain_loss), which has read its metrics already. What a callback
+asks for in on_log (stop, save, evaluate) is done at the end of the step after, where the row is written.
 
 TRAIN_LATE_LOG=0 turns it off (TRL's compute_loss and Trainer's logging, a sync each): the bench's A/B.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 
 import torch
+
+log = logging.getLogger("train")
 
 ENV = "TRAIN_LATE_LOG"
 METRICS = ("entropy", "mean_token_accuracy")  # TRL's per-micro-batch means, averaged over a logging window
@@ -32,7 +37,7 @@ def plain_loss(trainer) -> bool:
     aux loss or sequence parallelism): the one late_loss reproduces."""
     args = trainer.args
     parallel = getattr(trainer.accelerator, "parallelism_config", None)
-    return (enabled() and trainer.compute_loss_func is None and trainer.label_smoother is None
+    return (enabled() and trainer.model.training and trainer.compute_loss_func is None and trainer.label_smoother is None
             and args.loss_type == "nll" and not getattr(trainer, "aux_loss_enabled", False)
             and not getattr(parallel, "sp_enabled", False))
 
@@ -100,6 +105,8 @@ class LateLog:
         if not (enabled() and control.should_log and state.global_step > trainer._globalstep_last_logged) or \
                 control.should_save or control.should_evaluate or control.should_training_stop:
             return False
+        if any(trainer._metrics["train"].values()):  # TRL's own compute_loss ran (not plain_loss): it read them already
+            return False
         from transformers.trainer_pt_utils import nested_gather
 
         loss = nested_gather(tr_loss, trainer.args.parallel_mode).mean()
@@ -123,6 +130,14 @@ class LateLog:
         control.should_log = False
         return True
 
+    def flush_quietly(self, trainer) -> None:
+        """flush() as training ends, maybe with an exception on its way: a failure here (a CUDA error that broke the
+        event too) is logged, not raised over the one in flight."""
+        try:
+            self.flush(trainer)
+        except Exception as e:  # noqa: BLE001 - the exception already raised is the one to report
+            log.warning("the last logged step could not be written: %s", e)
+
     def flush(self, trainer) -> None:
         """Log the staged step, as Trainer would have at its end: its step, epoch and token count."""
         if self.staged is None or self.flushing:
@@ -140,9 +155,11 @@ class LateLog:
         if norm is not None:
             logs["grad_norm"] = norm
         logs["learning_rate"] = rate
-        state, control = trainer.state, trainer.control
+        state = trainer.state
         now = (state.global_step, state.epoch, state.num_input_tokens_seen)
-        flags = dict(vars(control))
+        # on_log clears should_log, which belongs to the step now ending; what a callback asks for in on_log (stop, save,
+        # evaluate) stands, and takes effect at this step's end: one step later than logging at once would
+        should_log = trainer.control.should_log
         current, trainer._metrics["train"] = trainer._metrics["train"], defaultdict(list)
         state.global_step, state.epoch, state.num_input_tokens_seen = where
         self.flushing = True
@@ -153,4 +170,4 @@ class LateLog:
             self.flushing = False
             state.global_step, state.epoch, state.num_input_tokens_seen = now
             trainer._metrics["train"] = current
-            vars(trainer.control).update(flags)
+            trainer.control.should_log = should_log

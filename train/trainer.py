@@ -69,6 +69,14 @@ def trainer_class():
             self.late = late_log.LateLog()  # this trainer's metrics on the device, and a step's log read a step late
             super().__init__(*args, **kwargs)
 
+        def train(self, *args, **kwargs):
+            """Trainer.train; a step whose log was still waiting (late_log) is logged even when training raises (an
+            interrupt, an OOM): the rows before a crash are the ones worth reading."""
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.late.flush_quietly(self)
+
         def step_end_hook(self, tr_loss, grad_norm, learning_rate, start_time) -> bool:
             return self.late.step_end(self, tr_loss, grad_norm, learning_rate, start_time)
 
