@@ -33,7 +33,7 @@ apart, peak torch.cuda.max_memory_allocated, MFU (6N FLOP per token: forward, re
 the first losses; for c also `train plan`'s peak at its largest micro-batch, the per-sequence loss check (the same
 8 rows alone, padded, packed) and the fused-layer check. The table and results.json name the base.
 
---memory-peak: for our ways (c, c-offload and the --plan-check ways) the CUDA allocator's history over the first
+--memory-peak: for our ways (c, c-offload, c-resident and the --plan-check ways) the CUDA allocator's history over the first
 timed optimizer step (torch.cuda.memory._record_memory_history), replayed by scripts/memory_peak.py to the moment of
 most live bytes; what is live then, grouped by allocation site, lands in REPORT (else OUT)/memory-peak-WAY/
 memory_peak.{md,json} and results.json. Needs CUDA: without it a one-line error, exit 2. Off, it costs nothing.
@@ -65,7 +65,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 WAYS = {
     "c": dict(kind="ours", label="ours", desc="ours: python -m train fit with our defaults"),
     "c-offload": dict(kind="ours", label="ours, offload", sets=["train.offload_checkpoints=true"],
-                      desc="ours with train.offload_checkpoints=true (issue #21: its cost on this workload)"),
+                      desc="ours with train.offload_checkpoints=true (auto, the default, is the same on a GPU)"),
+    "c-resident": dict(kind="ours", label="ours, resident", sets=["train.offload_checkpoints=false"],
+                       desc="ours with the checkpointed inputs kept on the GPU (issue #21: what offload costs)"),
     "unsloth": dict(kind="unsloth", label="Unsloth", dropout=0.05,
                     desc="Unsloth: FastLanguageModel + its SFTTrainer, padding-free 16 rows, same LoRA settings"),
     "unsloth-nodrop": dict(kind="unsloth", label="Unsloth, dropout 0", dropout=0.0,
@@ -78,7 +80,7 @@ WAYS = {
     "cpu-plain": dict(kind="cpu-plain", label="plain peft + bnb", desc="CPU: plain peft + bitsandbytes NF4 loop"),
 }
 DEFAULT_WAYS, TINY_WAYS = "c,unsloth,b,a", "c,a,b"
-SIDE_BY_SIDE = ("c", "c-offload", "unsloth", "unsloth-nodrop", "a", "b")
+SIDE_BY_SIDE = ("c", "c-offload", "c-resident", "unsloth", "unsloth-nodrop", "a", "b")
 PLAN_SETTINGS, PLAN_SETTINGS_TINY = "4x512,16x512,16x1024", "4x32,16x32,16x64"  # B rows x L tokens
 PLAN_TOLERANCE = 0.10  # |predicted - measured| / measured at every setting (measured: +1.8..+5.0 %)
 
@@ -437,7 +439,7 @@ def memory_peak_refusal(args, ways: list[str]) -> str | None:
         return "--memory-peak records the CUDA allocator and needs a GPU (torch.cuda.is_available() is False)"
     if args.cpu or not ((args.plan_check and "ours" in args.plan_stacks) or any(WAYS[w]["kind"] == "ours"
                                                                                 for w in ways)):
-        return "--memory-peak records our ways (c, c-offload, --plan-check); none of them is asked for"
+        return "--memory-peak records our ways (c, c-offload, c-resident, --plan-check); none of them is asked for"
     return None
 
 
@@ -478,7 +480,7 @@ def main(argv=None) -> int:
     p.add_argument("--plan-stacks", default="ours", help="--plan-check: ours, unsloth or ours,unsloth (Unsloth on\n"
                    "the same rows after each setting: the long-row ladder side by side, issue #21)")
     p.add_argument("--plan-tokens", help=f"BxL settings (default {PLAN_SETTINGS}; --tiny {PLAN_SETTINGS_TINY})")
-    p.add_argument("--memory-peak", action="store_true", help="our ways (c, c-offload, --plan-check): record the CUDA\n"
+    p.add_argument("--memory-peak", action="store_true", help="our ways (c, c-offload, c-resident, --plan-check): record the CUDA\n"
                    "allocator over the first timed step and list what is live at its peak by allocation site\n"
                    "(REPORT or OUT/memory-peak-WAY/memory_peak.md); needs CUDA; the step's timings include it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -2,11 +2,11 @@
 # Issue #21 on one H200 (scripts/bench.py): ours against Unsloth on memory and context length, with train plan's
 # prediction beside every measured peak. In stages that each fit one 10-minute device call: one 350K-token step
 # alone takes ~7 min (the issue's 65K and 131K steps took 21 s and 74 s; attention grows with the square).
-#   default        the 8B workload: ours (offload auto = off at 2,048 tokens), ours with offload on, Unsloth
+#   default        the 8B workload: ours (offload auto = on at every length since session 9), ours resident, Unsloth
 #   ladder         one row of 16,384 and of 131,072 tokens: ours, then Unsloth on the same rows
 #   350k           one row of 350,000 tokens: ours (offload + tiled MLP, both auto at this length)
 #   unsloth-350k   the same row through Unsloth
-#   profile        the default workload, ours resident and offloaded, one extra profiled step each (item 5)
+#   profile        the default workload, ours offloaded and resident, one extra profiled step each (item 5)
 #   memory         what is live at the CUDA peak of one 131,072-token row (--memory-peak; the plan's long-row miss)
 #   attention      the attention kernels alone on one row of 4K to 131K tokens: our varlen kernel vs sdpa's backends
 #   profile-131k   one 131K row, ours, timed then profiled (torch.profiler by kernel family: where Unsloth's 1.6x is)
@@ -20,8 +20,9 @@
 #   optim          train/optim.py's one-step AdamW (the default; TRAIN_ONE_STEP_ADAMW=0 is bitsandbytes' per-tensor
 #                  step): the optimizer step alone, bitsandbytes' against ours (scripts/layer_bench.py), then c with
 #                  the variable 0 and 1, interleaved twice
-#   offload-ab     what offload costs on the default workload (train.offload_checkpoints auto is off there while that
-#                  is over 3 %): c-offload and c interleaved, three of each, per-step times in each results.json
+#   offload-ab     what offload costs on the default workload (train.offload_checkpoints auto turns it on there while
+#                  that is <= 3 %): c (offloaded) and c-resident interleaved, three of each, per-step times in each
+#                  results.json
 #   issue          issue #21's done-when in one invocation: the default workload (c, our defaults, and Unsloth) and
 #                  one 350,000-token row of ours with train plan beside it (~9 minutes on an H100)
 #   all            every stage in one run (no 10-minute limit)
@@ -44,11 +45,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 free -g | head -2  # pinned CPU RAM: the 350K row offloads ~92 GB of layer inputs
 bench() { python3 scripts/bench.py --work /tmp/qb --report "$out" --unsloth-site "$site" --budget-s "$budget" "$@"; }
 case $stage in
-  default) bench --ways c,c-offload,unsloth --warmup 2 --steps 4 ;;
+  default) bench --ways c,c-resident,unsloth --warmup 2 --steps 4 ;;
   ladder) bench --plan-check --plan-tokens 1x16384,1x131072 --plan-stacks ours,unsloth ;;
   350k) bench --plan-check --plan-tokens 1x350000 ;;
   unsloth-350k) bench --plan-check --plan-tokens 1x350000 --plan-stacks unsloth ;;
-  profile) bench --ways c,c-offload --warmup 2 --steps 4 --profile c,c-offload ;;
+  profile) bench --ways c,c-resident --warmup 2 --steps 4 --profile c,c-resident ;;
   memory) bench --plan-check --plan-tokens 1x131072 --memory-peak ;;
   attention) mkdir -p "$out" && python3 scripts/attention_bench.py --tokens 4096,8192,16384,131072 | tee "$out/attention.md" ;;
   profile-131k) bench --plan-check --plan-tokens 1x131072 --profile plan-1x131072 ;;
@@ -68,11 +69,11 @@ case $stage in
       done
     done ;;
   offload-ab) for round in 1 2 3; do
-      for way in c-offload c; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
+      for way in c c-resident; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
     done ;;
   issue) budget=${BUDGET_S:-575}  # the 350K row first, with the most of one 10-minute call; then c and Unsloth
     bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 --plan-first ;;
-  all) budget=100000; bench --ways c,c-offload,unsloth --warmup 2 --steps 4 --plan-check \
+  all) budget=100000; bench --ways c,c-resident,unsloth --warmup 2 --steps 4 --plan-check \
          --plan-tokens 1x16384,1x131072,1x262144,1x350000 --plan-stacks ours,unsloth ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -119,6 +119,9 @@ def test_offload_switch_rules():
         long_rows.offloads(cfg_with(offload_checkpoints=True, gradient_checkpointing=False))
     if not torch.cuda.is_available():
         assert not long_rows.offloads(cfg_with(offload_checkpoints=True, gradient_checkpointing=True))
+    # on a GPU: auto offloads whenever layers are checkpointed, whatever the row length (session 9); false never does
+    assert long_rows.wants_offload("auto", True) and long_rows.wants_offload(True, True)
+    assert not long_rows.wants_offload("auto", False) and not long_rows.wants_offload(False, True)
 
 
 def test_the_trainer_installs_both_when_training_begins(tmp_path):
@@ -170,3 +173,15 @@ def test_offload_pins_the_largest_micro_batch_once(monkeypatch):
     off = offload.install(model, "cpu", min_bytes=1, reserve_tokens=3 * TOKENS, host_limit=per_layer)
     assert_same(step(model), want, rtol=0, atol=0)  # no room for the reservation: slabs as needed, as without it
     assert off.offloaded + off.kept == moved
+
+
+def test_each_process_on_a_host_pins_its_share_of_the_ram(monkeypatch):
+    """Pinned memory cannot be swapped out: with 4 training processes on one host (torchrun's LOCAL_WORLD_SIZE) each
+    offloader stops at a quarter of the budget a lone process gets, so together they stay within it."""
+    monkeypatch.setattr(offload, "free_ram", lambda: 100 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = offload.CheckpointOffload("cpu").host_limit
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert alone == 80 * 2**30 and offload.CheckpointOffload("cpu").host_limit == alone / 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "junk")
+    assert offload.CheckpointOffload("cpu").host_limit == alone

@@ -132,8 +132,8 @@ class TrainCfg:
     packing: Literal["padding_free", "bfd", "none"] = "padding_free"
     liger: bool = True  # Liger Triton kernels (RMSNorm, SwiGLU, RoPE) on GPU; ignored on CPU
     # checkpointed layer inputs in pinned CPU RAM, copied back one layer ahead of the recompute (kernels/offload.py).
-    # auto = on a GPU with checkpointing for data.max_length >= 16,384, where they are what runs out (34 GB at 131K
-    # on an 8B); shorter rows keep them on the GPU: on the 2,048-token bench workload offload cost 5.8 % tok/s (H100)
+    # auto = on a GPU with checkpointing, at any length: 34 GB of them at 131K on an 8B; on the 2,048-token bench
+    # workload 2.2 GB, for 1.9 % tok/s (session 9: four same-machine pairs, docs/benchmarks.md)
     offload_checkpoints: Literal["auto", True, False] = "auto"
     # the MLP in token chunks in the forward, recompute and backward (kernels/tiled_mlp.py). auto = calls of
     # >= 32,768 tokens, where its tokens x intermediate_size tensors dominate; below, the extra forward costs more

@@ -463,7 +463,7 @@ def activation_bytes(shape: ModelShape, cfg: Config, tokens: int) -> dict[str, f
                 "host": 0.0}
     alias = p.residual * shape.hidden if p.residual == NORM_SAVED_BYTES else 0
     on_gpu = shape.n_layers
-    offload = long_rows.wants_offload(cfg.train.offload_checkpoints, gc, cfg.data.max_length)
+    offload = long_rows.wants_offload(cfg.train.offload_checkpoints, gc)
     if offload:
         on_gpu = min(shape.n_layers, OFFLOAD_GPU_LAYERS) + OFFLOAD_KEPT_HIDDEN
     hidden = p.residual * shape.hidden

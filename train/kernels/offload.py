@@ -13,6 +13,7 @@ checkpoint), which sees exactly the layer's saved input: one [tokens, hidden] te
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -20,7 +21,8 @@ log = logging.getLogger("train")
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (position ids, masks) stay where they are: not worth a copy
 ALIGN = 256  # byte alignment of each tensor inside a slab: any dtype view, and aligned DMA
-HOST_FRACTION = 0.8  # pinned slabs stop at this share of the RAM free at install: the rest stays on the GPU
+HOST_FRACTION = 0.8  # pinned slabs stop at this share of the RAM free at install (split between the host's
+# processes, local_processes()): the rest stays on the GPU
 SLAB_TENSORS = 8  # each pinned slab holds >= 8 tensors: torch's host allocator rounds every block to a power of 2
 
 
@@ -42,7 +44,7 @@ class CheckpointOffload:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # tensors say cuda:0, never bare "cuda"
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.host_limit = free_ram() * HOST_FRACTION if host_limit is None else host_limit
+        self.host_limit = free_ram() * HOST_FRACTION / local_processes() if host_limit is None else host_limit
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.min_bytes = min_bytes
@@ -151,6 +153,15 @@ def slab_sizes(input_bytes: int, layers: int) -> list[int]:
         sizes.append(1 << max((step * left).bit_length() - 1, (step - 1).bit_length()))
         left -= sizes[-1] // step
     return sizes
+
+
+def local_processes() -> int:
+    """Training processes on this host (torchrun's / accelerate's LOCAL_WORLD_SIZE; 1 alone): each pins its own slabs,
+    and pinned memory cannot be swapped out, so each takes its share of the RAM budget."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def free_ram() -> int:
