@@ -88,6 +88,7 @@ def test_late_loss_equals_trl_compute_loss(tmp_path, monkeypatch):
         else:
             loss = SFTTrainer.compute_loss(sft, sft.model, dict(inputs))
         got[way] = (loss.detach(), {k: list(v) for k, v in sft._metrics["train"].items()})
+    patches.check_trainer_state(sft)  # what late_log reads is there (it raises PatchBroken when not: below)
     assert torch.equal(got["late"][0], got["trl"][0])
     assert got["late"][1] == got["trl"][1]
     assert set(got["trl"][1]) == {"entropy", "mean_token_accuracy", "num_tokens"} and got["trl"][1]["num_tokens"][0] > 0
@@ -170,3 +171,12 @@ def test_the_waiting_row_is_written_when_training_raises(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         fit(cfg, callbacks=[FailAt()])
     assert [r["step"] for r in rows_of(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_trainer_without_the_state_late_log_reads_is_a_named_patch_break():
+    import types as t
+
+    trainer = t.SimpleNamespace(_globalstep_last_logged=0, _total_loss_scalar=0.0, _get_learning_rate=lambda: 0.0,
+                                _metrics={}, _tp_size=1)
+    with pytest.raises(patches.PatchBroken, match=r"trl .*_total_train_tokens.*TRAIN_LATE_LOG=0"):
+        patches.check_trainer_state(trainer)

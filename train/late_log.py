@@ -22,6 +22,8 @@ from collections import defaultdict
 
 import torch
 
+from train import patches
+
 log = logging.getLogger("train")
 
 ENV = "TRAIN_LATE_LOG"
@@ -62,6 +64,7 @@ class LateLog:
         self.pending: dict[str, list] = defaultdict(list)  # metric -> this window's per-micro-batch values
         self.staged = None  # (pinned copy, its event, what the step's log needs)
         self.flushing = False
+        self.checked = False  # patches.check_trainer_state ran on this trainer
 
     def record(self, trainer, outputs, inputs) -> None:
         """One micro-batch's entropy, token accuracy and token count, as TRL computes them, left on the device."""
@@ -101,6 +104,9 @@ class LateLog:
         (True: Trainer's own log, save and evaluate have nothing left to do this step) unless it saves, evaluates,
         ends training or is not a logging step (False: Trainer goes on as usual)."""
         self.flush(trainer)
+        if not self.checked:
+            patches.check_trainer_state(trainer)
+            self.checked = True
         control, state = trainer.control, trainer.state
         if not (enabled() and control.should_log and state.global_step > trainer._globalstep_last_logged) or \
                 control.should_save or control.should_evaluate or control.should_training_stop:

@@ -17,7 +17,7 @@ import inspect
 from typing import Any
 
 # Versions every patch below was tested with (the environment of tests/).
-TESTED = {"transformers": "5.25.0", "peft": "0.21.2", "bitsandbytes": "0.50.2", "torch": "2.13.0",
+TESTED = {"transformers": "5.25.0", "peft": "0.21.2", "bitsandbytes": "0.50.2", "torch": "2.13.0", "trl": "1.16.0",
           "deepspeed": None}  # deepspeed: not installed where tests run; ZeRO-3 runs on the GPU host only
 
 
@@ -60,6 +60,23 @@ TRAINER_PRIVATES = {
     "_maybe_log_save_evaluate": ("tr_loss", "grad_norm", "model", "trial", "epoch", "ignore_keys_for_eval",
                                  "start_time", "learning_rate"),
 }
+
+
+# Instance state train/late_log.py reads and writes, as the methods it stands in for do: Trainer._maybe_log_save_evaluate
+# (the last logged step, the loss total, the learning rate) and SFTTrainer.compute_loss / log (TRL's metric window and
+# token count).
+TRAINER_STATE = {"transformers": ("_globalstep_last_logged", "_total_loss_scalar", "_get_learning_rate"),
+                 "trl": ("_metrics", "_total_train_tokens", "_tp_size")}
+
+
+def check_trainer_state(trainer) -> None:
+    """A training trainer still has TRAINER_STATE; else PatchBroken, naming the library and the way around it."""
+    for library, names in TRAINER_STATE.items():
+        missing = [n for n in names if not hasattr(trainer, n)]
+        if missing:
+            raise PatchBroken(f"{library} {installed(library)}: the trainer has no {', '.join(missing)} (train/late_log.py "
+                              f"was tested with {library} {TESTED.get(library)}); set TRAIN_LATE_LOG=0, pin "
+                              f"{library}=={TESTED.get(library)} or update train/late_log.py")
 
 
 def check_trainer() -> None:
