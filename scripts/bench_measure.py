@@ -79,6 +79,7 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
 
     cuda = torch.cuda.is_available()
     step_sync = not cuda or os.environ.get("BENCH_STEP_SYNC") == "1"
+    sync_debug = os.environ.get("BENCH_SYNC_DEBUG") == "1"
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -103,7 +104,8 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
 
         def on_step_begin(self, args, state, control, **kw):
             if self.profile_step and state.global_step + 1 == self.profile_step:
-                torch.cuda.synchronize() if cuda else None
+                if cuda:
+                    torch.cuda.synchronize()
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
@@ -139,7 +141,6 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
                 self.marks = [(s, t0 + self.events[0].elapsed_time(e) / 1e3, n, c)
                               for (s, _, n, c), e in zip(self.marks, self.events)]
 
-    sync_debug = os.environ.get("BENCH_SYNC_DEBUG") == "1"
     return Timer()
 
 
@@ -209,7 +210,8 @@ def count_batches(collate, log: list):
 
 def summarize(timer, log: list, accum: int, warmup: int, steps: int) -> dict:
     """The way's numbers. tok/s = real tokens the collator handed to the timed steps / their time (the same count for
-    every stack; on a GPU the time between CUDA events behind the last warm-up step and the last timed step, make_timer); the Trainer's own num_input_tokens_seen is kept beside it as a cross-check.
+    every stack; on a GPU the time between CUDA events behind the last warm-up step and the last timed step,
+    make_timer); the Trainer's own num_input_tokens_seen is kept beside it as a cross-check.
     first_step_s is the first optimizer step (compilation, autotuning, allocator warm-up) on its own. timed_cpu_s is
     the process's CPU time (all threads) over the timed steps, and step_cpu_s per step."""
     marks = timer.marks

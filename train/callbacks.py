@@ -29,16 +29,19 @@ class MetricsFile(TrainerCallback):
         self.t0 = time.monotonic()
         self.ends: dict[int, tuple] = {}  # step -> (time_s, gpu_peak_gb) at its end: a late log (late_log.py) comes later
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def now(self) -> tuple:
+        """(time_s, gpu_peak_gb or None) as of now."""
         peak = round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None
-        self.ends[state.global_step] = (round(time.monotonic() - self.t0, 3), peak)
+        return round(time.monotonic() - self.t0, 3), peak
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends[state.global_step] = self.now()
         self.ends = {s: v for s, v in self.ends.items() if s >= state.global_step - 1}  # at most one log waits
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        now = (round(time.monotonic() - self.t0, 3),
-               round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None)
+        now = self.now()
         at, peak = self.ends.get(state.global_step, now) if "loss" in logs else now  # a training step's row: its end
         row: dict[str, Any] = {"step": state.global_step, "time_s": at}
         if peak is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from typing import Any, NamedTuple
 
 import torch
 
@@ -57,12 +58,24 @@ def late_loss(trainer, model, inputs, num_items_in_batch=None):
     return loss
 
 
+class _Staged(NamedTuple):
+    """A logging step read a step late: its numbers' pinned copy and event, and what its log needs beside them."""
+    host: torch.Tensor  # loss sum, then the grad norm (when a tensor), then the window's device metrics
+    event: Any  # torch.cuda.Event behind the copy; None on CPU
+    steps: int  # steps since the last log (the loss sum is over them)
+    grad_norm: Any
+    rate: float
+    window: dict  # metric -> per-micro-batch values (device tensors or host ints)
+    where: tuple  # (global_step, epoch, num_input_tokens_seen) of the step
+    start_time: float | None
+
+
 class LateLog:
     """A trainer's device-side metrics since the last log, and the logging step waiting to be read."""
 
     def __init__(self):
         self.pending: dict[str, list] = defaultdict(list)  # metric -> this window's per-micro-batch values
-        self.staged = None  # (pinned copy, its event, what the step's log needs)
+        self.staged: _Staged | None = None
         self.flushing = False
         self.checked = False  # patches.check_trainer_state ran on this trainer
 
@@ -117,8 +130,7 @@ class LateLog:
 
         loss = nested_gather(tr_loss, trainer.args.parallel_mode).mean()
         scalars = [loss] + ([grad_norm] if torch.is_tensor(grad_norm) else [])
-        window = {k: v for k, v in self.pending.items()}
-        self.pending = defaultdict(list)
+        window, self.pending = self.pending, defaultdict(list)
         on_device = [t for k in sorted(window) for t in window[k] if torch.is_tensor(t)]
         vec = torch.stack([t.detach().double().reshape(()) for t in scalars + on_device])
         if vec.is_cuda:
@@ -132,7 +144,7 @@ class LateLog:
         steps, trainer._globalstep_last_logged = state.global_step - trainer._globalstep_last_logged, state.global_step
         rate = learning_rate if learning_rate is not None else trainer._get_learning_rate()
         where = (state.global_step, state.epoch, state.num_input_tokens_seen)
-        self.staged = (host, event, steps, grad_norm, rate, window, where, start_time)
+        self.staged = _Staged(host, event, steps, grad_norm, rate, window, where, start_time)
         control.should_log = False
         return True
 

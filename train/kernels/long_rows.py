@@ -14,7 +14,6 @@ from train.errors import UserError
 log = logging.getLogger("train")
 
 
-
 def offloads(cfg: Config) -> bool:
     """train.offload_checkpoints as run: true needs checkpointing; auto = a GPU, checkpointing on, each process
     holding the whole model (not FSDP/DeepSpeed)."""
