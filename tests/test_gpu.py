@@ -406,6 +406,51 @@ def test_grouped_layers_equal_layers_alone_on_cuda(tmp_path, monkeypatch):
         assert (grads_g[name] - grads_a[name]).abs().max().item() <= 2e-2 * scale + 1e-6, name
 
 
+
+@on_gpu
+def test_lean_recompute_changes_no_gradient_on_cuda(tmp_path, monkeypatch):
+    """lora.kernel=fused_triton in bf16 with dropout and groups, reentrant checkpointing: each layer's down_proj skipping
+    its output in the recompute (filled with NaN here, so a reader would show) leaves the loss and every LoRA gradient
+    bit-identical (sdpa's math backend: its flash/efficient backward is not deterministic)."""
+    from test_fused_lora import _peft_4bit
+    from train import lora
+    from train.kernels import fused_lora, lean_recompute
+
+    compiled_triton()
+    skipped, forward = [], fused_lora._forward
+
+    def poisoning(x, spec, a_list, b_list):
+        outs, h, drawn = forward(x, spec, a_list, b_list)
+        if not spec[3]:
+            skipped.append(len(outs))
+            for out in outs:
+                out.fill_(float("nan"))
+        return outs, h, drawn
+
+    monkeypatch.setattr(fused_lora, "_forward", poisoning)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    results, models = {}, {}
+    for lean in (False, True):
+        models[lean], cfg = _peft_4bit(tmp_path / str(lean), "bfloat16", 0.3, kernel="fused_triton", r=16, alpha=32)
+        lora.match_training_dtypes(models[lean], cfg.quant)
+        models[lean].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        models[lean].enable_input_require_grads()
+    _copy_lora(models[False], models[True])
+    layers = models[True].config.num_hidden_layers
+    assert lean_recompute.install(models[True]) == layers
+    for lean, net in models.items():
+        torch.manual_seed(5)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            loss = net.train()(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results[lean] = loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+    assert skipped == [1] * layers
+    (loss_l, grads_l), (loss_f, grads_f) = results[True], results[False]
+    assert torch.equal(loss_l, loss_f) and loss_f.isfinite()
+    assert grads_f.keys() == grads_l.keys() and len(grads_f) == 2 * 7 * layers
+    for name in grads_f:
+        assert torch.equal(grads_l[name], grads_f[name]), name
+
 # ---------------------------------------------------------------- (d) varlen attention vs padded sdpa
 
 def _varlen_spy(monkeypatch) -> list:

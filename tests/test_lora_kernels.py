@@ -74,7 +74,7 @@ def test_fused_layer_with_kernels_matches_reference(interpreted, monkeypatch):
     p, scale, seed = 0.25, 2.0, 4321
     monkeypatch.setattr(K, "new_seed", lambda: seed)
     xs, a_, b_ = (t.clone().requires_grad_(True) for t in (x, a, b))
-    (y,) = fused_lora._QLoraGroup.apply(xs, (((base.weight, qs, None, scale),), p, True), a_, b_)
+    (y,) = fused_lora._QLoraGroup.apply(xs, (((base.weight, qs, None, scale),), p, True, True), a_, b_)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).half()
     y.backward(dy)
     keep = K.keep_mask(tuple(x.shape), seed, p, "cpu")
@@ -193,7 +193,7 @@ def test_fused_group_on_kernel_path_matches_reference(interpreted, monkeypatch):
     monkeypatch.setattr(K, "new_seed", lambda: seed)
     xs = x.clone().requires_grad_(True)
     ab = [t.clone().requires_grad_(True) for t in (*a_s, *b_s)]
-    spec = (tuple((w, w.quant_state, None, s) for w, s in zip(layers, scales)), p, True)
+    spec = (tuple((w, w.quant_state, None, s) for w, s in zip(layers, scales)), p, True, True)
     ys = fused_lora._QLoraGroup.apply(xs, spec, *ab)
     dys = [torch.randn(y.shape, generator=g).half() for y in ys]
     torch.autograd.backward(ys, dys)

@@ -18,7 +18,7 @@ FORBIDDEN = (
     "_prepare_inputs", "_assign", "_zero3_consolidated_16bit_state_dict", "_fsdp_wrapped_module",
     "support_avx512bf16_for_cpu", "_register_custom_module", "_load_rng_state", "_inner_training_loop",
     "_wrap_model", "_save_checkpoint", "_maybe_log_save_evaluate", "_supports_sdpa", "_last_lr", "initial_lr",
-    "lora_variant",
+    "lora_variant", "_gradient_checkpointing_func",
 )
 # Files that may still name one of them, and why (none today: fused_lora.py asks patches.has_lora_variant).
 ALLOWED: dict[str, tuple[str, ...]] = {}
@@ -293,3 +293,33 @@ def test_bitsandbytes_optimizer_internals():
         patches.check_bnb_optimizer(opt)
     except patches.PatchBroken as e:
         pytest.fail(str(e))
+
+
+def test_checkpointing_layers_call_their_checkpoint_function():
+    """transformers' GradientCheckpointingLayer runs its forward through `_gradient_checkpointing_func` (once in the
+    forward, again in the backward's recompute): train/kernels/lean_recompute.py tells the two apart there."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    calls = []
+
+    def wrap(checkpoint):
+        def counted(function, *args, **kwargs):
+            return checkpoint(lambda *a, **k: calls.append(torch.is_grad_enabled()) or function(*a, **k),
+                              *args, **kwargs)
+        return counted
+
+    layers = model.model.layers
+    assert all(patches.wrap_checkpoint_function(layer, wrap) for layer in layers)
+    first = [layer._gradient_checkpointing_func for layer in layers]
+    assert all(patches.wrap_checkpoint_function(layer, wrap) for layer in layers)  # once only
+    assert [layer._gradient_checkpointing_func for layer in layers] == first
+    ids = torch.randint(0, 64, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [False] * len(layers) + [True] * len(layers)  # the forwards without grad, then each recompute
+    model.gradient_checkpointing_disable()
+    assert not patches.wrap_checkpoint_function(layers[0], wrap)

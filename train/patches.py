@@ -227,6 +227,30 @@ def supports_sdpa(model_class) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# transformers: a checkpointed layer's checkpoint function (GradientCheckpointingLayer._gradient_checkpointing_func, set
+# by gradient_checkpointing_enable on every layer and called by the layer's wrapped forward). No public hook sees a
+# layer's recompute apart from its forward; train/kernels/lean_recompute.py wraps the function to tell them apart.
+
+
+def wrap_checkpoint_function(layer, wrap) -> bool:
+    """Replace a checkpointing layer's checkpoint function f by wrap(f), once (a function wrap made is kept); False when
+    the layer does not checkpoint. PatchBroken when it checkpoints without the attribute (tests/test_patches.py checks
+    that the layer still calls it)."""
+    if not getattr(layer, "gradient_checkpointing", False):
+        return False
+    inner = getattr(layer, "_gradient_checkpointing_func", None)
+    if inner is None:
+        raise PatchBroken(f"transformers {installed('transformers')}: a checkpointing {type(layer).__name__} has no "
+                          f"_gradient_checkpointing_func (train/patches.py was tested with transformers "
+                          f"{TESTED['transformers']}); set TRAIN_LEAN_RECOMPUTE=0 or pin transformers=="
+                          f"{TESTED['transformers']}")
+    if getattr(inner, "wrapped_by", None) is not wrap:
+        layer._gradient_checkpointing_func = wrap(inner)
+        layer._gradient_checkpointing_func.wrapped_by = wrap
+    return True
+
+
+# --------------------------------------------------------------------------------------------
 # peft: swapping the class of its LoRA modules (no public hook replaces a layer's forward in place;
 # LoraConfig._register_custom_module is private and dispatches on the base layer type, before the
 # bitsandbytes dispatch we need to keep), and moving their dropout

@@ -26,7 +26,7 @@ from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
 from train import patches
-from train.kernels import lora_kernels, nf4
+from train.kernels import lean_recompute, lora_kernels, nf4
 from train.kernels.dropout import generator, replay_dropout
 
 
@@ -41,11 +41,16 @@ def _weight(weight, quant_state, dtype):
 def _forward(x, spec, a_list, b_list):
     """(the members' outputs, x @ A_j.T of every member as (tokens, members*r), how the dropout was drawn: None,
     ("kernel", seed) or ("torch", RNG states)). `spec` is (per member (weight, quant_state, bias, scale), p,
-    triton_dropout); one member is a lone layer, several are a group reading the same x (train/kernels/lora_group.py).
-    Plain 2-D mm/addmm calls, not F.linear: the fast path waits for the host (docs/benchmarks.md), and linear's
-    matmul/reshape layers cost host time per call for nothing here."""
-    bases, p, triton_dropout = spec
+    triton_dropout, outputs); one member is a lone layer, several are a group reading the same x
+    (train/kernels/lora_group.py). outputs=False (a recompute that reads no output: train/kernels/lean_recompute.py)
+    draws the dropout and x @ A.T only, and the outputs are uninitialized. Plain 2-D mm/addmm calls, not F.linear: the
+    fast path waits for the host (docs/benchmarks.md), and linear's matmul/reshape layers cost host time per call for
+    nothing here."""
+    bases, p, triton_dropout, outputs = spec
     rows = x.reshape(-1, x.shape[-1])
+    if not outputs:
+        h, drawn = _lora_a(rows, a_list, p, triton_dropout)
+        return [x.new_empty(*x.shape[:-1], qs.shape[0]) for _, qs, _, _ in bases], h, drawn
     outs = []
     for weight, quant_state, bias, _ in bases:
         w = _weight(weight, quant_state, x.dtype).t()
@@ -104,7 +109,7 @@ class _QLoraGroup(torch.autograd.Function):
         # gradients first, each replayed dropout output freed at once, the dense base weights one at a time. Each
         # scale rides in a GEMM's alpha (addmm with beta=0 ignores its input): one kernel launch each
         x, h, *ab = ctx.saved_tensors
-        bases, p, _ = ctx.spec
+        bases = ctx.spec[0]
         k = len(bases)
         a_list, b_list = ab[:k], ab[k:]
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]
@@ -162,6 +167,8 @@ class FusedLinear4bit(PeftLinear4bit):
 
     # dropout in the Triton kernels of train/kernels/lora_kernels.py (lora.kernel=fused_triton) instead of torch's
     triton_dropout = False
+    # a decoder layer's last projection, whose output its recompute never reads (set by train/kernels/lean_recompute.py)
+    lean_last = False
 
     def forward(self, x, *args, **kwargs):
         group = self.__dict__.get("_lora_group")  # siblings reading the same x (train/kernels/lora_group.py)
@@ -172,7 +179,7 @@ class FusedLinear4bit(PeftLinear4bit):
         plan = self.fused_plan(x, args, kwargs)
         if plan is None:
             return super().forward(x, *args, **kwargs)
-        return run([plan], x, self.triton_dropout)[0]
+        return run([plan], x, self.triton_dropout, not lean_recompute.skips_output(self))[0]
 
     def train(self, mode: bool = True):
         group = self.__dict__.get("_lora_group")
@@ -222,13 +229,14 @@ class FusedLinear4bit(PeftLinear4bit):
         return a, b, base, self.scaling[name], p
 
 
-def run(plans, x, triton_dropout: bool) -> list:
-    """The outputs on x of the layers `plans` describe (fused_plan's tuples: one layer, or a group reading x)."""
+def run(plans, x, triton_dropout: bool, outputs: bool = True) -> list:
+    """The outputs on x of the layers `plans` describe (fused_plan's tuples: one layer, or a group reading x).
+    outputs=False: a recompute whose outputs nothing reads (lean_recompute.py): only what the backward needs."""
     bases = tuple((base.weight, base.weight.quant_state, base.bias, scale) for _, _, base, scale, _ in plans)
-    spec = (bases, plans[0][4], triton_dropout)
     a_list, b_list = [plan[0].weight for plan in plans], [plan[1].weight for plan in plans]
-    if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save
-        return _forward(x, spec, a_list, b_list)[0]
+    if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save, every output read
+        return _forward(x, (bases, plans[0][4], triton_dropout, True), a_list, b_list)[0]
+    spec = (bases, plans[0][4], triton_dropout, outputs)
     return list(_QLoraGroup.apply(x, spec, *a_list, *b_list))
 
 

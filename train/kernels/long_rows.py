@@ -1,5 +1,6 @@
-"""Owns the long-row switches at training time: train.offload_checkpoints (kernels/offload.py) and train.tile_mlp
-(kernels/tiled_mlp.py), installed on the model when training begins, after Liger has bound its MLP forwards."""
+"""Owns what is installed on the model's checkpointed layers when training begins, after Liger has bound its MLP
+forwards and the Trainer has turned checkpointing on: train.offload_checkpoints (kernels/offload.py), train.tile_mlp
+(kernels/tiled_mlp.py) and the lean recompute (kernels/lean_recompute.py)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def wants_offload(setting, gc: bool) -> bool:
 
 
 def install(cfg: Config, model) -> dict:
-    """Both switches on `model` (idempotent); what was installed, for the log line and tests."""
-    from train.kernels import offload, tiled_mlp
+    """Both switches and the lean recompute on `model` (idempotent); what was installed, for the log line and tests."""
+    from train.kernels import lean_recompute, offload, tiled_mlp
 
-    done = {"offload": False, "tiled_mlps": tiled_mlp.install(model, cfg.train.tile_mlp)}
+    done = {"offload": False, "tiled_mlps": tiled_mlp.install(model, cfg.train.tile_mlp),
+            "lean_layers": lean_recompute.install(model)}
     if offloads(cfg) and getattr(model, "checkpoint_offload", None) is None:
         model.checkpoint_offload = offload.install(model, torch.device("cuda", torch.cuda.current_device()),
                                                    reserve_tokens=cfg.train.batch_size * cfg.data.max_length)
@@ -56,7 +58,7 @@ def install(cfg: Config, model) -> dict:
 
 
 class LongRows(TrainerCallback):
-    """Installs both when training begins: the Trainer applies Liger inside train(), which rebinds MLP forwards."""
+    """Installs them when training begins: the Trainer applies Liger and turns checkpointing on inside train()."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
