@@ -92,6 +92,14 @@ def test_lean_recompute_changes_no_gradient(tmp_path, name, poisoned):
         assert any(not torch.equal(forced[n], grads_f[n]) for n in grads_f)
 
 
+def test_only_transformers_own_classes_run_lean(tmp_path):
+    """A class named like a listed layer elsewhere (remote code) may read the MLP's output: it stays full."""
+    full, _ = _models(tmp_path, "llama")
+    for layer in full.base_model.model.model.layers:
+        layer.__class__ = type("LlamaDecoderLayer", (type(layer),), {"__module__": "transformers_modules.x.modeling"})
+    assert lean_recompute.install(full) == 0
+
+
 def test_installed_when_training_begins_and_switched_off_by_env(tmp_path, monkeypatch):
     """long_rows.install (LongRows.on_train_begin) makes every Llama layer lean once checkpointing is on, once only;
     TRAIN_LEAN_RECOMPUTE=0 leaves them full."""
@@ -112,7 +120,7 @@ def test_installed_when_training_begins_and_switched_off_by_env(tmp_path, monkey
 
 def test_lean_recompute_inside_the_tiled_mlp(tmp_path, poisoned):
     """With the MLP in token chunks (each its own non-reentrant checkpoint, nested in the layer's), each chunk's
-    down_proj skips its output in the layer's recompute and computes it in the chunk's own replay: gradients equal."""
+    down_proj skips its output in the layer's recompute and again in the chunk's own replay: gradients equal."""
     from train.kernels import tiled_mlp
 
     full, lean = _models(tmp_path, "llama")
@@ -122,7 +130,7 @@ def test_lean_recompute_inside_the_tiled_mlp(tmp_path, poisoned):
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
     loss_f, grads_f = _loss_and_grads(full, ids)
     loss_l, grads_l = _loss_and_grads(lean, ids)
-    assert poisoned == [1] * 3 * lean.config.num_hidden_layers  # 40 tokens: chunks of 16, 16 and 8
+    assert poisoned == [1] * 2 * 3 * lean.config.num_hidden_layers  # 40 tokens: chunks of 16, 16 and 8, twice each
     assert torch.equal(loss_l, loss_f) and loss_f.isfinite()
     for n in grads_f:
         assert torch.equal(grads_l[n], grads_f[n]), n

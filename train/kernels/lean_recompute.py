@@ -8,7 +8,8 @@ base matmul (hidden x intermediate, the largest of the layer's seven) and its NF
 uninitialized memory of the output's shape. On the 8B workload that is a ninth of the step's matmul work.
 
 Only for decoder layers whose forward ends `residual + mlp(x)` with the MLP ending in down_proj (LAYERS): Gemma 2 and
-3 normalize the MLP's output before the sum (post_feedforward_layernorm), and that norm's backward reads it.
+3 normalize the MLP's output before the sum (post_feedforward_layernorm), and that norm's backward reads it. Inside
+the tiled MLP (tiled_mlp.py) each chunk's own replay skips it too.
 tests/test_lean_recompute.py checks, family by family, that the gradients equal a full recompute's bit for bit.
 TRAIN_LEAN_RECOMPUTE=0 turns it off.
 """
@@ -24,9 +25,11 @@ from train import patches
 
 log = logging.getLogger("train")
 
-# decoder layers whose forward ends hidden = residual + mlp(...), the MLP's last op down_proj (transformers 5.25)
-LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
-                    "GemmaDecoderLayer", "Phi3DecoderLayer"})
+# decoder layers whose forward ends hidden = residual + mlp(...), the MLP's last op down_proj (transformers 5.25), by
+# module and class: a remote-code class of the same name may do anything with the MLP's output. Each one is tested
+# (tests/families.py); Gemma 1 would qualify but has no test family
+LAYERS = frozenset(f"transformers.models.{family}.modeling_{family}.{cls}DecoderLayer" for family, cls in (
+    ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("phi3", "Phi3")))
 
 _state = threading.local()  # the recompute runs on the autograd thread; a forward elsewhere never sees its flag
 
@@ -49,21 +52,27 @@ def _recompute():
         _state.depth -= 1
 
 
+def replays_marked(function):
+    """`function` for one checkpoint call: its second and later calls run marked as the recompute (the first is the
+    forward, under torch's reentrant and non-reentrant checkpoint alike). train/kernels/tiled_mlp.py marks its chunks'
+    replays too: a chunk's output is its down_proj's, and a replay's output is never read."""
+    calls = 0
+
+    def run(*a, **k):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return function(*a, **k)
+        with _recompute():
+            return function(*a, **k)
+
+    return run
+
+
 def _lean(checkpoint):
-    """The layer's checkpoint function, its function's second and later calls marked as the recompute (the first is
-    the forward, under torch's reentrant and non-reentrant checkpoint alike)."""
+    """A layer's checkpoint function, the layer's recompute marked."""
     def lean_checkpoint(function, *args, **kwargs):
-        calls = 0
-
-        def run(*a, **k):
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                return function(*a, **k)
-            with _recompute():
-                return function(*a, **k)
-
-        return checkpoint(run, *args, **kwargs)
+        return checkpoint(replays_marked(function), *args, **kwargs)
 
     return lean_checkpoint
 
@@ -79,7 +88,7 @@ def install(model) -> int:
     lean = 0
     for layer in checkpointed_layers(model):
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if type(layer).__name__ not in LAYERS or not hasattr(down, "lean_last"):
+        if f"{type(layer).__module__}.{type(layer).__qualname__}" not in LAYERS or not hasattr(down, "lean_last"):
             continue
         if patches.wrap_checkpoint_function(layer, _lean):
             down.lean_last = True  # a plain attribute: no state-dict key

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from train.kernels import lean_recompute
+
 TILE_TOKENS = 16384  # tokens per chunk: 16K x 4096 x 14336 matmuls still fill an H100; 1/8 of a 131K row's memory
 AUTO_MIN_TOKENS = 32768  # auto tiles calls of >= 2 chunks; shorter ones keep one MLP pass fewer (no extra forward)
 
@@ -35,7 +37,8 @@ def chunked(forward, x: torch.Tensor, tile: int = TILE_TOKENS, replay: bool = Tr
     chunks = x.split(max(1, tile // rows), dim=-2)
     if not (torch.is_grad_enabled() and replay):  # no backward to replay for (eval, a reentrant checkpoint's forward)
         return torch.cat([forward(c) for c in chunks], dim=-2)
-    return torch.cat([checkpoint(forward, c, use_reentrant=False) for c in chunks], dim=-2)
+    return torch.cat([checkpoint(lean_recompute.replays_marked(forward), c, use_reentrant=False) for c in chunks],
+                     dim=-2)
 
 
 def install(model, setting, tile: int = TILE_TOKENS) -> int:
