@@ -14,6 +14,7 @@ from train.config import QuantCfg
 
 NATIVE = precision.Probe(fp32_ms=1.0, bf16_ms=0.6)  # AMX / AVX512-BF16: bf16 faster than fp32
 EMULATED = precision.Probe(fp32_ms=0.05, bf16_ms=1.5)  # AVX2 only: measured 33x slower on such a CPU
+AUTO = {"compute_dtype": "auto"}  # conftest.small_config pins float32; these tests are about auto
 
 
 def test_auto_picks_bf16_only_where_it_is_native():
@@ -34,7 +35,7 @@ def test_auto_reaches_the_quantization_config_and_autocast(monkeypatch, tmp_path
     from train.model import build_bnb_config
 
     monkeypatch.setattr(precision, "probe_cpu", lambda: probe)
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, quant=AUTO)
     assert cfg.quant.compute_dtype == "auto"
     assert build_bnb_config(cfg.quant).bnb_4bit_compute_dtype == want
     assert precision.use_bf16(cfg) is (want == torch.bfloat16)
@@ -54,7 +55,7 @@ def test_explicit_dtype_is_kept_without_probing(monkeypatch, tmp_path):
 
 def test_resolved_says_what_it_chose_in_one_line(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(precision, "probe_cpu", lambda: EMULATED)
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, quant=AUTO)
     with caplog.at_level(logging.INFO, logger="train"):
         out = precision.resolved(cfg)
     assert out.quant.compute_dtype == "float32" and cfg.quant.compute_dtype == "auto"  # a copy, not mutated
@@ -78,7 +79,7 @@ def test_fit_loads_records_and_runs_the_chosen_dtype(monkeypatch, tmp_path):
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    cfg = small_config(tmp_path / "run", train={"max_steps": 2, "save_every": 100}, eval={"task": "none"})
+    cfg = small_config(tmp_path / "run", quant=AUTO, train={"max_steps": 2, "save_every": 100}, eval={"task": "none"})
     fitted = fit(cfg)
     assert seen["use_kernels"] is False and seen["dtype"] == torch.float32
     q = [m for m in fitted.model.modules() if type(m).__name__ == "Linear4bit"]

@@ -78,8 +78,10 @@ def setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="[train] %(message)s", stream=sys.stderr)
     if not debug:
         warnings.filterwarnings("ignore")
-        # bitsandbytes announces an optional CPU kernel package on every import; not actionable here
+        # bitsandbytes announces an optional CPU kernel package on every import; on a CPU with AVX-512 bf16 it also
+        # fetches that kernel from the hub at import, and `kernels` warns when offline: neither is actionable here
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("kernels").setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         quiet_library_progress()
 
