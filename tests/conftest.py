@@ -40,15 +40,17 @@ def _model_cache(tmp_path_factory):
 
 def small_config(output_dir, **sections):
     """The demo task, shrunk to run in seconds. `sections` override per section, e.g. train={...}."""
+    import torch
+
     from train.config import from_dict
 
     raw = {
         "run": {"output_dir": str(output_dir), "seed": 7},
         "model": {"name_or_path": "builtin:tiny-llama"},
-        # float32, not auto: auto picks bf16 on a CPU with native bf16 (AVX-512/AMX) and float32 elsewhere, and the
-        # tolerances and outcomes below were set in float32; the same suite then passes on either kind of CI machine
-        # (auto itself: tests/test_precision.py)
-        "quant": {"compute_dtype": "float32"},
+        # on CPU float32, not auto: auto picks bf16 on a CPU with native bf16 (AVX-512/AMX) and float32 elsewhere,
+        # and the CPU tests' tolerances and outcomes were set in float32; the same suite then passes on either kind of
+        # CI machine (auto itself: tests/test_precision.py). On a GPU auto (bf16): the GPU checks run the fast path
+        "quant": {"compute_dtype": "auto" if torch.cuda.is_available() else "float32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
         "data": {
             "train": str(REPO / "data/demo/train.jsonl"),
