@@ -23,6 +23,9 @@
 #   offload-ab     what offload costs on the default workload (train.offload_checkpoints auto turns it on there while
 #                  that is <= 3 %): c (offloaded) and c-resident interleaved, three of each, per-step times in each
 #                  results.json
+#   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
+#                  `pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d
+#                  .spy-wheels py-spy`), then scripts/host_profile.py on its samples (session 10: the step waits for the host)
 #   issue          issue #21's done-when in one invocation: the default workload (c, our defaults, and Unsloth) and
 #                  one 350,000-token row of ours with train plan beside it (~9 minutes on an H100)
 #   all            every stage in one run (no 10-minute limit)
@@ -30,7 +33,7 @@
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
 #   PACK=1 ...: OUT_DIR/STAGE.tar.gz instead of the folder (the device machine returns only a few files a call)
 set -uo pipefail
-stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|issue|all [OUT_DIR]}
+stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|spy|issue|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
@@ -71,6 +74,11 @@ case $stage in
   offload-ab) for round in 1 2 3; do
       for way in c c-resident; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
     done ;;
+  spy) mkdir -p "$out" && { [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+         --target /tmp/spy .spy-wheels/*.whl; } &&
+    /tmp/spy/bin/py-spy record --subprocesses --rate 100 --format raw -o "$out/spy.txt" -- python3 scripts/bench.py \
+      --work /tmp/qb --report "$out" --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps 8 &&
+    python3 scripts/host_profile.py "$out/spy.txt" | tee "$out/host_profile.md" ;;
   issue) budget=${BUDGET_S:-575}  # the 350K row first, with the most of one 10-minute call; then c and Unsloth
     bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 --plan-first ;;
   all) budget=100000; bench --ways c,c-resident,unsloth --warmup 2 --steps 4 --plan-check \
