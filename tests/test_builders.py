@@ -504,3 +504,23 @@ def test_host_token_count_equals_the_trainers(tmp_path):
         track(inputs)
         counts.append(tr.state.num_input_tokens_seen)
     assert counts == [42, 42]
+
+
+def test_flos_estimate_equals_the_trainers_and_counts_parameters_once(tmp_path, monkeypatch):
+    """QLoRATrainer.floating_point_ops gives Trainer's 6 x tokens x non-embedding parameters, counting the parameters
+    at its first call only (Trainer walks every parameter again each step)."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from train import tiny
+    from train.trainer import build_trainer
+
+    cfg = small_config(tmp_path / "run", model={"name_or_path": "builtin:tiny-llama"})
+    tr = build_trainer(cfg, tiny.build_model(), tiny.build_tokenizer(), Dataset.from_dict({"input_ids": [[1, 2, 3]]}),
+                       None, tmp_path)
+    inputs = {"input_ids": torch.ones(1, 37, dtype=torch.long)}
+    want = Trainer.floating_point_ops(tr, inputs)
+    assert want > 0 and tr.floating_point_ops(inputs) == want
+    monkeypatch.setattr(type(tr.model), "num_parameters", lambda *a, **k: pytest.fail("counted the parameters again"))
+    assert tr.floating_point_ops({"input_ids": torch.ones(2, 37, dtype=torch.long)}) == 2 * want
+    assert tr.floating_point_ops({"labels": torch.ones(1, 3)}) == 0  # no input ids: Trainer's 0

@@ -51,3 +51,22 @@ def test_launch_args_follow_a_moved_weight():
     qs.absmax = qs.absmax.clone()  # the same weight under moved scales (QuantState.to swaps its tensors in place)
     qs.absmax[:] = 0  # every nested scale now code2[0] * absmax2 + offset: a stale cache would not see it
     assert torch.equal(nf4.dequantize(other, qs, torch.float16), dequantize_4bit(other, qs).half())
+
+
+def test_a_params4bit_weight_costs_one_python_dispatch(monkeypatch):
+    """bitsandbytes' Params4bit sends every tensor attribute through a Python __torch_function__ (~1-5 us each on the
+    GPU hosts): a dequantization reads it once (.data), then works on the plain tensor, with the same bits."""
+    import bitsandbytes as bnb
+
+    w = bnb.nn.Params4bit(torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 0.02, requires_grad=False,
+                          quant_type="nf4", blocksize=64, compress_statistics=True).to("cpu")
+    assert type(w) is bnb.nn.Params4bit and w.quant_state is not None
+    want = dequantize_4bit(w.data, w.quant_state).half()
+    calls = []
+    real = bnb.nn.Params4bit.__torch_function__.__func__
+    monkeypatch.setattr(bnb.nn.Params4bit, "__torch_function__",
+                        classmethod(lambda cls, *a, **k: calls.append(a[0]) or real(cls, *a, **k)))
+    for _ in range(2):  # the first call works out the launch, the second takes it from the cache
+        calls.clear()
+        assert torch.equal(nf4.dequantize(w, w.quant_state, torch.float16), want)
+        assert len(calls) == 1, calls

@@ -56,6 +56,10 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
     quant_state (a frozen base never changes; a moved weight or state has other data pointers and gets it anew):
     the fast path waits for the host, so a call is one allocation and one launch."""
     qs = quant_state
+    # bitsandbytes' Params4bit routes every tensor attribute and method (data_ptr, is_cuda, device, dtype, and the
+    # launcher's own data_ptr) through a Python __torch_function__: ~1-5 us each, ~9 a call. Its .data is a plain
+    # tensor of the same packed bytes: one such call, then plain attributes
+    weight = weight.data
     key = (weight.data_ptr(), qs.absmax.data_ptr(), dtype)  # a moved weight or quant_state: worked out anew
     cached = getattr(qs, "_train_nf4", None)
     if cached is None or cached[0] != key:
