@@ -413,21 +413,12 @@ def test_lean_recompute_changes_no_gradient_on_cuda(tmp_path, monkeypatch):
     its output in the recompute (filled with NaN here, so a reader would show) leaves the loss and every LoRA gradient
     bit-identical (sdpa's math backend: its flash/efficient backward is not deterministic)."""
     from test_fused_lora import _peft_4bit
+    from test_lean_recompute import poison_skipped
     from train import lora
-    from train.kernels import fused_lora, lean_recompute
+    from train.kernels import lean_recompute
 
     compiled_triton()
-    skipped, forward = [], fused_lora._forward
-
-    def poisoning(x, spec, a_list, b_list):
-        outs, h, drawn = forward(x, spec, a_list, b_list)
-        if not spec[3]:
-            skipped.append(len(outs))
-            for out in outs:
-                out.fill_(float("nan"))
-        return outs, h, drawn
-
-    monkeypatch.setattr(fused_lora, "_forward", poisoning)
+    skipped = poison_skipped(monkeypatch)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
     results, models = {}, {}
     for lean in (False, True):

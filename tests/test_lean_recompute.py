@@ -19,8 +19,12 @@ LEAN = {"llama", "qwen2", "qwen3", "mistral", "phi3"}  # Gemma 2 and 3 normalize
 
 @pytest.fixture
 def poisoned(monkeypatch):
+    return poison_skipped(monkeypatch)
+
+
+def poison_skipped(monkeypatch) -> list:
     """Every output the fused Function skips is NaN (were one read in the forward, the loss would be NaN; in the
-    recompute, a gradient would be), and each skip is counted."""
+    recompute, a gradient would be); returns the list each skip appends its output count to (tests/test_gpu.py too)."""
     skipped = []
     forward = fused_lora._forward
 
