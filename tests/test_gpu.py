@@ -559,6 +559,62 @@ def cuda_config(run):
                         train={"optimizer": "paged_adamw_32bit"})
 
 
+
+@on_gpu
+def test_sync_free_head_equals_trls_on_cuda_without_its_syncs(tmp_path, monkeypatch):
+    """train/fused_head.py on the GPU fast path: a fit with TRAIN_SYNC_FREE_HEAD=1 takes it at every micro-batch; on one
+    padding-free batch it gives TRL's fused head's loss, metrics and LoRA gradients bit for bit, with fewer device
+    syncs (TRL's boolean-mask gather and scatter sync; index_select by the collator's index does not)."""
+    import warnings
+
+    from train import fused_head, late_log, patches
+    from train import trainer as trainer_mod
+    from train.fit import fit
+
+    monkeypatch.setenv("TRAIN_SYNC_FREE_HEAD", "1")
+    built, calls = [], []
+    real_build, real_forward = trainer_mod.build_trainer, fused_head.forward
+    monkeypatch.setattr(trainer_mod, "build_trainer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    monkeypatch.setattr(fused_head, "forward", lambda *a: calls.append(1) or real_forward(*a))
+    fit(_sync_free_config(tmp_path / "run"))
+    assert len(calls) == 2  # 2 steps of one micro-batch each
+    sft = built[0]
+    sft.model.train()
+    inputs = patches.prepare_inputs(sft, next(iter(sft.get_train_dataloader())))
+    index = fused_head.pop(inputs)
+    assert fused_head.usable(sft, sft.model, index) and "position_ids" in inputs  # padding-free, on the GPU
+    got = {}
+    for way, idx in (("ours", index), ("trl", None)):
+        sft._metrics["train"].clear()
+        sft._total_train_tokens = 0
+        sft.model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                torch.manual_seed(9)
+                loss = late_log.late_loss(sft, sft.model, dict(inputs), None, idx)
+                loss.backward()
+                torch.cuda.synchronize()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        sft.late.settle(sft)
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        grads = {n: p.grad.clone() for n, p in sft.model.named_parameters() if p.grad is not None}
+        got[way] = loss.detach(), {k: list(v) for k, v in sft._metrics["train"].items()}, grads, syncs
+    (loss_o, metrics_o, grads_o, syncs_o), (loss_t, metrics_t, grads_t, syncs_t) = got["ours"], got["trl"]
+    assert torch.equal(loss_o, loss_t) and metrics_o == metrics_t
+    assert grads_o.keys() == grads_t.keys() and all(torch.equal(grads_o[n], grads_t[n]) for n in grads_t)
+    assert syncs_o <= syncs_t - 2, (syncs_o, syncs_t)
+
+
+def _sync_free_config(run):
+    """cuda_config for 2 steps with no dropout (the two heads' runs draw no masks: bit-comparable)."""
+    from conftest import small_config
+
+    return small_config(run, lora={"r": 16, "alpha": 32, "kernel": "fused_triton", "dropout": 0.0},
+                        train={"max_steps": 2, "grad_accum": 1, "save_every": 100, "eval_every": None})
+
 @pytest.fixture(scope="module")
 def cuda_runs(tmp_path_factory):
     """An uninterrupted 6-step CUDA run, and one stopped by SIGINT at step 3 and resumed to 6."""

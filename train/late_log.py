@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from train import patches
+from train import fused_head, patches
 
 log = logging.getLogger("train")
 
@@ -45,11 +45,15 @@ def plain_loss(trainer) -> bool:
             and not getattr(parallel, "sp_enabled", False))
 
 
-def late_loss(trainer, model, inputs, num_items_in_batch=None):
+def late_loss(trainer, model, inputs, num_items_in_batch=None, index=None):
     """TRL SFTTrainer.compute_loss on its plain path (trl 1.16, sft_trainer.py), with the metrics kept on the device
-    (trainer.late.pending) instead of read with `.item()`: the same loss, the same numbers logged."""
+    (trainer.late.pending) instead of read with `.item()`: the same loss, the same numbers logged. With the labelled
+    positions' `index`, the head runs without device syncs (train/fused_head.py)."""
     inputs["use_cache"] = False
-    outputs = model(**inputs, fused_lm_head=True)
+    if index is not None:
+        outputs = fused_head.forward(trainer, model, inputs, index)
+    else:
+        outputs = model(**inputs, fused_lm_head=True)
     num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from train import checkpoints, late_log, lora, optim, patches, sampler
+from train import checkpoints, fused_head, late_log, lora, optim, patches, sampler
 from train.callbacks import MarkComplete, MetricsFile, StepLines
 from train.config import Config
 from train.kernels.long_rows import LongRows
@@ -105,8 +105,10 @@ def trainer_class():
             (late_log). Its CPU fallback projects every position through the LM head in fp32 tiles: on SmolLM2-135M
             (vocab 49k) that was 40% of a CPU step (docs/benchmarks.md). There, project only the positions that
             carry a label."""
+            index = fused_head.pop(inputs)  # the labelled positions, when the collator adds them (fused_head.py)
             if torch.cuda.is_available() and not return_outputs and late_log.plain_loss(self):
-                return late_log.late_loss(self, model, inputs, num_items_in_batch)
+                index = index if fused_head.usable(self, model, index) else None
+                return late_log.late_loss(self, model, inputs, num_items_in_batch, index)
             if torch.cuda.is_available() or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = labelled_positions_loss(model, inputs, num_items_in_batch)
@@ -117,6 +119,7 @@ def trainer_class():
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             """Eval loss by loss.row_nll, the definition `train eval` uses: each row's NLL sum and token count,
             gathered (without the rows accelerate repeats to even out the ranks) for evaluation_loop."""
+            fused_head.pop(inputs)  # the training head's index: the eval forward reads every position itself
             if not prediction_loss_only:
                 return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             inputs = patches.prepare_inputs(self, inputs)
@@ -170,4 +173,6 @@ def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbac
         trainer.remove_callback(default)
     trainer.add_callback(StepLines())
     trainer.add_callback(LongRows(cfg))  # train.offload_checkpoints, train.tile_mlp: installed as training begins
+    if fused_head.enabled():  # each batch also carries its labelled positions, computed on the host
+        trainer.data_collator = fused_head.LabelIndex(trainer.data_collator)
     return trainer
