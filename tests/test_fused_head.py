@@ -16,12 +16,29 @@ from train.fit import fit
 def test_label_index_is_trls_mask_as_positions():
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, 8, -100, -100]])
     batch = fused_head.LabelIndex(lambda examples: {"labels": labels.clone(), "input_ids": labels.clamp(min=0)})([])
+    # positions b * T + t whose next label is kept: rows 0 and 1 of a [2, 5] batch
+    assert batch[fused_head.KEY].tolist() == [1, 2, 5, 6]
     mask = labels[:, 1:] != -100  # TRL: labels shifted, hidden_states[:, :-1][mask]
-    assert batch[fused_head.KEY].tolist() == mask.reshape(-1).nonzero().squeeze(1).tolist() == [1, 2, 4, 5]
+    index = batch[fused_head.KEY]
+    assert (index - index // labels.size(1)).tolist() == mask.reshape(-1).nonzero().squeeze(1).tolist() == [1, 2, 4, 5]
     shifted = fused_head.LabelIndex(lambda examples: {"labels": labels, "shift_labels": labels})([])
     assert fused_head.KEY not in shifted  # pre-shifted labels (context/sequence parallel): TRL's own head
     inputs = dict(batch)
     assert torch.equal(fused_head.pop(inputs), batch[fused_head.KEY]) and fused_head.KEY not in inputs
+
+
+def test_label_index_collator_pickles_and_copies():
+    """DataLoader workers under spawn/forkserver pickle the collator: the wrapper must survive it."""
+    import copy
+    import pickle
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    wrapped = fused_head.LabelIndex(DataCollatorForLanguageModeling(pad_token_id=0))
+    for clone in (pickle.loads(pickle.dumps(wrapped)), copy.deepcopy(wrapped)):
+        assert clone.pad_token_id == 0  # the wrapped collator's attributes, through the wrapper
+        batch = clone([{"input_ids": [1, 2, 3]}])
+        assert fused_head.KEY in batch
 
 
 @pytest.fixture
@@ -61,6 +78,28 @@ def test_sync_free_head_gives_trls_loss_metrics_and_gradients(trained):
     assert all(torch.equal(grads_o[n], grads_t[n]) for n in grads_t)
 
 
+def test_long_padded_batch_bit_for_bit(trained):
+    """Two padded rows of 600 tokens, about a third labelled: the sums over ~400 positions (loss, entropy, accuracy)
+    come out as TRL's, because the results sit where TRL's masked_scatter puts them, zeros between."""
+    sft, _ = trained
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 200, (2, 600), generator=g)
+    labels = torch.where(torch.rand(2, 600, generator=g) < 0.35, ids, torch.full_like(ids, -100))
+    labels[1, 500:] = -100  # the second row padded
+    batch = {"input_ids": ids, "attention_mask": (torch.arange(600) < torch.tensor([[600], [500]])).long(),
+             "labels": labels}
+    index = fused_head.LabelIndex(lambda examples: dict(batch))([])[fused_head.KEY]
+    got = {}
+    for way, idx in (("ours", index), ("trl", None)):
+        sft._metrics["train"].clear()
+        sft._total_train_tokens = 0
+        loss = late_log.late_loss(sft, sft.model, dict(batch), None, idx)
+        sft.late.settle(sft)
+        got[way] = loss.detach(), {k: list(v) for k, v in sft._metrics["train"].items()}
+    assert index.numel() > 300
+    assert torch.equal(got["ours"][0], got["trl"][0]) and got["ours"][1] == got["trl"][1]
+
+
 def test_switch_on_trains_and_evaluates_as_before_on_cpu(tmp_path, monkeypatch):
     """The index rides in every batch and is popped before the model sees it, in training and in eval."""
     rows = {}
@@ -71,3 +110,21 @@ def test_switch_on_trains_and_evaluates_as_before_on_cpu(tmp_path, monkeypatch):
         rows[env] = [{k: v for k, v in json.loads(x).items() if k != "time_s" and not k.endswith(("_runtime", "_per_second"))}
                      for x in (fitted.run / "metrics.jsonl").read_text().splitlines()]
     assert rows["1"] == rows["0"] and any("eval_loss" in r for r in rows["1"])
+
+
+def test_usable_only_where_the_backbone_call_is_trls(trained, monkeypatch):
+    """One process, the trainer's own model, the LM head beside the index, plain LoRA, no logit scaling."""
+    import types
+
+    sft, _ = trained
+    on_gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"))  # an index as a GPU batch has it
+    assert fused_head.usable(sft, sft.model, on_gpu)
+    assert not fused_head.usable(sft, sft.model, None)
+    assert not fused_head.usable(sft, object(), on_gpu)  # a wrapper (DDP) around the model: TRL's head
+    assert not fused_head.usable(sft, sft.model, types.SimpleNamespace(is_cuda=True, device=torch.device("meta")))
+    text = sft.model.get_base_model().config.get_text_config()
+    monkeypatch.setattr(text, "logit_scale", 0.5, raising=False)
+    assert not fused_head.usable(sft, sft.model, on_gpu)  # TRL scales these logits: its head
+    monkeypatch.setattr(text, "logit_scale", None, raising=False)
+    monkeypatch.setattr(sft.model.active_peft_config, "alora_invocation_tokens", [5], raising=False)
+    assert not fused_head.usable(sft, sft.model, on_gpu)  # aLoRA acts in peft's forward, which the head skips
