@@ -16,6 +16,10 @@ from pathlib import Path
 
 from train import patches
 
+# switches a training step reads afresh each time (train/fused_head.py, train/kernels/lean_recompute.py): BENCH_ALTERNATE
+# may flip one between the timed steps of one process
+ALTERNATABLE = ("TRAIN_SYNC_FREE_HEAD", "TRAIN_LEAN_RECOMPUTE")
+
 KERNEL_GROUPS = (  # first match wins: issue #21's kernel families, where the GPU time of one training step goes
     ("annotation (not a kernel)", ("Optimizer.step", "ProfilerStep", "##")),
     ("attention", ("flash", "fmha", "attention", "_efficient_attention", "sdpa")),
@@ -73,13 +77,20 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
     sync at each step end instead, the way runs before session 9 were timed). With `profile`, one more step after
     the timed ones runs under torch.profiler, synced at both ends; with `trace` too, that step's timeline is written
     there (Chrome trace, gzipped: which stream ran what when, where the GPU waited for the host). BENCH_SYNC_DEBUG=1
-    lists every host-GPU sync from the last warm-up step's end to the first timed step's end (sync_recorder)."""
+    lists every host-GPU sync from the last warm-up step's end to the first timed step's end (sync_recorder).
+    BENCH_ALTERNATE=VAR (one of ALTERNATABLE) sets VAR to 1 for the warm-up steps and even timed steps, 0 for odd
+    ones: an A/B inside one process, whose host speed is the same for both (between processes it moves by up to 2x,
+    docs/benchmarks.md); summarize splits the timed steps by setting."""
     import torch
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
     step_sync = not cuda or os.environ.get("BENCH_STEP_SYNC") == "1"
     sync_debug = os.environ.get("BENCH_SYNC_DEBUG") == "1"
+    alternate = os.environ.get("BENCH_ALTERNATE") or None
+    if alternate is not None and alternate not in ALTERNATABLE:
+        raise ValueError(f"BENCH_ALTERNATE={alternate}: only a switch read at every step can alternate: "
+                         f"{', '.join(ALTERNATABLE)}")
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -88,6 +99,7 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
             self.timing = "device sync at each step end" if step_sync else "CUDA events (no per-step sync)"
             self.profile_step = warmup + steps + 1 if profile else None
             self.prof, self.profile, self.syncs = None, None, None
+            self.alternate, self.settings = alternate, []  # BENCH_ALTERNATE: each step's setting, in step order
 
         def on_train_begin(self, args, state, control, **kw):
             if cuda:
@@ -103,6 +115,10 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
                                time.process_time()))
 
         def on_step_begin(self, args, state, control, **kw):
+            if self.alternate:
+                timed = state.global_step - warmup  # this step's place among the timed ones (< 0: warm-up)
+                os.environ[self.alternate] = "0" if timed >= 0 and timed % 2 else "1"
+                self.settings.append(os.environ[self.alternate])
             if self.profile_step and state.global_step + 1 == self.profile_step:
                 if cuda:
                     torch.cuda.synchronize()
@@ -241,7 +257,22 @@ def summarize(timer, log: list, accum: int, warmup: int, steps: int) -> dict:
             # every micro-batch trained (warm-up, timed, profiled): the peak memory covers all of them
             "tokens_per_microbatch_max": max((b["computed"] for b in log[:(len(marks) - 1) * accum]), default=0),
             "first_step_lens": sorted(n for b in log[:accum] for n in b["lens"]),
-            "step_real_tokens": per_step}
+            "step_real_tokens": per_step, "alternate": alternated(timer, per_step, warmup, end)}
+
+
+def alternated(timer, per_step: list, warmup: int, end: int) -> dict | None:
+    """BENCH_ALTERNATE's split of the timed steps: per setting, its steps, their tokens and time, and tok/s."""
+    settings = getattr(timer, "settings", [])
+    if not getattr(timer, "alternate", None) or len(settings) < end:
+        return None
+    out = {"switch": timer.alternate}
+    for value in ("1", "0"):
+        steps = [i for i in range(warmup, end) if settings[i] == value]
+        tokens = sum(per_step[i] for i in steps if i < len(per_step))
+        secs = sum(timer.marks[i + 1][1] - timer.marks[i][1] for i in steps)
+        out[value] = {"steps": len(steps), "tokens": tokens, "s": round(secs, 3),
+                      "tok_per_s": round(tokens / secs, 1) if secs else None}
+    return out
 
 
 def plan_prediction(cfg, tokens: int) -> dict:
@@ -313,6 +344,12 @@ def side_by_side(results: list[dict], labels: dict, order=()) -> str:
                      f" {chk['max_abs_control_vs_alone']:.3f} ({'detected' if chk['control_detected'] else 'NOT detected'})")
     elif chk:
         notes.append(f"- per-sequence check (c): {chk.get('error')}")
+    for w in cols:
+        alt = by[w].get("alternate")
+        if alt and alt["1"]["tok_per_s"] and alt["0"]["tok_per_s"]:
+            notes.append(f"- {w}, {alt['switch']} alternating in one process: =1 {alt['1']['tok_per_s']:,.0f} tok/s over "
+                         f"{alt['1']['steps']} steps, =0 {alt['0']['tok_per_s']:,.0f} over {alt['0']['steps']} "
+                         f"(=1 / =0: {alt['1']['tok_per_s'] / alt['0']['tok_per_s']:.3f})")
     return "\n".join(head + body + ([""] + notes if notes else []))
 
 

@@ -23,6 +23,9 @@
 #   offload-ab     what offload costs on the default workload (train.offload_checkpoints auto turns it on there while
 #                  that is <= 3 %): c (offloaded) and c-resident interleaved, three of each, per-step times in each
 #                  results.json
+#   alternate      A/B of the switches a step reads afresh, inside one process (BENCH_ALTERNATE: the host's speed moves
+#                  by up to 2x between processes, more than these changes): way c, 16 timed steps alternating
+#                  TRAIN_SYNC_FREE_HEAD (train/fused_head.py), then TRAIN_LEAN_RECOMPUTE (kernels/lean_recompute.py)
 #   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
 #                  `pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d
 #                  .spy-wheels py-spy`), then scripts/host_profile.py on its samples (session 10: the step waits for the host)
@@ -33,7 +36,7 @@
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
 #   PACK=1 ...: OUT_DIR/STAGE.tar.gz instead of the folder (the device machine returns only a few files a call)
 set -uo pipefail
-stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|spy|issue|all [OUT_DIR]}
+stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|alternate|spy|issue|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
@@ -73,6 +76,10 @@ case $stage in
     done ;;
   offload-ab) for round in 1 2 3; do
       for way in c c-resident; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
+    done ;;
+  alternate) for switch in TRAIN_SYNC_FREE_HEAD TRAIN_LEAN_RECOMPUTE; do
+      env BENCH_ALTERNATE=$switch $switch=1 python3 scripts/bench.py --work /tmp/qb --report "$out/$switch" \
+        --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps 16
     done ;;
   spy) mkdir -p "$out" && { [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile \
          --target /tmp/spy .spy-wheels/*.whl; } &&

@@ -251,3 +251,33 @@ def test_memory_peak_without_cuda_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--memory-peak" in err and "GPU" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_alternate_flips_the_switch_between_timed_steps_and_splits_them(monkeypatch):
+    """BENCH_ALTERNATE: the warm-up steps run with the switch on, then the timed steps alternate 1, 0, 1, 0; the
+    summary splits tokens and time by setting."""
+    import os
+    import types
+
+    import bench_measure as bm
+
+    monkeypatch.setenv("BENCH_ALTERNATE", "TRAIN_LEAN_RECOMPUTE")
+    monkeypatch.setenv("TRAIN_LEAN_RECOMPUTE", "1")  # restored after the test
+    timer = bm.make_timer(warmup=2, steps=4)
+    state = types.SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    timer.on_train_begin(None, state, None)
+    seen = []
+    for step in range(6):
+        timer.on_step_begin(None, state, None)
+        seen.append(os.environ["TRAIN_LEAN_RECOMPUTE"])
+        state.global_step += 1
+        timer.on_step_end(None, state, None)
+    assert seen == timer.settings == ["1", "1", "1", "0", "1", "0"]
+    timer.marks = [(i, float(i * i), 0, 0.0) for i in range(7)]  # step i took 2i + 1 s
+    split = bm.alternated(timer, [10, 20, 30, 40, 50, 60], warmup=2, end=6)
+    assert split["switch"] == "TRAIN_LEAN_RECOMPUTE"
+    assert split["1"] == {"steps": 2, "tokens": 80, "s": 14.0, "tok_per_s": round(80 / 14, 1)}  # steps 2 and 4
+    assert split["0"] == {"steps": 2, "tokens": 100, "s": 18.0, "tok_per_s": round(100 / 18, 1)}  # steps 3 and 5
+    monkeypatch.setenv("BENCH_ALTERNATE", "TRAIN_LATE_LOG")
+    with pytest.raises(ValueError, match="only a switch read at every step"):
+        bm.make_timer(warmup=2, steps=4)

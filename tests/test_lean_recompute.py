@@ -122,6 +122,19 @@ def test_installed_when_training_begins_and_switched_off_by_env(tmp_path, monkey
     assert lean_recompute.install(lean) == 0  # nothing is recomputed: nothing to skip
 
 
+def test_switch_read_at_each_step(tmp_path, monkeypatch, poisoned):
+    """TRAIN_LEAN_RECOMPUTE=0 after install: the next step recomputes in full (the bench alternates it this way)."""
+    _, lean = _models(tmp_path, "llama")
+    assert lean_recompute.install(lean) == lean.config.num_hidden_layers
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("TRAIN_LEAN_RECOMPUTE", "0")
+    _loss_and_grads(lean, ids)
+    assert poisoned == []
+    monkeypatch.setenv("TRAIN_LEAN_RECOMPUTE", "1")
+    _loss_and_grads(lean, ids)
+    assert poisoned == [1] * lean.config.num_hidden_layers
+
+
 def test_lean_recompute_inside_the_tiled_mlp(tmp_path, poisoned):
     """With the MLP in token chunks (each its own non-reentrant checkpoint, nested in the layer's), each chunk's
     down_proj skips its output in the layer's recompute and again in the chunk's own replay: gradients equal."""

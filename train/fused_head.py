@@ -66,7 +66,8 @@ def usable(trainer, model, index) -> bool:
     """This call can take the sync-free head: an index, one process, the model the trainer holds (no DDP wrapper to
     bypass), a GPU holding the LM head, plain LoRA (the head calls the backbone itself: peft's prompt learning and
     aLoRA act in its own forward, which that skips), and a causal LM whose logits TRL neither scales nor gathers."""
-    if index is None or not index.is_cuda or trainer.accelerator.num_processes != 1 or model is not trainer.model:
+    if (index is None or not enabled() or not index.is_cuda or trainer.accelerator.num_processes != 1
+            or model is not trainer.model):  # enabled() read at each step: the bench may alternate it
         return False
     peft = getattr(model, "active_peft_config", None)
     if peft is not None and (getattr(peft, "is_prompt_learning", False)

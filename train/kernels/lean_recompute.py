@@ -38,9 +38,14 @@ def recomputing() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
+def enabled() -> bool:
+    return os.environ.get("TRAIN_LEAN_RECOMPUTE", "1") != "0"
+
+
 def skips_output(module) -> bool:
-    """Whether `module` (a fused LoRA layer) is a lean layer's down_proj called inside that layer's recompute."""
-    return module.lean_last and recomputing()
+    """Whether `module` (a fused LoRA layer) is a lean layer's down_proj called inside that layer's recompute (the
+    switch read at each call: the bench may alternate it between steps)."""
+    return module.lean_last and recomputing() and enabled()
 
 
 @contextlib.contextmanager
@@ -83,7 +88,7 @@ def install(model) -> int:
     layers run lean. Call after checkpointing is on."""
     from train.kernels.offload import checkpointed_layers
 
-    if os.environ.get("TRAIN_LEAN_RECOMPUTE", "1") == "0":
+    if not enabled():
         return 0
     lean = 0
     for layer in checkpointed_layers(model):
