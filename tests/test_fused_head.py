@@ -107,7 +107,8 @@ def test_switch_on_trains_and_evaluates_as_before_on_cpu(tmp_path, monkeypatch):
         monkeypatch.setenv("TRAIN_SYNC_FREE_HEAD", env)
         fitted = fit(small_config(tmp_path / env, train={"max_steps": 3, "eval_every": 3},
                                   eval={"during_training_limit": 2}))
-        rows[env] = [{k: v for k, v in json.loads(x).items() if k != "time_s" and not k.endswith(("_runtime", "_per_second"))}
+        rows[env] = [{k: v for k, v in json.loads(x).items()
+                      if k != "time_s" and not k.endswith(("_runtime", "_per_second"))}
                      for x in (fitted.run / "metrics.jsonl").read_text().splitlines()]
     assert rows["1"] == rows["0"] and any("eval_loss" in r for r in rows["1"])
 

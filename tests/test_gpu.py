@@ -409,8 +409,8 @@ def test_grouped_layers_equal_layers_alone_on_cuda(tmp_path, monkeypatch):
 
 @on_gpu
 def test_lean_recompute_changes_no_gradient_on_cuda(tmp_path, monkeypatch):
-    """lora.kernel=fused_triton in bf16 with dropout and groups, reentrant checkpointing: each layer's down_proj skipping
-    its output in the recompute (filled with NaN here, so a reader would show) leaves the loss and every LoRA gradient
+    """lora.kernel=fused_triton in bf16 with dropout and groups, reentrant checkpointing: each layer's down_proj
+    skipping its output in the recompute (filled with NaN here, so a reader would show) leaves the loss and every LoRA gradient
     bit-identical (sdpa's math backend: its flash/efficient backward is not deterministic)."""
     from test_fused_lora import _peft_4bit
     from test_lean_recompute import poison_skipped

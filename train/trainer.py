@@ -46,7 +46,8 @@ def trainer_class():
                 return 0
             cached = self.__dict__.get("_flos_params")
             if cached is None or cached[0] is not self.model:
-                cached = self.__dict__["_flos_params"] = (self.model, self.model.num_parameters(exclude_embeddings=True))
+                params = self.model.num_parameters(exclude_embeddings=True)
+                cached = self.__dict__["_flos_params"] = (self.model, params)
             return 6 * inputs[main].numel() * cached[1]
 
         def train_sampler_hook(self, train_sampler):
