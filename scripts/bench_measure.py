@@ -16,9 +16,9 @@ from pathlib import Path
 
 from train import patches
 
-# switches a training step reads afresh each time (train/fused_head.py, train/kernels/lean_recompute.py):
+# switches a training step reads afresh each time (train/fused_head.py, kernels/lean_recompute.py, liger_launch.py):
 # BENCH_ALTERNATE may flip one between the timed steps of one process
-ALTERNATABLE = ("TRAIN_SYNC_FREE_HEAD", "TRAIN_LEAN_RECOMPUTE")
+ALTERNATABLE = ("TRAIN_SYNC_FREE_HEAD", "TRAIN_LEAN_RECOMPUTE", "TRAIN_LIGER_RELAUNCH")
 
 KERNEL_GROUPS = (  # first match wins: issue #21's kernel families, where the GPU time of one training step goes
     ("annotation (not a kernel)", ("Optimizer.step", "ProfilerStep", "##")),

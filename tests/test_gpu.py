@@ -407,6 +407,47 @@ def test_grouped_layers_equal_layers_alone_on_cuda(tmp_path, monkeypatch):
 
 
 
+
+@on_gpu
+def test_liger_relaunch_equals_tritons_own_launch(monkeypatch):
+    """train/kernels/liger_launch.py: Liger's RMSNorm, RoPE and SiLU-mul (forward and backward, at Llama-8B widths, two
+    token counts) relaunched directly give exactly what Triton's own launches give, and the relaunch path did run."""
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    from train.kernels import liger_launch
+
+    liger_launch.install()
+
+    def run(tokens):
+        g = torch.Generator(device="cuda").manual_seed(tokens)
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        x, w = rand(tokens, 4096), rand(4096)
+        q, k = rand(1, 32, tokens, 128), rand(1, 8, tokens, 128)
+        cos, sin = rand(1, tokens, 128).detach(), rand(1, tokens, 128).detach()
+        a, b = rand(tokens, 14336), rand(tokens, 14336)
+        outs = [LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama", False), *LigerRopeFunction.apply(q, k, cos, sin),
+                LigerSiLUMulFunction.apply(a, b)]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return [t.detach().clone() for t in (*outs, x.grad, w.grad, q.grad, k.grad, a.grad, b.grad)]
+
+    monkeypatch.setenv("TRAIN_LIGER_RELAUNCH", "0")
+    want = [run(n) for n in (1000, 4096)]
+    monkeypatch.setenv("TRAIN_LIGER_RELAUNCH", "1")
+    run(1000), run(4096)  # first launches of each signature: compiled, through Triton
+    import importlib
+
+    from train import patches
+
+    wrappers = [getattr(importlib.import_module(m), n) for m, names in patches.LIGER_KERNELS.items() for n in names]
+    before = sum(w.kernel.relaunches for w in wrappers)
+    got = [run(n) for n in (1000, 4096)]
+    assert sum(w.kernel.relaunches for w in wrappers) > before  # the direct path ran
+    for g_, w_ in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g_, w_))
+
 @on_gpu
 def test_lean_recompute_changes_no_gradient_on_cuda(tmp_path, monkeypatch):
     """lora.kernel=fused_triton in bf16 with dropout and groups, reentrant checkpointing: each layer's down_proj

@@ -323,3 +323,14 @@ def test_checkpointing_layers_call_their_checkpoint_function():
     assert calls == [False] * len(layers) + [True] * len(layers)  # the forwards without grad, then each recompute
     model.gradient_checkpointing_disable()
     assert not patches.wrap_checkpoint_function(layers[0], wrap)
+
+
+def test_liger_kernel_globals_are_kernels():
+    """Every kernel train/kernels/liger_launch.py wraps is still where Liger's ops look it up, a Triton kernel."""
+    for module_name, names in patches.LIGER_KERNELS.items():
+        for name in names:
+            try:
+                _, fn = patches.liger_kernel(module_name, name)
+            except patches.PatchBroken as e:
+                pytest.fail(str(e))
+            assert hasattr(fn, "arg_names"), f"{module_name}.{name}"  # (JITFunction; InterpretedFunction in this suite)

@@ -18,6 +18,7 @@ from typing import Any
 
 # Versions every patch below was tested with (the environment of tests/).
 TESTED = {"transformers": "5.25.0", "peft": "0.21.2", "bitsandbytes": "0.50.2", "torch": "2.13.0", "trl": "1.16.0",
+          "liger-kernel": "0.8.5",
           "deepspeed": None}  # deepspeed: not installed where tests run; ZeRO-3 runs on the GPU host only
 
 
@@ -248,6 +249,44 @@ def wrap_checkpoint_function(layer, wrap) -> bool:
         layer._gradient_checkpointing_func = wrap(inner)
         layer._gradient_checkpointing_func.wrapped_by = wrap
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# liger-kernel: its Triton kernels, module globals that its ops look up at each launch (no public hook replaces a
+# launch). train/kernels/liger_launch.py puts a wrapper in their place.
+
+LIGER_KERNELS = {
+    "liger_kernel.ops.rms_norm": ("_rms_norm_forward_kernel", "_rms_norm_backward_kernel",
+                                  "_block_rms_norm_forward_kernel", "_block_rms_norm_backward_kernel"),
+    "liger_kernel.ops.rope": ("_triton_rope",),
+    "liger_kernel.ops.swiglu": ("_swiglu_forward_kernel", "_swiglu_backward_kernel", "_swiglu_forward_kernel_tiled",
+                                "_swiglu_backward_kernel_tiled"),
+}
+
+
+def liger_kernel(module_name: str, name: str):
+    """The Liger kernel `name` of `module_name` (a Triton JITFunction, or a wrapper of one); else PatchBroken."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    fn = getattr(module, name, None)
+    if fn is None or not callable(getattr(fn, "__getitem__", None)):
+        raise PatchBroken(f"liger-kernel {installed('liger-kernel')}: {module_name}.{name} is gone or is no kernel "
+                          f"(train/patches.py was tested with liger-kernel {TESTED['liger-kernel']}); unset "
+                          f"TRAIN_LIGER_RELAUNCH or pin liger-kernel=={TESTED['liger-kernel']}")
+    return module, fn
+
+
+def swap_liger_kernels(wrapper) -> int:
+    """Each kernel of LIGER_KERNELS replaced by wrapper(kernel) where Liger looks it up, once; how many are wrapped."""
+    wrapped = 0
+    for module_name, names in LIGER_KERNELS.items():
+        for name in names:
+            module, fn = liger_kernel(module_name, name)
+            if not isinstance(fn, wrapper):
+                setattr(module, name, wrapper(fn))
+            wrapped += 1
+    return wrapped
 
 
 # --------------------------------------------------------------------------------------------

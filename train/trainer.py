@@ -11,6 +11,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from train import checkpoints, fused_head, late_log, lora, optim, patches, sampler
 from train.callbacks import MarkComplete, MetricsFile, StepLines
 from train.config import Config
+from train.kernels import liger_launch
 from train.kernels.long_rows import LongRows
 from train.loss import labelled_positions_loss, row_nll
 from train.reporting import setup_reporting
@@ -176,4 +177,6 @@ def build_trainer(cfg: Config, model, tok, train_ds, eval_ds, run: Path, callbac
     trainer.add_callback(LongRows(cfg))  # train.offload_checkpoints, train.tile_mlp: installed as training begins
     if fused_head.enabled():  # each batch also carries its labelled positions, computed on the host
         trainer.data_collator = fused_head.LabelIndex(trainer.data_collator)
+    if args.use_liger_kernel:  # Liger's kernels launchable directly (each launch asks TRAIN_LIGER_RELAUNCH)
+        liger_launch.install()
     return trainer

@@ -27,12 +27,14 @@ class Kernel:
         self.fn = fn
         self.compiled = {}  # signature -> (CompiledKernel, the constexpr values in parameter order)
         self.relaunches = 0  # launches that skipped Triton's binding (tests: the direct path did run)
+        # constexprs a caller passes by position (Liger's do): a launch is keyed on their values, not only their kind
+        self.constexpr_positions = tuple(p.num for p in getattr(fn, "params", ()) if getattr(p, "is_constexpr", False))
 
     def __call__(self, grid, *args, **kw):
         if not DIRECT or not args or not torch.is_tensor(args[0]) or not args[0].is_cuda:
             self.fn[grid](*args, **kw)  # the CPU interpreter (tests), or switched off
             return
-        key = (torch.cuda.current_device(), tuple(map(_spec, args)), tuple(kw.items()))
+        key = self.key(args, kw)
         entry = self.compiled.get(key)
         if entry is None:
             compiled = self.fn[grid](*args, **kw)  # compiles on first use, and launches
@@ -46,6 +48,12 @@ class Kernel:
         compiled, tail = entry
         compiled[(*grid, 1, 1)[:3]](*args, *tail)  # the compiled launcher takes all three grid dimensions
         self.relaunches += 1
+
+    def key(self, args: tuple, kw: dict) -> tuple:
+        """What selects the compiled kernel: the device, each argument's specialization, the values of constexprs
+        passed by position, and the keyword constexprs and options."""
+        fixed = tuple(args[i] for i in self.constexpr_positions if i < len(args))
+        return torch.cuda.current_device(), tuple(map(_spec, args)), fixed, tuple(kw.items())
 
 
 def _spec(arg):
