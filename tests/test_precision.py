@@ -106,3 +106,29 @@ def test_hub_kernels_reach_from_pretrained_only_when_asked(monkeypatch, tmp_path
     with pytest.raises(Seen) as seen:
         model.load_base(cfg, str(tiny.materialize("builtin:tiny-llama")), quiet=True)
     assert seen.value.args == (True,)
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_was_trained_in(monkeypatch, tmp_path):
+    """The probe may decide otherwise in the resumed process (timing noise, another machine): the checkpoint's recorded
+    compute dtype wins, so the resumed steps compute what the uninterrupted run computes; a fresh run still probes."""
+    from train import checkpoints
+
+    monkeypatch.setattr(precision, "probe_cpu", lambda: EMULATED)
+    cfg = small_config(tmp_path / "run", quant=AUTO)
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    for pattern in (checkpoints.MARKER, *checkpoints.NEEDED):  # a complete checkpoint: one file per pattern
+        (ckpt / pattern.split("|")[0].replace("*", "")).write_text("x")
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"quant": {"compute_dtype": "bfloat16"}}))
+    recorded = checkpoints.recorded_compute_dtype(cfg, tmp_path / "run")
+    assert recorded == "bfloat16"
+    assert precision.resolved(cfg, quiet=True, recorded=recorded).quant.compute_dtype == "bfloat16"
+    assert checkpoints.recorded_compute_dtype(cfg, tmp_path / "run", overwrite=True) is None  # --overwrite: fresh
+    assert checkpoints.recorded_compute_dtype(cfg, tmp_path / "elsewhere") is None
+    assert precision.resolved(cfg, quiet=True, recorded=None).quant.compute_dtype == "float32"  # the probe decides
+
+
+def test_native_and_emulated_bf16_are_told_apart_with_room_for_noise():
+    """A native CPU measured 1.0x fp32's time and, in 1 of 3 runs, over 1.25x; emulation is 8-180x slower."""
+    assert precision.Probe(fp32_ms=0.03, bf16_ms=0.06).native_bf16  # noise on a native CPU: still bf16
+    assert not precision.Probe(fp32_ms=0.03, bf16_ms=0.24).native_bf16  # 8x: emulated

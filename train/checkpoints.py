@@ -67,13 +67,14 @@ def mark_complete(ckpt: Path, cfg: Config, schedule_start: int | None = None) ->
     write_atomic(ckpt / MARKER, "ok\n")
 
 
-def latest_complete(ckpt_dir: Path) -> Path | None:
+def latest_complete(ckpt_dir: Path, quiet: bool = False) -> Path | None:
     found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if checkpoint_step(p) >= 0),
                    key=checkpoint_step, reverse=True)
     for ckpt in found:
         if (ckpt / MARKER).is_file() and has_files(ckpt, NEEDED):
             return ckpt
-        log.warning("ignoring incomplete %s (the run was killed while saving or deleting it)", ckpt.name)
+        if not quiet:
+            log.warning("ignoring incomplete %s (the run was killed while saving or deleting it)", ckpt.name)
     return None
 
 
@@ -156,18 +157,32 @@ def preflight(cfg: Config, run: Path, overwrite: bool = False) -> None:
             check_resume(ckpt, cfg, quiet=True)
 
 
-def resume_point(cfg: Config, run: Path) -> Path | None:
+def resume_point(cfg: Config, run: Path, quiet: bool = False) -> Path | None:
     mode = cfg.train.resume
     if mode == "never":
         return None
     if mode == "auto":
-        return latest_complete(run / "checkpoints")
+        return latest_complete(run / "checkpoints", quiet)
     path = Path(mode).expanduser()
     if not path.is_dir():
         raise UserError(f"train.resume: {mode} is not a checkpoint directory; use auto, never, or a checkpoint-N dir")
     if not (path / MARKER).is_file():
         raise UserError(f"train.resume: {mode} is incomplete (no {MARKER} marker); pick an earlier checkpoint")
     return path
+
+
+def recorded_compute_dtype(cfg: Config, run: Path, overwrite: bool = False) -> str | None:
+    """quant.compute_dtype as recorded in the checkpoint this run would resume from (None: no resume, or none
+    recorded): a resumed `auto` run keeps the precision it was trained in (precision.resolved)."""
+    if overwrite and cfg.train.resume == "auto":  # --overwrite removes the old checkpoints: a fresh run
+        return None
+    try:
+        ckpt = resume_point(cfg, run, quiet=True)  # start_or_resume says which, and what it skipped
+        saved = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) if ckpt else None
+    except (UserError, OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None  # start_or_resume reports a bad resume point itself
+    quant = saved.get("quant") if isinstance(saved, dict) else None
+    return quant.get("compute_dtype") if isinstance(quant, dict) else None
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

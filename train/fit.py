@@ -37,7 +37,8 @@ def fit(cfg: Config, overwrite: bool = False, callbacks=()) -> Fitted:
     train_split, eval_split = data.load_splits(cfg, tok)
     cfg = data.with_resolved_budget(cfg, train_split)  # what config.yaml records, for `train eval`
     lora.preflight(model.preflight(cfg, path), cfg.lora)  # model config, attention, LoRA targets: no weights
-    cfg = precision.resolved(cfg, quiet=not main)  # compute_dtype auto -> what this machine computes fast (one line)
+    # compute_dtype auto -> what this machine computes fast (one line); a resumed run, what it was trained in
+    cfg = precision.resolved(cfg, quiet=not main, recorded=checkpoints.recorded_compute_dtype(cfg, run, overwrite))
     scorer = task_scorer(cfg, tok, eval_split)
 
     # 2. Run directory and resume point

@@ -17,9 +17,11 @@ log = logging.getLogger("train")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
-# bf16 counts as native when its matmul takes at most this multiple of fp32's: AVX512-BF16/AMX CPUs run it
-# faster than fp32; CPUs that emulate it (AVX2 only, or AVX-512 without BF16) run it 8-180x slower
-NATIVE_BF16_MAX_RATIO = 1.25
+# bf16 counts as native when its matmul takes at most this multiple of fp32's: AVX512-BF16/AMX CPUs run it at
+# 0.5-1.3x fp32's time; CPUs that emulate it (AVX2 only, or AVX-512 without BF16) run it 8-180x slower. The line sits
+# between the two: at 1.25 a Xeon with AMX, whose 128x128 bf16 matmul takes 1.0x fp32's, chose float32 in 1 of 3
+# runs (timing noise), so two runs, two DDP ranks or a run and its resume trained in different precisions
+NATIVE_BF16_MAX_RATIO = 3.0
 PROBE_SIZE = 128  # 128x128 matmuls, one thread: ~0.1 ms in fp32, ~3 ms emulated bf16; the probe costs ~20-40 ms
 
 
@@ -78,12 +80,16 @@ def compute_dtype(q) -> str:
     return choose(torch.cuda.is_available())[0]
 
 
-def resolved(cfg, quiet: bool = False):
+def resolved(cfg, quiet: bool = False, recorded: str | None = None):
     """The config with quant.compute_dtype: auto replaced by what this machine runs, said in one line. A run
-    records the result (config.yaml), so `train eval` reloads the adapter in the precision it was trained in."""
+    records the result (config.yaml), so `train eval` reloads the adapter in the precision it was trained in, and a
+    resumed run continues in it (`recorded`: the precision of the checkpoint it resumes from)."""
     if cfg.quant.compute_dtype != "auto":
         return cfg
-    name, why = choose(torch.cuda.is_available())
+    if recorded in DTYPES and recorded != "uint8":
+        name, why = recorded, "the precision the resumed checkpoint was trained in"
+    else:
+        name, why = choose(torch.cuda.is_available())
     if not quiet:
         log.info("quant.compute_dtype: auto -> %s (%s)", name, why)
     return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, compute_dtype=name))
