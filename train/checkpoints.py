@@ -174,15 +174,23 @@ def resume_point(cfg: Config, run: Path, quiet: bool = False) -> Path | None:
 def recorded_compute_dtype(cfg: Config, run: Path, overwrite: bool = False) -> str | None:
     """quant.compute_dtype as recorded in the checkpoint this run would resume from (None: no resume, or none
     recorded): a resumed `auto` run keeps the precision it was trained in (precision.resolved)."""
-    if overwrite and cfg.train.resume == "auto":  # --overwrite removes the old checkpoints: a fresh run
+    if cfg.quant.compute_dtype != "auto" or (overwrite and cfg.train.resume == "auto"):  # chosen; or a fresh run
         return None
     try:
         ckpt = resume_point(cfg, run, quiet=True)  # start_or_resume says which, and what it skipped
-        saved = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) if ckpt else None
-    except (UserError, OSError, yaml.YAMLError, UnicodeDecodeError):
+        saved = saved_config(ckpt) if ckpt else None
+    except (UserError, OSError):
         return None  # start_or_resume reports a bad resume point itself
     quant = saved.get("quant") if isinstance(saved, dict) else None
     return quant.get("compute_dtype") if isinstance(quant, dict) else None
+
+
+def saved_config(ckpt: Path) -> Any:
+    """The checkpoint's config.yaml as parsed, None where it is not YAML or not text."""
+    try:
+        return yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -202,10 +210,7 @@ def check_resume(ckpt: Path, cfg: Config, quiet: bool = False) -> list[str]:
         if not quiet:
             log.warning("%s has no saved config; cannot check it matches this run", ckpt)
         return []
-    try:
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        saved = None
+    saved = saved_config(ckpt)
     if not isinstance(saved, dict):
         raise UserError(f"train.resume: {saved_path} is not a readable config; pick another checkpoint "
                         "or start fresh with train.resume=never and --overwrite")

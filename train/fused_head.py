@@ -62,6 +62,11 @@ def pop(inputs: dict):
     return inputs.pop(KEY, None)
 
 
+def causal_lm(model):
+    """The causal LM inside a peft model (TRL patched its forward with the fused head), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def usable(trainer, model, index) -> bool:
     """This call can take the sync-free head: an index, one process, the model the trainer holds (no DDP wrapper to
     bypass), a GPU holding the LM head, plain LoRA (the head calls the backbone itself: peft's prompt learning and
@@ -73,7 +78,7 @@ def usable(trainer, model, index) -> bool:
     if peft is not None and (getattr(peft, "is_prompt_learning", False)
                              or getattr(peft, "alora_invocation_tokens", None) is not None):
         return False
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     text = lm.config.get_text_config()
     return (head is not None and head.weight.device == index.device
@@ -86,7 +91,7 @@ def forward(trainer, model, inputs: dict, index: torch.Tensor) -> SimpleNamespac
     position of labels[:, 1:], log_probs, entropy and is_top1 (0 where unlabelled), and label_mask."""
     from trl.kernels import ChunkedLogProbFunction
 
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     labels = inputs["labels"]
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}
     kwargs["use_cache"] = False
