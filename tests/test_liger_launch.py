@@ -55,14 +55,11 @@ def test_relaunch_passes_tritons_own_launch_through(monkeypatch):
     assert wrapped.kernel.relaunches == 0
 
 
-def test_launch_key_holds_positional_constexpr_values(monkeypatch):
+def test_launch_key_holds_positional_constexpr_values():
     """MODE=0 and MODE=32 have the same integer specialization (divisible by 16, not 1): only their values tell the
     compiled kernels apart."""
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     k = launch.Kernel(FakeKernel())
     assert k.constexpr_positions == (2, 3)
-    assert k.key((1, 2, 0), {"BLOCK": 64}) != k.key((1, 2, 32), {"BLOCK": 64})
-    assert k.key((1, 2, 0), {"BLOCK": 64}) == k.key((1, 2, 0), {"BLOCK": 64})
+    assert k.key((1, 2, 0), {"BLOCK": 64}, 0) != k.key((1, 2, 32), {"BLOCK": 64}, 0)
+    assert k.key((1, 2, 0), {"BLOCK": 64}, 0) == k.key((1, 2, 0), {"BLOCK": 64}, 0)
     assert launch.Kernel(object()).constexpr_positions == ()  # a kernel without params: nothing extra to key on

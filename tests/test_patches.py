@@ -334,3 +334,14 @@ def test_liger_kernel_globals_are_kernels():
             except patches.PatchBroken as e:
                 pytest.fail(str(e))
             assert hasattr(fn, "arg_names"), f"{module_name}.{name}"  # (JITFunction; InterpretedFunction in this suite)
+
+
+def test_triton_launch_call():
+    """train/kernels/launch.py calls a compiled kernel's launcher as Triton's own launch does
+    (patches.TRITON_LAUNCH_CALL)."""
+    pytest.importorskip("triton")
+    try:
+        patches.check_triton_launch()
+    except patches.PatchBroken as e:
+        pytest.fail(f"triton {patches.installed('triton')} (tested {patches.TESTED['triton']}): {e}")
+    assert patches._triton_launch_ok()

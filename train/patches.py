@@ -1,4 +1,4 @@
-"""Owns every use of a private internal of transformers, bitsandbytes, peft, torch FSDP and DeepSpeed.
+"""Owns every use of a private internal of transformers, bitsandbytes, peft, TRL, Liger, Triton, torch and DeepSpeed.
 
 Where a public extension point exists the code uses it elsewhere (Trainer.create_scheduler / compute_loss /
 prediction_step / evaluation_loop / evaluate, TrainerCallback, transformers.AttentionInterface.register). What remains has no public
@@ -14,11 +14,15 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import logging
 from typing import Any
+
+log = logging.getLogger("train")
 
 # Versions every patch below was tested with (the environment of tests/).
 TESTED = {"transformers": "5.25.0", "peft": "0.21.2", "bitsandbytes": "0.50.2", "torch": "2.13.0", "trl": "1.16.0",
           "liger-kernel": "0.8.5",
+          "triton": "3.6.0",  # on the GPU host (3.9.0 where the CPU tests ran: its launch call is the same)
           "deepspeed": None}  # deepspeed: not installed where tests run; ZeRO-3 runs on the GPU host only
 
 
@@ -287,6 +291,66 @@ def swap_liger_kernels(wrapper) -> int:
                 setattr(module, name, wrapper(fn))
             wrapped += 1
     return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+# Triton: the launcher of a compiled kernel, called directly by train/kernels/launch.py. Triton's public way,
+# CompiledKernel[grid](*args), wraps that same call in a closure that looks the device and stream up through Triton's
+# driver proxy, builds a launch-metadata dict and calls two launch hooks, registered or not: on the GPU host that made
+# a relaunch cost what Triton's own launch does (20.5 us against 20.1 us per Liger RMSNorm launch, H100, session 11),
+# with ~1,700 such launches in an 8B step that waits for the host (docs/benchmarks.md).
+
+TRITON_LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+                      "launch_metadata,")  # triton/runtime/jit.py, JITFunction.run: 3.6.0 (GPU host) and 3.9.0 (CPU)
+
+
+def check_triton_launch() -> None:
+    """Triton's own launch still ends in CompiledKernel.run(grid0, grid1, grid2, stream, function, packed_metadata,
+    launch_metadata, enter_hook, exit_hook, *args), the call triton_launcher's callers make; else PatchBroken."""
+    from triton.runtime.jit import JITFunction
+
+    src = " ".join(inspect.getsource(JITFunction.run).split())
+    if TRITON_LAUNCH_CALL not in src:
+        raise PatchBroken(f"triton {installed('triton')}: JITFunction.run no longer launches through "
+                          f"{TRITON_LAUNCH_CALL}.. (tested with triton {TESTED['triton']}); update "
+                          "patches.triton_launcher, or set launch.DIRECT = False")
+
+
+def triton_launcher(compiled):
+    """(launcher, function handle, packed metadata) of a CompiledKernel that has launched once (its handles are
+    loaded), for `launcher(g0, g1, g2, stream, function, packed, None, None, None, *args)`; None (the caller keeps
+    CompiledKernel[grid]) where this Triton's launch differs (check_triton_launch) or the attributes are missing."""
+    if not _triton_launch_ok():
+        return None
+    try:
+        raw = compiled.run, compiled.function, compiled.packed_metadata
+    except AttributeError:
+        return None
+    return raw if callable(raw[0]) and raw[1] is not None else None
+
+
+@functools.cache
+def _triton_launch_ok() -> bool:
+    try:
+        check_triton_launch()
+    except (PatchBroken, ImportError, OSError, TypeError) as e:
+        log.info("Triton kernels relaunch through CompiledKernel[grid]: %s", e)
+        return False
+    return True
+
+
+def cuda_raw_stream(device: int) -> int:
+    """The current CUDA stream's handle on `device`, read as Triton's driver reads it
+    (torch._C._cuda_getCurrentRawStream; torch.cuda.current_stream(device).cuda_stream where that is missing)."""
+    return _raw_stream()(device)
+
+
+@functools.cache
+def _raw_stream():
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw if raw is not None else (lambda device: torch.cuda.current_stream(device).cuda_stream)
 
 
 # --------------------------------------------------------------------------------------------
