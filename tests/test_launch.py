@@ -47,7 +47,7 @@ class Jit:
 @pytest.fixture
 def gpu_like(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(patches, "cuda_raw_stream", lambda device: 1234)
+    monkeypatch.setattr(patches, "cuda_stream_reader", lambda: (lambda device: 1234))
     monkeypatch.setattr(launch, "_hooks_idle", lambda: True)
     return torch.zeros(64).as_subclass(CudaLike)
 
@@ -60,7 +60,7 @@ def test_a_relaunch_calls_the_compiled_launcher_as_triton_does(gpu_like):
     k = launch.Kernel(fn)
     k((4,), gpu_like, 64, BLOCK=128)
     k((4,), gpu_like, 64, BLOCK=128)
-    assert [e[0] for e in fn.log] == ["triton", "run"] and k.relaunches == 1
+    assert [e[0] for e in fn.log] == ["triton", "run"] and k.relaunches == k.direct == 1
     args = fn.log[1][1]
     assert args[:9] == (4, 1, 1, 1234, 7, ("meta",), None, None, None)
     assert args[9] is gpu_like and args[10:] == (64, 128)
@@ -77,7 +77,7 @@ def test_a_registered_hook_or_an_old_triton_keeps_the_compiled_kernels_own_launc
     k2 = launch.Kernel(fn)
     k2((4,), gpu_like, 64, BLOCK=128)
     k2((4,), gpu_like, 64, BLOCK=128)
-    assert [e[0] for e in fn.log] == ["triton", "getitem", "triton", "getitem"]
+    assert [e[0] for e in fn.log] == ["triton", "getitem", "triton", "getitem"] and k.direct == k2.direct == 0
     assert fn.log[1][1] == (4, 2, 1) and fn.log[3][2][1:] == (64, 128)
 
 
@@ -90,6 +90,15 @@ def test_a_left_out_constexpr_goes_through_triton_every_time(gpu_like):
         k((4,), gpu_like, 64)
     assert [e[0] for e in fn.log] == ["triton"] * 3 and k.relaunches == 0
     assert list(k.compiled.values()) == [launch.TRITONS]
+
+
+def test_keyword_constexprs_in_any_order_reach_the_launcher_in_parameter_order(gpu_like):
+    fn = Jit()
+    fn.arg_names = ["x_ptr", "n", "BLOCK", "MODE"]
+    k = launch.Kernel(fn)
+    k((4,), gpu_like, 64, MODE=3, BLOCK=128)
+    k((4,), gpu_like, 64, MODE=3, BLOCK=128)
+    assert fn.log[1][1][10:] == (64, 128, 3)
 
 
 def test_signatures_differ_where_triton_specializes(gpu_like):

@@ -301,7 +301,8 @@ def swap_liger_kernels(wrapper) -> int:
 # with ~1,700 such launches in an 8B step that waits for the host (docs/benchmarks.md).
 
 TRITON_LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
-                      "launch_metadata,")  # triton/runtime/jit.py, JITFunction.run: 3.6.0 (GPU host) and 3.9.0 (CPU)
+                      "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+                      "*bound_args.values())")  # triton/runtime/jit.py, JITFunction.run: 3.6.0 (GPU host), 3.9.0 (CPU)
 
 
 def check_triton_launch() -> None:
@@ -312,21 +313,22 @@ def check_triton_launch() -> None:
     src = " ".join(inspect.getsource(JITFunction.run).split())
     if TRITON_LAUNCH_CALL not in src:
         raise PatchBroken(f"triton {installed('triton')}: JITFunction.run no longer launches through "
-                          f"{TRITON_LAUNCH_CALL}.. (tested with triton {TESTED['triton']}); update "
+                          f"{TRITON_LAUNCH_CALL} (tested with triton {TESTED['triton']}); update "
                           "patches.triton_launcher, or set launch.DIRECT = False")
 
 
 def triton_launcher(compiled):
-    """(launcher, function handle, packed metadata) of a CompiledKernel that has launched once (its handles are
-    loaded), for `launcher(g0, g1, g2, stream, function, packed, None, None, None, *args)`; None (the caller keeps
-    CompiledKernel[grid]) where this Triton's launch differs (check_triton_launch) or the attributes are missing."""
+    """(launcher, function handle, packed metadata, stream(device)) of a CompiledKernel that has launched once (its
+    handles are loaded), for `launcher(g0, g1, g2, stream(device), function, packed, None, None, None, *args)`; None
+    (the caller keeps CompiledKernel[grid]) where this Triton's launch differs (check_triton_launch) or the attributes
+    are missing."""
     if not _triton_launch_ok():
         return None
     try:
         raw = compiled.run, compiled.function, compiled.packed_metadata
     except AttributeError:
         return None
-    return raw if callable(raw[0]) and raw[1] is not None else None
+    return (*raw, cuda_stream_reader()) if callable(raw[0]) and raw[1] is not None else None
 
 
 @functools.cache
@@ -334,19 +336,14 @@ def _triton_launch_ok() -> bool:
     try:
         check_triton_launch()
     except (PatchBroken, ImportError, OSError, TypeError) as e:
-        log.info("Triton kernels relaunch through CompiledKernel[grid]: %s", e)
+        log.warning("Triton kernels relaunch through CompiledKernel[grid], the slower way: %s", e)
         return False
     return True
 
 
-def cuda_raw_stream(device: int) -> int:
-    """The current CUDA stream's handle on `device`, read as Triton's driver reads it
-    (torch._C._cuda_getCurrentRawStream; torch.cuda.current_stream(device).cuda_stream where that is missing)."""
-    return _raw_stream()(device)
-
-
-@functools.cache
-def _raw_stream():
+def cuda_stream_reader():
+    """device -> the current CUDA stream's handle there, the function Triton's driver reads it with
+    (torch._C._cuda_getCurrentRawStream, a C function; torch.cuda.current_stream(device).cuda_stream where missing)."""
     import torch
 
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)

@@ -34,6 +34,7 @@ class Kernel:
         self.fn = fn
         self.compiled = {}  # signature -> Kernel.entry's tuple, or TRITONS
         self.relaunches = 0  # launches that skipped Triton's binding (tests: the direct path did run)
+        self.direct = 0  # of those, launches through the compiled kernel's launcher itself (patches.triton_launcher)
         # constexprs a caller passes by position (Liger's do): a launch is keyed on their values, not only their kind
         self.constexpr_positions = tuple(p.num for p in getattr(fn, "params", ()) if getattr(p, "is_constexpr", False))
 
@@ -52,8 +53,9 @@ class Kernel:
         compiled, tail, raw = entry
         g = (*grid, 1, 1)
         if raw is not None and _hooks_idle():
-            run, function, packed = raw
-            run(g[0], g[1], g[2], patches.cuda_raw_stream(device), function, packed, None, None, None, *args, *tail)
+            run, function, packed, stream = raw
+            run(g[0], g[1], g[2], stream(device), function, packed, None, None, None, *args, *tail)
+            self.direct += 1
         else:
             compiled[g[:3]](*args, *tail)  # the compiled launcher takes all three grid dimensions
         self.relaunches += 1
@@ -65,7 +67,7 @@ class Kernel:
         names = getattr(self.fn, "arg_names", None)
         if names is None or not callable(getattr(type(compiled), "__getitem__", None)):
             return TRITONS
-        rest = names[positional:]  # the constexprs, passed by name
+        rest = names[positional:]  # every later parameter, passed by keyword (Liger's and ours: constexprs)
         if not all(n in kw for n in rest):
             return TRITONS
         return compiled, tuple(kw[n] for n in rest), patches.triton_launcher(compiled)
@@ -97,7 +99,8 @@ def _runtime_knobs():
 
 
 def _spec(arg, _tensor=torch.Tensor):
-    """What Triton specializes a launch on for this argument (a superset of it: a finer key is never wrong)."""
+    """What Triton specializes a launch on for this argument, for what our callers pass: tensors, ints, bools,
+    floats, None (a finer key is never wrong; any other object, which none passes, is keyed by its type only)."""
     if isinstance(arg, _tensor):
         return arg.dtype, not arg.data_ptr() & 15
     if isinstance(arg, bool):  # before int: a bool is an int
