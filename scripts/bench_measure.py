@@ -91,6 +91,8 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
     if alternate is not None and alternate not in ALTERNATABLE:
         raise ValueError(f"BENCH_ALTERNATE={alternate}: only a switch read at every step can alternate: "
                          f"{', '.join(ALTERNATABLE)}")
+    if alternate is not None:  # on from the start: the trainer, built after this, installs what =1 needs (the head's
+        os.environ[alternate] = "1"  # collator), and the warm-up steps run with it
 
     class Timer(TrainerCallback):
         def __init__(self):

@@ -262,8 +262,9 @@ def test_alternate_flips_the_switch_between_timed_steps_and_splits_them(monkeypa
     import bench_measure as bm
 
     monkeypatch.setenv("BENCH_ALTERNATE", "TRAIN_LEAN_RECOMPUTE")
-    monkeypatch.setenv("TRAIN_LEAN_RECOMPUTE", "1")  # restored after the test
+    monkeypatch.setenv("TRAIN_LEAN_RECOMPUTE", "0")  # restored after the test
     timer = bm.make_timer(warmup=2, steps=4)
+    assert os.environ["TRAIN_LEAN_RECOMPUTE"] == "1"  # on before the trainer is built: it installs what =1 needs
     state = types.SimpleNamespace(global_step=0, num_input_tokens_seen=0)
     timer.on_train_begin(None, state, None)
     seen = []
