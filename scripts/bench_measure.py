@@ -16,9 +16,18 @@ from pathlib import Path
 
 from train import patches
 
-# switches a training step reads afresh each time (train/fused_head.py, kernels/lean_recompute.py, liger_launch.py):
-# BENCH_ALTERNATE may flip one between the timed steps of one process
-ALTERNATABLE = ("TRAIN_SYNC_FREE_HEAD", "TRAIN_LEAN_RECOMPUTE", "TRAIN_LIGER_RELAUNCH")
+# switches a training step reads afresh each time (train/fused_head.py, kernels/lean_recompute.py, liger_launch.py,
+# and kernels/launch.py's DIRECT, read at import, so the timer sets that attribute too): BENCH_ALTERNATE may flip one
+# between the timed steps of one process
+ALTERNATABLE = ("TRAIN_SYNC_FREE_HEAD", "TRAIN_LEAN_RECOMPUTE", "TRAIN_LIGER_RELAUNCH", "TRAIN_DIRECT_LAUNCH")
+
+
+def set_switch(name: str, value: str):
+    """Turn an ALTERNATABLE switch to "1" or "0" for the next step."""
+    os.environ[name] = value
+    if name == "TRAIN_DIRECT_LAUNCH":  # read once at import: the module attribute is what each launch reads
+        from train.kernels import launch
+        launch.DIRECT = value == "1"
 
 KERNEL_GROUPS = (  # first match wins: issue #21's kernel families, where the GPU time of one training step goes
     ("annotation (not a kernel)", ("Optimizer.step", "ProfilerStep", "##")),
@@ -92,7 +101,7 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
         raise ValueError(f"BENCH_ALTERNATE={alternate}: only a switch read at every step can alternate: "
                          f"{', '.join(ALTERNATABLE)}")
     if alternate is not None:  # on from the start: the trainer, built after this, installs what =1 needs (the head's
-        os.environ[alternate] = "1"  # collator), and the warm-up steps run with it
+        set_switch(alternate, "1")  # collator), and the warm-up steps run with it
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -119,7 +128,7 @@ def make_timer(warmup: int, steps: int, profile: bool = False, trace: str | None
         def on_step_begin(self, args, state, control, **kw):
             if self.alternate:
                 timed = state.global_step - warmup  # this step's place among the timed ones (< 0: warm-up)
-                os.environ[self.alternate] = "0" if timed >= 0 and timed % 2 else "1"
+                set_switch(self.alternate, "0" if timed >= 0 and timed % 2 else "1")
                 self.settings.append(os.environ[self.alternate])
             if self.profile_step and state.global_step + 1 == self.profile_step:
                 if cuda:

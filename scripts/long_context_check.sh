@@ -25,8 +25,9 @@
 #                  results.json
 #   alternate      A/B of the switches a step reads afresh, inside one process (BENCH_ALTERNATE: the host's speed moves
 #                  by up to 2x between processes, more than these changes): way c, 16 timed steps alternating
-#                  TRAIN_SYNC_FREE_HEAD (train/fused_head.py), TRAIN_LEAN_RECOMPUTE (kernels/lean_recompute.py), then
-#                  TRAIN_LIGER_RELAUNCH (kernels/liger_launch.py)
+#                  TRAIN_DIRECT_LAUNCH (kernels/launch.py), TRAIN_LIGER_RELAUNCH (kernels/liger_launch.py),
+#                  TRAIN_SYNC_FREE_HEAD (train/fused_head.py), then TRAIN_LEAN_RECOMPUTE (kernels/lean_recompute.py);
+#                  SWITCHES="A B" runs only those
 #   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
 #                  `pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d
 #                  .spy-wheels py-spy`), then scripts/host_profile.py on its samples (session 10: the step waits for the host)
@@ -78,7 +79,7 @@ case $stage in
   offload-ab) for round in 1 2 3; do
       for way in c c-resident; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
     done ;;
-  alternate) for switch in TRAIN_SYNC_FREE_HEAD TRAIN_LEAN_RECOMPUTE TRAIN_LIGER_RELAUNCH; do
+  alternate) for switch in ${SWITCHES:-TRAIN_DIRECT_LAUNCH TRAIN_LIGER_RELAUNCH TRAIN_SYNC_FREE_HEAD TRAIN_LEAN_RECOMPUTE}; do
       env BENCH_ALTERNATE=$switch $switch=1 python3 scripts/bench.py --work /tmp/qb --report "$out/$switch" \
         --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps 16
     done ;;

@@ -282,3 +282,27 @@ def test_alternate_flips_the_switch_between_timed_steps_and_splits_them(monkeypa
     monkeypatch.setenv("BENCH_ALTERNATE", "TRAIN_LATE_LOG")
     with pytest.raises(ValueError, match="only a switch read at every step"):
         bm.make_timer(warmup=2, steps=4)
+
+
+def test_alternating_the_direct_launch_sets_the_attribute_each_launch_reads(monkeypatch):
+    """TRAIN_DIRECT_LAUNCH is read once at import (a launch does not look up the environment): alternating it must
+    flip launch.DIRECT itself, or the A/B would compare the direct path with itself."""
+    import types
+
+    import bench_measure as bm
+    from train.kernels import launch
+
+    monkeypatch.setattr(launch, "DIRECT", False)  # restored after the test
+    monkeypatch.setenv("BENCH_ALTERNATE", "TRAIN_DIRECT_LAUNCH")
+    monkeypatch.setenv("TRAIN_DIRECT_LAUNCH", "0")
+    timer = bm.make_timer(warmup=1, steps=2)
+    assert launch.DIRECT is True
+    state = types.SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    timer.on_train_begin(None, state, None)
+    seen = []
+    for _ in range(3):
+        timer.on_step_begin(None, state, None)
+        seen.append(launch.DIRECT)
+        state.global_step += 1
+        timer.on_step_end(None, state, None)
+    assert seen == [True, True, False]

@@ -18,12 +18,15 @@ CompiledKernel launches, a registered launch hook) takes Triton's own path or Co
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from train import patches
 
-DIRECT = True  # relaunch compiled kernels directly; scripts/layer_bench.py switches it off to time Triton's own path
+# relaunch compiled kernels directly; TRAIN_DIRECT_LAUNCH=0 (or layer_bench.py, or the bench's BENCH_ALTERNATE, setting
+# this attribute) launches every call through Triton's own path, to time one against the other
+DIRECT = os.environ.get("TRAIN_DIRECT_LAUNCH", "1") != "0"
 TRITONS = "triton's own launch"  # Kernel.compiled's value for a signature always launched through Triton
 
 
