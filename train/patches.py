@@ -62,6 +62,7 @@ TRAINER_PRIVATES = {
     "_load_optimizer_and_scheduler": ("checkpoint",),
     "_prepare_inputs": ("inputs",),
     "_track_num_input_tokens": ("inputs",),
+    "_clip_grad_norm": ("model",),
     "_maybe_log_save_evaluate": ("tr_loss", "grad_norm", "model", "trial", "epoch", "ignore_keys_for_eval",
                                  "start_time", "learning_rate"),
 }
@@ -111,6 +112,11 @@ def trainer_hooks(base):
     the GPU and reads it back, two device syncs per micro-step that stall the host until the backward has finished
     (the GPU then idles through the optimizer step's host work). One process counting every token
     (include_num_input_tokens_seen="all", the padding-free default) needs no device: the count is the input's numel().
+
+    And `_clip_grad_norm` clips the trainable parameters, listed once: Trainer hands accelerate `model.parameters()`,
+    a walk of every module (~2,700 on an 8B with LoRA, 1.4 % of the host's samples in session 10's py-spy profile)
+    each step, for the ~450 that have gradients. Same gradients in the same order, so the same norm and clip. One
+    process or DDP only: FSDP and DeepSpeed clip by the model itself, and DTensor gradients need Trainer's own path.
     """
     check_trainer()
 
@@ -154,6 +160,14 @@ def trainer_hooks(base):
                 return
             super()._track_num_input_tokens(inputs)
 
+        def _clip_grad_norm(self, model):
+            params = self.__dict__.get("_clipped")
+            if params is None or params[0] is not model:
+                params = self.__dict__["_clipped"] = (model, clipped_parameters(self.accelerator, model))
+            if params[1] is None:
+                return super()._clip_grad_norm(model)
+            return self.accelerator.clip_grad_norm_(params[1], self.args.max_grad_norm)
+
         def _load_optimizer_and_scheduler(self, checkpoint):
             import copy
 
@@ -163,6 +177,24 @@ def trainer_hooks(base):
 
     Hooked.__name__ = Hooked.__qualname__ = f"Hooked{base.__name__}"
     return Hooked
+
+
+def clipped_parameters(accelerator, model) -> list | None:
+    """The parameters Trainer's clip would find a gradient on (those that require one), in model order; None where
+    Trainer's own clip must run (trainer_hooks' `_clip_grad_norm`): FSDP, DeepSpeed or any other sharding, or DTensor
+    parameters."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in params):
+            return None
+    return params
 
 
 def load_checkpoint(trainer, checkpoint: str) -> None:
