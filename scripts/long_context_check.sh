@@ -27,7 +27,8 @@
 #                  by up to 2x between processes, more than these changes): way c, 16 timed steps alternating
 #                  TRAIN_DIRECT_LAUNCH (kernels/launch.py), TRAIN_LIGER_RELAUNCH (kernels/liger_launch.py),
 #                  TRAIN_SYNC_FREE_HEAD (train/fused_head.py), then TRAIN_LEAN_RECOMPUTE (kernels/lean_recompute.py);
-#                  SWITCHES="A B" runs only those
+#                  SWITCHES="A B" runs only those; every step trains the first batch again (BENCH_SAME_BATCH), so
+#                  the two settings do the same work
 #   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
 #                  `pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d
 #                  .spy-wheels py-spy`), then scripts/host_profile.py on its samples (session 10: the step waits for the host)
@@ -80,7 +81,7 @@ case $stage in
       for way in c c-resident; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
     done ;;
   alternate) for switch in ${SWITCHES:-TRAIN_DIRECT_LAUNCH TRAIN_LIGER_RELAUNCH TRAIN_SYNC_FREE_HEAD TRAIN_LEAN_RECOMPUTE}; do
-      env BENCH_ALTERNATE=$switch $switch=1 python3 scripts/bench.py --work /tmp/qb --report "$out/$switch" \
+      env BENCH_ALTERNATE=$switch BENCH_SAME_BATCH=1 $switch=1 python3 scripts/bench.py --work /tmp/qb --report "$out/$switch" \
         --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps 16
     done ;;
   spy) mkdir -p "$out" && { [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile \

@@ -306,3 +306,22 @@ def test_alternating_the_direct_launch_sets_the_attribute_each_launch_reads(monk
         state.global_step += 1
         timer.on_step_end(None, state, None)
     assert seen == [True, True, False]
+
+
+def test_same_batch_repeats_the_first_micro_batch(monkeypatch):
+    """BENCH_SAME_BATCH=1: the collator sees the first call's examples every time (an A/B whose steps do the same
+    work); unset, each call collates its own."""
+    import bench_measure as bm
+
+    def collate(examples):
+        import torch
+
+        return {"input_ids": torch.tensor([[e["input_ids"][0] for e in examples]])}
+
+    batches = [[{"input_ids": [1, 2]}, {"input_ids": [3]}], [{"input_ids": [4, 5, 6]}]]
+    for same, expect in (("1", [[1, 3], [1, 3]]), ("0", [[1, 3], [4]])):
+        monkeypatch.setenv("BENCH_SAME_BATCH", same)
+        log: list = []
+        wrapped = bm.count_batches(collate, log)
+        assert [wrapped(b)["input_ids"][0].tolist() for b in batches] == expect
+        assert [entry["lens"] for entry in log] == ([[1, 2], [1, 2]] if same == "1" else [[1, 2], [3]])
