@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from train import checkpoints, fused_head, late_log, lora, optim, patches, sampler
+from train import checkpoints, fused_head, late_log, lora, optim, patches, sampler, step_walks
 from train.callbacks import MarkComplete, MetricsFile, StepLines
 from train.config import Config
 from train.kernels import liger_launch
@@ -85,7 +85,9 @@ def trainer_class():
 
         def train(self, *args, **kwargs):
             """Trainer.train; a step whose log was still waiting (late_log) is logged even when training raises (an
-            interrupt, an OOM): the rows before a crash are the ones worth reading."""
+            interrupt, an OOM): the rows before a crash are the ones worth reading. The model's per-step walks
+            (model.train(), zero_grad()) become flat loops first (train/step_walks.py)."""
+            step_walks.install(self.model, self.accelerator)
             try:
                 return super().train(*args, **kwargs)
             finally:
