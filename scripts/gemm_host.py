@@ -18,7 +18,7 @@ import time
 
 import torch
 
-# (name, K, N, op): x (M, K) against the 8B's weights, as train/kernels/fused_lora.py calls them
+# (name, K, N, op): x (M, K) @ (K, N), as train/kernels/fused_lora.py calls them on the 8B; "grad": x.T @ (M, N)
 SHAPES = (
     ("q/o forward mm", 4096, 4096, "mm"),
     ("k/v forward mm", 4096, 1024, "mm"),
@@ -26,20 +26,25 @@ SHAPES = (
     ("down forward mm", 14336, 4096, "mm"),
     ("LoRA B addmm_ (r 16) onto q", 16, 4096, "addmm_"),
     ("LoRA B addmm_ (r 16) onto gate", 16, 14336, "addmm_"),
+    ("LoRA B weight grad g.T @ h (the tokens are K)", 4096, 16, "grad"),
+    ("LoRA A weight grad gh.T @ x (the tokens are K)", 48, 4096, "grad"),
 )
 
 
 def host_ms(op: str, m: int, k: int, n: int) -> float:
-    """Host time of one call (the launch returns before the GPU ends; the GPU is drained first)."""
+    """Host time of one call with M = m rows (the launch returns before the GPU ends; the GPU is drained first)."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)  # addmm_'s output; "grad"'s (M, N) right factor
+    unused = out.new_empty(())
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     if op == "mm":
         torch.mm(x, w)
-    else:
+    elif op == "addmm_":
         out.addmm_(x, w, alpha=0.5)
+    else:  # a weight gradient as fused_lora's backward takes it: (K, M) @ (M, N), the tokens are the reduction
+        torch.addmm(unused, x.t(), out, beta=0, alpha=0.5)
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) * 1e3

@@ -325,3 +325,14 @@ def test_same_batch_repeats_the_first_micro_batch(monkeypatch):
         wrapped = bm.count_batches(collate, log)
         assert [wrapped(b)["input_ids"][0].tolist() for b in batches] == expect
         assert [entry["lens"] for entry in log] == ([[1, 2], [1, 2]] if same == "1" else [[1, 2], [3]])
+
+
+def test_gemm_host_without_cuda_is_one_line_exit_2(capsys):
+    """scripts/gemm_host.py times cuBLAS: without a GPU it says so in one line (exit 2)."""
+    import gemm_host
+
+    if gemm_host.torch.cuda.is_available():
+        pytest.skip("a GPU is here: the script would run")
+    assert gemm_host.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA GPU" in err
