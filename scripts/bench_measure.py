@@ -219,9 +219,10 @@ def write_trace(prof, path: str) -> None:
 
 def count_batches(collate, log: list):
     """Wrap a data collator: per micro-batch, sequences, real and computed (incl. padding) tokens, row lengths.
-    BENCH_SAME_BATCH=1: every micro-batch is the first one's examples again, so the steps of a BENCH_ALTERNATE A/B do
-    the same work (session 12: with each step its own packed batch, one switch alternated twice on one H100 gave
-    =1/=0 of 0.869 and 1.001, and the same batch took 0.44-0.64 s in different processes)."""
+    BENCH_SAME_BATCH=1: every micro-batch is the first one's examples again (the first this collator sees: the
+    bench's ways evaluate nothing before training), so the steps of a BENCH_ALTERNATE A/B do the same work (session
+    12: with each step its own packed batch, one switch alternated twice on one H100 gave =1/=0 of 0.869 and 1.001,
+    and the same batch took 0.44-0.69 s in different processes)."""
     same = os.environ.get("BENCH_SAME_BATCH") == "1"
     first: list = []
 

@@ -2,9 +2,10 @@
 
 Why: session 12's trace of one 8B training step (H100) had six GEMM calls that held the host for 2.8-13 ms each
 (~34 ms a step, ~6 % of it), with no CUDA call inside them: cuBLAS choosing a kernel for a shape it has not seen.
-Packed batches give each step a new token count, so every step pays it again in its first layer. This prints, for
-the 8B's GEMM shapes, the host time of the first call with a new M against a repeated M, under each BLAS backend
-torch offers; and whether rounding M up to a multiple of 64/128/256 makes later steps hit (the rounded M repeats).
+Packed batches give each step a new token count, so every step pays it again in the first layer of its forward
+and of its backward. This prints, for the 8B's GEMM shapes, the host time of the first call with a new M against a
+repeated M, under each BLAS backend torch offers; and whether rounding M up to a multiple of 64/128/256 makes later
+steps hit (the rounded M repeats).
 
     python scripts/gemm_host.py [--rows 5000] [--new 12]
 """
@@ -34,17 +35,18 @@ SHAPES = (
 def host_ms(op: str, m: int, k: int, n: int) -> float:
     """Host time of one call with M = m rows (the launch returns before the GPU ends; the GPU is drained first)."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)  # addmm_'s output; "grad"'s (M, N) right factor
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).t()  # a (out, in) weight, transposed as fused_lora does
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)  # mm's and addmm_'s output; "grad"'s right factor
     unused = out.new_empty(())
+    grad = torch.empty(k, n, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # no allocation inside: a new M would mix a cudaMalloc into cuBLAS's choice
     if op == "mm":
-        torch.mm(x, w)
+        torch.mm(x, w, out=out)
     elif op == "addmm_":
         out.addmm_(x, w, alpha=0.5)
     else:  # a weight gradient as fused_lora's backward takes it: (K, M) @ (M, N), the tokens are the reduction
-        torch.addmm(unused, x.t(), out, beta=0, alpha=0.5)
+        torch.addmm(unused, x.t(), out, beta=0, alpha=0.5, out=grad)
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) * 1e3
@@ -75,9 +77,10 @@ def main(argv=None) -> int:
         return 2
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"cuBLAS {torch.backends.cuda.preferred_blas_library()}")
-    host_ms("mm", 64, 64, 64)  # handles and workspace
     for step, backend in enumerate(("cublas", "cublaslt")):
         torch.backends.cuda.preferred_blas_library(backend)
+        for op in ("mm", "addmm_", "grad"):  # the backend's handle and workspace, before the first timed call
+            host_ms(op, 64, 64, 64)
         print(f"\n**{backend}**\n\n| shape | new M: median ms | max ms | repeated M: median ms |\n|---|---:|---:|---:|")
         for name, k, n, op in SHAPES:
             print("| " + " | ".join(row(name, k, n, op, args.rows, args.new, 10 * step + SHAPES.index((name, k, n, op))))

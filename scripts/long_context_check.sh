@@ -32,6 +32,9 @@
 #   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
 #                  `pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d
 #                  .spy-wheels py-spy`), then scripts/host_profile.py on its samples (session 10: the step waits for the host)
+#   gemm           scripts/gemm_host.py: the host time of a GEMM with a new token count (session 12's trace: ~34 ms a
+#                  step in the first layer), per BLAS backend, and whether rounding the count up lets steps reuse it
+#   trace          way c with one profiled step's timeline written (trace-c.json.gz: where the compute stream waits)
 #   issue          issue #21's done-when in one invocation: the default workload (c, our defaults, and Unsloth) and
 #                  one 350,000-token row of ours with train plan beside it (~9 minutes on an H100)
 #   all            every stage in one run (no 10-minute limit)
@@ -39,7 +42,7 @@
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
 #   PACK=1 ...: OUT_DIR/STAGE.tar.gz instead of the folder (the device machine returns only a few files a call)
 set -uo pipefail
-stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|alternate|spy|issue|all [OUT_DIR]}
+stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|alternate|spy|gemm|trace|issue|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
@@ -89,6 +92,8 @@ case $stage in
     /tmp/spy/bin/py-spy record --subprocesses --rate 100 --format raw -o "$out/spy.txt" -- python3 scripts/bench.py \
       --work /tmp/qb --report "$out" --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps 8 &&
     python3 scripts/host_profile.py "$out/spy.txt" | tee "$out/host_profile.md" ;;
+  gemm) mkdir -p "$out" && python3 scripts/gemm_host.py | tee "$out/gemm_host.md" ;;
+  trace) bench --ways c --warmup 2 --steps 4 --profile c --trace ;;
   issue) budget=${BUDGET_S:-575}  # the 350K row first, with the most of one 10-minute call; then c and Unsloth
     bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 --plan-first ;;
   all) budget=100000; bench --ways c,c-resident,unsloth --warmup 2 --steps 4 --plan-check \

@@ -49,33 +49,37 @@ def test_trainer_hooks_reach_the_privates():
         assert callable(getattr(hooked, hook))
 
 
-def test_clip_lists_the_trainable_parameters_once_and_clips_as_trainer_does(tmp_path):
+def test_clip_takes_the_hooks_parameters_and_clips_as_trainer_does(tmp_path):
     """trainer_hooks' _clip_grad_norm: the norm and the clipped gradients equal Trainer's own clip over
-    model.parameters() (frozen weights have no gradient), and later steps do not walk the model again."""
+    model.parameters() (frozen weights have no gradient), with the parameters from clip_parameters_hook, filtered at
+    each step (a weight that starts requiring a gradient is clipped from then on)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-    for name, p in model.named_parameters():
-        p.requires_grad_("mlp" in name)
-        p.grad = torch.randn_like(p) if p.requires_grad else None
+    listed = list(model.parameters())
+
+    class Listed(patches.trainer_hooks(Trainer)):
+        def clip_parameters_hook(self, model):
+            return listed  # the trainer's keeps such a list between steps (train/step_walks.py)
+
     args = TrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.3, report_to=[], use_cpu=True)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    theirs = Trainer(model=model, args=args)._clip_grad_norm(model)
-    clipped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for n, p in model.named_parameters():
-        if n in grads:
-            p.grad.copy_(grads[n])
-    trainer = patches.trainer_hooks(Trainer)(model=model, args=args)
-    ours = trainer._clip_grad_norm(model)
-    assert torch.equal(ours, theirs) and theirs > 0.3
-    assert all(torch.equal(p.grad, clipped[n]) for n, p in model.named_parameters() if n in grads)
-    walks = []
-    model.parameters = lambda *a, **k: walks.append(1) or iter(())
-    again = trainer._clip_grad_norm(model)
-    assert walks == [] and torch.allclose(again, torch.tensor(0.3), rtol=1e-3)  # the clipped gradients, measured
+    ours_trainer, their_trainer = Listed(model=model, args=args), Trainer(model=model, args=args)
+    for trainable in ("mlp", "mlp self_attn"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(t in name for t in trainable.split()))
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        theirs = their_trainer._clip_grad_norm(model)
+        clipped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        for n, p in model.named_parameters():
+            if n in grads:
+                p.grad.copy_(grads[n])
+        ours = ours_trainer._clip_grad_norm(model)
+        assert torch.equal(ours, theirs) and theirs > 0.3
+        assert all(torch.equal(p.grad, clipped[n]) for n, p in model.named_parameters() if n in grads)
 
 
 def test_rebalance_sampler_assign_signature():

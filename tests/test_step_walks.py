@@ -61,6 +61,19 @@ def test_train_settles_the_lora_groups_as_each_member_would(models):
         assert all(g.broken and g.pending is None for g in _groups(model))
 
 
+def test_the_clips_parameters_come_from_the_lists(models):
+    """QLoRATrainer's clip_parameters_hook: model.parameters() in model order, without walking the model again."""
+    from train.trainer import trainer_class
+
+    _, ours = models
+    want = list(ours.parameters())
+    hook = trainer_class().clip_parameters_hook
+    assert hook(None, ours) == want
+    walks = []
+    ours.parameters = lambda *a, **k: walks.append(1) or iter(())
+    assert hook(None, ours) == want and walks == []
+
+
 def test_zero_grad_clears_every_gradient_without_walking_again(models):
     _, ours = models
     for p in ours.parameters():
@@ -85,6 +98,62 @@ def test_a_registered_submodule_rebuilds_the_lists(models):
     layer.append(torch.nn.Linear(2, 2))
     ours.eval()
     assert ours.__dict__["_step_walks"] is not built and not layer[-1].training
+
+
+def test_changes_no_hook_sees_are_caught(models):
+    """An insert (ModuleList.insert writes _modules directly), a replaced parameter (the parameter hook) and a `del`:
+    the next call makes the lists again, so no flag or gradient is left behind and a removed module is let go."""
+    _, ours = models
+    ours.train()
+    layers = next(m for m in ours.modules() if isinstance(m, torch.nn.ModuleList))
+    layers.insert(0, torch.nn.Linear(2, 2))
+    ours.eval()
+    assert not layers[0].training
+    norm = next(m for m in ours.modules() if isinstance(m, torch.nn.LayerNorm) or "RMSNorm" in type(m).__name__)
+    norm.weight = torch.nn.Parameter(torch.ones_like(norm.weight))
+    norm.weight.grad = torch.ones_like(norm.weight)
+    ours.zero_grad()
+    assert norm.weight.grad is None
+    inserted = layers[0]
+    del layers[0]
+    ours.train()
+    assert all(m is not inserted for m in ours.__dict__["_step_walks"].modules)
+
+
+def test_a_copy_and_the_end_of_training(models):
+    """A deep copy keeps its own lists, made for it; uninstall gives the model its own class back (it pickles)."""
+    import pickle
+
+    theirs, ours = models
+    copied = copy.deepcopy(ours)
+    copied.train()
+    assert copied.__dict__["_step_walks"].model == id(copied)
+    next(m for m in copied.modules() if isinstance(m, torch.nn.ModuleList)).append(torch.nn.Linear(2, 2))
+    copied.eval()
+    assert not any(_flags(copied))
+    with pytest.raises(pickle.PicklingError):  # while training: its class lives only in step_walks' cache
+        pickle.dumps(ours)
+    step_walks.uninstall(ours)
+    assert type(ours) is type(theirs) and "_step_walks" not in ours.__dict__
+    assert type(pickle.loads(pickle.dumps(ours))) is type(theirs)
+
+
+def test_a_model_class_with_its_own_train_keeps_torchs_walk():
+    calls = []
+
+    class Own(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = Own()
+    step_walks.install(model, NO_SPLIT)
+    model.eval()
+    assert calls == [False] and not model.inner.training
 
 
 def test_another_train_override_keeps_torchs_walk(models):

@@ -113,10 +113,12 @@ def trainer_hooks(base):
     (the GPU then idles through the optimizer step's host work). One process counting every token
     (include_num_input_tokens_seen="all", the padding-free default) needs no device: the count is the input's numel().
 
-    And `_clip_grad_norm` clips the trainable parameters, listed once: Trainer hands accelerate `model.parameters()`,
-    a walk of every module (~2,700 on an 8B with LoRA, 1.4 % of the host's samples in session 10's py-spy profile)
-    each step, for the ~450 that have gradients. Same gradients in the same order, so the same norm and clip. One
-    process or DDP only: FSDP and DeepSpeed clip by the model itself, and DTensor gradients need Trainer's own path.
+    And `_clip_grad_norm` clips the parameters that require a gradient, from `self.clip_parameters_hook(model)`'s
+    list of the model's parameters (the trainer's keeps it between steps: train/step_walks.py): Trainer hands
+    accelerate `model.parameters()`, a walk of every module (~2,700 on an 8B with LoRA, 1.4 % of the host's samples in
+    session 10's py-spy profile) each step, for the ~450 that have gradients.
+    Same gradients in the same order, so the same norm and clip. One process or DDP in bf16/fp32 only: FSDP and
+    DeepSpeed clip by the model itself, DTensor gradients and fp16 (SageMaker's master gradients) need Trainer's path.
     """
     check_trainer()
 
@@ -160,13 +162,14 @@ def trainer_hooks(base):
                 return
             super()._track_num_input_tokens(inputs)
 
+        def clip_parameters_hook(self, model) -> list:
+            return list(model.parameters())
+
         def _clip_grad_norm(self, model):
-            params = self.__dict__.get("_clipped")
-            if params is None or params[0] is not model:
-                params = self.__dict__["_clipped"] = (model, clipped_parameters(self.accelerator, model))
-            if params[1] is None:
+            params = None if self.args.fp16 else clipped_parameters(self.accelerator, self.clip_parameters_hook(model))
+            if params is None:
                 return super()._clip_grad_norm(model)
-            return self.accelerator.clip_grad_norm_(params[1], self.args.max_grad_norm)
+            return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             import copy
@@ -179,16 +182,16 @@ def trainer_hooks(base):
     return Hooked
 
 
-def clipped_parameters(accelerator, model) -> list | None:
-    """The parameters Trainer's clip would find a gradient on (those that require one), in model order; None where
-    Trainer's own clip must run (trainer_hooks' `_clip_grad_norm`): FSDP, DeepSpeed or any other sharding, or DTensor
-    parameters."""
+def clipped_parameters(accelerator, params: list) -> list | None:
+    """Of the model's parameters, those Trainer's clip would find a gradient on (those that require one), in model
+    order; None where Trainer's own clip must run (trainer_hooks' `_clip_grad_norm`): FSDP, DeepSpeed or any other
+    sharding, or DTensor parameters."""
     import torch
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
         return None
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 

@@ -86,12 +86,17 @@ def trainer_class():
         def train(self, *args, **kwargs):
             """Trainer.train; a step whose log was still waiting (late_log) is logged even when training raises (an
             interrupt, an OOM): the rows before a crash are the ones worth reading. The model's per-step walks
-            (model.train(), zero_grad()) become flat loops first (train/step_walks.py)."""
+            (model.train(), zero_grad()) are flat loops while it trains (train/step_walks.py)."""
             step_walks.install(self.model, self.accelerator)
             try:
                 return super().train(*args, **kwargs)
             finally:
+                step_walks.uninstall(self.model)
                 self.late.flush_quietly(self)
+
+        def clip_parameters_hook(self, model) -> list:
+            """The model's parameters for the clip, without walking the model each step (train/step_walks.py)."""
+            return step_walks.parameters(model)
 
         def step_end_hook(self, tr_loss, grad_norm, learning_rate, start_time) -> bool:
             return self.late.step_end(self, tr_loss, grad_norm, learning_rate, start_time)
