@@ -25,8 +25,9 @@
 #                  results.json
 #   alternate      A/B of the switches a step reads afresh, inside one process (BENCH_ALTERNATE: the host's speed moves
 #                  by up to 2x between processes, more than these changes): way c, 16 timed steps alternating
-#                  TRAIN_DIRECT_LAUNCH (kernels/launch.py), TRAIN_LIGER_RELAUNCH (kernels/liger_launch.py),
-#                  TRAIN_SYNC_FREE_HEAD (train/fused_head.py), then TRAIN_LEAN_RECOMPUTE (kernels/lean_recompute.py);
+#                  TRAIN_FLAT_WALKS (train/step_walks.py), TRAIN_SYNC_FREE_HEAD (train/fused_head.py),
+#                  TRAIN_DIRECT_LAUNCH (kernels/launch.py), TRAIN_LIGER_RELAUNCH (kernels/liger_launch.py), then
+#                  TRAIN_LEAN_RECOMPUTE (kernels/lean_recompute.py);
 #                  SWITCHES="A B" runs only those; every step trains the first batch again (BENCH_SAME_BATCH), so
 #                  the two settings do the same work
 #   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
@@ -83,7 +84,7 @@ case $stage in
   offload-ab) for round in 1 2 3; do
       for way in c c-resident; do bench --ways $way --warmup 2 --steps 8 --report "$out/$round-$way"; done
     done ;;
-  alternate) for switch in ${SWITCHES:-TRAIN_DIRECT_LAUNCH TRAIN_LIGER_RELAUNCH TRAIN_SYNC_FREE_HEAD TRAIN_LEAN_RECOMPUTE}; do
+  alternate) for switch in ${SWITCHES:-TRAIN_FLAT_WALKS TRAIN_SYNC_FREE_HEAD TRAIN_DIRECT_LAUNCH TRAIN_LIGER_RELAUNCH TRAIN_LEAN_RECOMPUTE}; do
       env BENCH_ALTERNATE=$switch BENCH_SAME_BATCH=1 $switch=1 python3 scripts/bench.py --work /tmp/qb --report "$out/$switch" \
         --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps 16
     done ;;

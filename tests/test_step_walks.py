@@ -205,3 +205,22 @@ def test_a_fit_with_evals_builds_the_lists_once_and_trains_every_module(tmp_path
     assert [name[:9] for name, _ in seen] == ["LeanWalks", "LeanWalks", "eval", "LeanWalks", "LeanWalks", "eval"]
     assert all(as_expected for _, as_expected in seen)
     assert built == [1]
+
+
+def test_train_flat_walks_0_takes_torchs_walks_at_each_call(models, monkeypatch):
+    """TRAIN_FLAT_WALKS=0 (the bench alternates it): each call walks as torch does, the clip's list is walked anew."""
+    from train.kernels.fused_lora import FusedLinear4bit
+
+    _, ours = models
+    calls = []
+    train = FusedLinear4bit.train
+    monkeypatch.setattr(FusedLinear4bit, "train", lambda self, mode=True: calls.append(mode) or train(self, mode))
+    ours.train()
+    assert calls == []  # flat: each member's train() is not called (its group is settled directly)
+    monkeypatch.setenv("TRAIN_FLAT_WALKS", "0")
+    ours.eval()
+    assert calls and not any(calls) and not any(_flags(ours))
+    walks = []
+    params = ours.parameters
+    ours.parameters = lambda *a, **k: walks.append(1) or params(*a, **k)
+    assert step_walks.parameters(ours) == list(params()) and walks == [1]

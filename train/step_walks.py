@@ -11,17 +11,20 @@ changes (an insert or a `del`, which no hook sees). train(mode) sets every modul
 train() overrides add: FusedLinear4bit settles its LoRA group (train/kernels/lora_group.py); transformers'
 PreTrainedModel.train adds nothing unless hub kernels are on. A tree with any other train() override (DoRA's, say),
 or a model with hub kernels on, keeps torch's walk. zero_grad(set_to_none=True), Trainer's call, clears every
-gradient; set_to_none=False keeps torch's walk. Under DDP, Trainer calls train() and zero_grad() on the wrapper:
+gradient; set_to_none=False keeps torch's walk, as does TRAIN_FLAT_WALKS=0 for all three. Under DDP, Trainer calls train() and zero_grad() on the wrapper:
 train() reaches the flat one through it, zero_grad stays torch's.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 
 import torch
 
+# TRAIN_FLAT_WALKS=0 takes torch's walks: read at each call, so the bench can alternate it within one run
+ENV = "TRAIN_FLAT_WALKS"
 _registrations = [0]  # registrations into a listed module: a changed count makes every model's lists again
 _listed: dict[int, frozenset] = {}  # id(model) -> ids of its listed modules (a module in a list stays alive)
 
@@ -88,9 +91,13 @@ def lists(model) -> _Lists:
     return found
 
 
+def on() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
 def parameters(model) -> list:
     """model.parameters() as a list, without the walk when nothing changed (the clip, train/patches.py)."""
-    return lists(model).params
+    return lists(model).params if on() else list(model.parameters())
 
 
 @functools.cache
@@ -101,6 +108,8 @@ def lean_class(base: type) -> type:
         lean_base = base
 
         def train(self, mode: bool = True):
+            if not on():
+                return super().train(mode)
             found = lists(self)
             if not isinstance(mode, bool) or not found.flat or any(getattr(m, "use_kernels", False)
                                                                    for m in found.hf_models):
@@ -112,7 +121,7 @@ def lean_class(base: type) -> type:
             return self
 
         def zero_grad(self, set_to_none: bool = True) -> None:
-            if not set_to_none:
+            if not set_to_none or not on():
                 return super().zero_grad(set_to_none)
             for p in lists(self).params:
                 if p.grad is not None:
