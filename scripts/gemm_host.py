@@ -1,7 +1,7 @@
 """Host time of a GEMM whose row count (tokens) the process has not seen before, on the GPU (issue #21).
 
-Why: session 12's trace of one 8B training step (H100) had six GEMM calls that held the host for 2.8-13 ms each
-(~34 ms a step, ~6 % of it), with no CUDA call inside them: cuBLAS choosing a kernel for a shape it has not seen.
+Why: session 12's trace of one 8B training step (H100) had five GEMM calls that held the host for 2.8-13 ms each
+(~30 ms a step, ~5 % of it), with no CUDA call inside them: cuBLAS choosing a kernel for a shape it has not seen.
 Packed batches give each step a new token count, so every step pays it again in the first layer of its forward
 and of its backward. This prints, for the 8B's GEMM shapes, the host time of the first call with a new M against a
 repeated M, under each BLAS backend torch offers; and whether rounding M up to a multiple of 64/128/256 makes later

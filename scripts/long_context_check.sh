@@ -33,7 +33,7 @@
 #   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
 #                  `pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d
 #                  .spy-wheels py-spy`), then scripts/host_profile.py on its samples (session 10: the step waits for the host)
-#   gemm           scripts/gemm_host.py: the host time of a GEMM with a new token count (session 12's trace: ~34 ms a
+#   gemm           scripts/gemm_host.py: the host time of a GEMM with a new token count (session 12's trace: ~30 ms a
 #                  step in the first layer), per BLAS backend, and whether rounding the count up lets steps reuse it
 #   trace          way c with one profiled step's timeline written (trace-c.json.gz: where the compute stream waits)
 #   issue          issue #21's done-when in one invocation: the default workload (c, our defaults, and Unsloth) and
