@@ -69,6 +69,35 @@ def test_a_tensor_without_gradient_takes_bitsandbytes_path_and_stays_equal():
     assert_same(ours, ours_ps, ref, ref_ps)
 
 
+def test_a_replaced_parameter_storage_is_stepped_where_it_now_lives():
+    """The step writes the weights through flat views of each parameter's storage, made once: a parameter whose
+    .data was replaced between steps (a reload, model.to()) is stepped in its new storage, as bitsandbytes steps it."""
+    ours_ps, ref_ps = params(), params()
+    ours, ref = make(optim.flat_adamw_class(), ours_ps), make(bnb.optim.AdamW, ref_ps)
+    run(ours, ours_ps, 2)
+    run(ref, ref_ps, 2)
+    for p in (ours_ps[1], ref_ps[1]):
+        p.data = p.data.clone()
+    run(ours, ours_ps, 2, start=2)
+    run(ref, ref_ps, 2, start=2)
+    assert_same(ours, ours_ps, ref, ref_ps)
+
+
+def test_a_non_contiguous_parameter_takes_bitsandbytes_path_and_stays_equal():
+    """A column-major parameter has no flat view: its step is bitsandbytes' own (which makes it contiguous), then the
+    one-step path takes over; the results equal bitsandbytes' throughout."""
+    ours_ps, ref_ps = params(), params()
+    for ps in (ours_ps, ref_ps):
+        ps[0].data = ps[0].data.t().contiguous().t()  # same values, column-major
+    ours, ref = make(optim.flat_adamw_class(), ours_ps), make(bnb.optim.AdamW, ref_ps)
+    run(ours, ours_ps, 1)
+    assert not ours.__dict__.get("train_flat") and ours_ps[0].is_contiguous()
+    run(ours, ours_ps, 2, start=1)
+    assert ours.__dict__.get("train_flat")
+    run(ref, ref_ps, 3)
+    assert_same(ours, ours_ps, ref, ref_ps)
+
+
 @pytest.mark.parametrize("source", ["ours", "bitsandbytes"])
 def test_resume_from_a_state_dict_equals_the_uninterrupted_run(source):
     """A checkpoint's optimizer state (torch.save, loaded to CPU as Trainer does), ours or bitsandbytes', resumes

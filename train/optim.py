@@ -55,6 +55,10 @@ class _Flat:
     views2: list
     segments: list
     state: dict  # the optimizer.state the views were put in (load_state_dict replaces it)
+    # each parameter flattened, a view of its own storage: the step reads and writes the weights through these, made
+    # once instead of 2 x 448 reshapes a step (checked each step by data pointer: a replaced .data makes them again)
+    flat_params: list
+    pointers: list
 
 
 @functools.cache
@@ -93,14 +97,17 @@ def _layout(opt, gindex: int, group: dict):
     if flat is not None and flat.ids == ids and flat.state is opt.state and all(
             opt.state[p]["state1"] is v1 and opt.state[p]["state2"] is v2
             for p, v1, v2 in zip(flat.order, flat.views1, flat.views2)):
+        if [p.data_ptr() for p in flat.order] != flat.pointers:  # a parameter's .data was replaced
+            flat.flat_params, flat.pointers = _flattened(flat.order)
         return flat
     cache[gindex] = flat = _pack(opt, params, ids)
     return flat
 
 
 def _fits(opt, group: dict) -> bool:
-    """Every tensor of the group has a plain (not DTensor) gradient, one device and dtype, and states that are fresh or
-    fp32 at one step; the optimizer has no per-parameter overrides, max_unorm or skip_zeros."""
+    """Every tensor of the group is contiguous (the step writes it through a flat view), has a plain (not DTensor)
+    gradient, one device and dtype, and states that are fresh or fp32 at one step; the optimizer has no per-parameter
+    overrides, max_unorm or skip_zeros."""
     params = group["params"]
     if not params or patches.bnb_has_overrides(opt) or len(group["betas"]) != 2:
         return False
@@ -109,7 +116,7 @@ def _fits(opt, group: dict) -> bool:
         return False
     first = params[0]
     if any(p.grad is None or type(p.grad) is not torch.Tensor or p.device != first.device or p.dtype != first.dtype
-           for p in params):  # plain tensors only: a DTensor (FSDP2) gradient takes bitsandbytes' own path
+           or not p.is_contiguous() for p in params):  # plain tensors only: a DTensor (FSDP2) gradient takes bitsandbytes' own path
         return False
     states = [opt.state.get(p, {}) for p in params]
     if all(len(s) == 0 for s in states):
@@ -147,12 +154,18 @@ def _pack(opt, params: list, ids: tuple) -> _Flat:
         segments.append(_Segment(s1, s2, start, n))
         start += n
     order = resident + on_pages
-    return _Flat(ids, order, [p.numel() for p in order], views1, views2, segments, opt.state)
+    return _Flat(ids, order, [p.numel() for p in order], views1, views2, segments, opt.state, *_flattened(order))
+
+
+def _flattened(params: list) -> tuple[list, list]:
+    """(each parameter as a 1-D view of its storage, the data pointers those views were made at)."""
+    return [p.detach().view(-1) for p in params], [p.data_ptr() for p in params]
 
 
 def _adamw_step(opt, flat: _Flat, group: dict) -> None:
     """bitsandbytes' own 32-bit update kernel, once per segment on the concatenated gradients and weights (it is
-    elementwise: the same result as once per tensor), then the weights copied back into the parameters."""
+    elementwise: the same result as once per tensor), then the weights copied back into the parameters through their
+    flat views."""
     import bitsandbytes.functional as F
 
     states = [opt.state[p] for p in flat.order]
@@ -160,7 +173,7 @@ def _adamw_step(opt, flat: _Flat, group: dict) -> None:
     for state in states:
         state["step"] = step
     grads = torch.cat([p.grad.reshape(-1) for p in flat.order])
-    weights = torch.cat([p.reshape(-1) for p in flat.order])
+    weights = torch.cat(flat.flat_params)
     for seg in flat.segments:
         if getattr(seg.s1, "is_paged", False):  # as bitsandbytes' prefetch_state: the pages onto the GPU first
             F.prefetch_tensor(seg.s1)
@@ -169,4 +182,4 @@ def _adamw_step(opt, flat: _Flat, group: dict) -> None:
                                  weights[seg.start:seg.start + seg.n], seg.s1, group["betas"][0], group["eps"], step,
                                  group["lr"], seg.s2, group["betas"][1], 0.0, 0.0, group["weight_decay"], 1.0, None,
                                  max_unorm=0.0, skip_zeros=False)
-    torch._foreach_copy_(flat.order, [c.view_as(p) for c, p in zip(weights.split(flat.sizes), flat.order)])
+    torch._foreach_copy_(flat.flat_params, weights.split(flat.sizes))
