@@ -115,8 +115,9 @@ def _fits(opt, group: dict) -> bool:
     if args.optim_bits != 32 or args.max_unorm > 0 or args.skip_zeros:
         return False
     first = params[0]
+    # plain tensors only: a DTensor (FSDP2) gradient takes bitsandbytes' own path
     if any(p.grad is None or type(p.grad) is not torch.Tensor or p.device != first.device or p.dtype != first.dtype
-           or not p.is_contiguous() for p in params):  # plain tensors only: a DTensor (FSDP2) gradient takes bitsandbytes' own path
+           or not p.is_contiguous() for p in params):
         return False
     states = [opt.state.get(p, {}) for p in params]
     if all(len(s) == 0 for s in states):

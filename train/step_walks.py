@@ -11,8 +11,8 @@ changes (an insert or a `del`, which no hook sees). train(mode) sets every modul
 train() overrides add: FusedLinear4bit settles its LoRA group (train/kernels/lora_group.py); transformers'
 PreTrainedModel.train adds nothing unless hub kernels are on. A tree with any other train() override (DoRA's, say),
 or a model with hub kernels on, keeps torch's walk. zero_grad(set_to_none=True), Trainer's call, clears every
-gradient; set_to_none=False keeps torch's walk, as does TRAIN_FLAT_WALKS=0 for all three. Under DDP, Trainer calls train() and zero_grad() on the wrapper:
-train() reaches the flat one through it, zero_grad stays torch's.
+gradient; set_to_none=False keeps torch's walk, as does TRAIN_FLAT_WALKS=0 for all three. Under DDP, Trainer calls
+train() and zero_grad() on the wrapper: train() reaches the flat one through it, zero_grad stays torch's.
 """
 
 from __future__ import annotations

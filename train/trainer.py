@@ -91,7 +91,8 @@ def trainer_class():
             try:
                 return super().train(*args, **kwargs)
             finally:
-                step_walks.uninstall(self.model)
+                for model in {id(m): m for m in (self.model, self.model_wrapped)}.values():  # DDP: the clip's lists
+                    step_walks.uninstall(model)
                 self.late.flush_quietly(self)
 
         def clip_parameters_hook(self, model) -> list:
