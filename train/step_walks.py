@@ -26,14 +26,21 @@ import torch
 # TRAIN_FLAT_WALKS=0 takes torch's walks: read at each call, so the bench can alternate it within one run
 ENV = "TRAIN_FLAT_WALKS"
 _registrations = [0]  # registrations into a listed module: a changed count makes every model's lists again
-_listed: dict[int, frozenset] = {}  # id(model) -> ids of its listed modules (a module in a list stays alive)
+# id(model) -> ids of its listed modules (a module in a list stays alive). Replaced, never changed in place: a model's
+# finalizer may drop its entry from inside a registration that is reading it (the garbage collector runs anywhere)
+_listed: dict[int, frozenset] = {}
+
+
+def _set_listed(key: int, ids: frozenset | None) -> None:
+    global _listed
+    _listed = {k: v for k, v in _listed.items() if k != key} | ({} if ids is None else {key: ids})
 
 
 def _count(module, name, value):
     """torch's hooks, called for every submodule and parameter registered anywhere: only a listed module counts
     (Llama's forward slices its ModuleList of layers, which builds a new one and registers every layer in it)."""
     key = id(module)
-    if any(key in ids for ids in tuple(_listed.values())):
+    if any(key in ids for ids in _listed.values()):
         _registrations[0] += 1
 
 
@@ -62,8 +69,8 @@ class _Lists:
         self.shape = sum(map(len, self.members))
         self.params = list(model.parameters())
         if id(model) not in _listed:
-            weakref.finalize(model, _listed.pop, id(model), None)
-        _listed[id(model)] = frozenset(map(id, self.modules))
+            weakref.finalize(model, _set_listed, id(model), None)
+        _set_listed(id(model), frozenset(map(id, self.modules)))
         self.hf_models = [m for m in self.modules if isinstance(m, PreTrainedModel)]
         groups = {id(g): g for m in self.modules if isinstance(m, FusedLinear4bit)
                   for g in [m.__dict__.get("_lora_group")] if g is not None}
@@ -152,4 +159,4 @@ def uninstall(model) -> None:
     if base is not None:
         model.__class__ = base
     model.__dict__.pop("_step_walks", None)
-    _listed.pop(id(model), None)
+    _set_listed(id(model), None)
