@@ -82,6 +82,33 @@ def test_clip_takes_the_hooks_parameters_and_clips_as_trainer_does(tmp_path):
         assert all(torch.equal(p.grad, clipped[n]) for n, p in model.named_parameters() if n in grads)
 
 
+
+def test_a_sharded_run_clips_as_trainer_does_without_the_hooks_list(tmp_path, monkeypatch):
+    """FSDP or DeepSpeed (patches.unsharded False): Trainer's own clip, and the parameter list is never asked for."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    asked = []
+
+    class Listed(patches.trainer_hooks(Trainer)):
+        def clip_parameters_hook(self, model):
+            asked.append(1)
+            return list(model.parameters())
+
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    trainer = Listed(model=model, args=TrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.3, report_to=[],
+                                                          use_cpu=True))
+    monkeypatch.setattr(patches, "unsharded", lambda accelerator: False)
+    norm = trainer._clip_grad_norm(model)
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(torch.ones_like(p))
+                                                 for p in model.parameters()]))
+    assert asked == [] and torch.allclose(norm, want)
+
+
 def test_rebalance_sampler_assign_signature():
     from transformers.trainer_pt_utils import BatchRebalanceSampler
 

@@ -166,7 +166,9 @@ def trainer_hooks(base):
             return list(model.parameters())
 
         def _clip_grad_norm(self, model):
-            params = None if self.args.fp16 else clipped_parameters(self.accelerator, self.clip_parameters_hook(model))
+            params = None
+            if not self.args.fp16 and unsharded(self.accelerator):  # else no list is made: Trainer's path
+                params = clipped_parameters(self.clip_parameters_hook(model))
             if params is None:
                 return super()._clip_grad_norm(model)
             return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
@@ -182,15 +184,19 @@ def trainer_hooks(base):
     return Hooked
 
 
-def clipped_parameters(accelerator, params: list) -> list | None:
-    """Of the model's parameters, those Trainer's clip would find a gradient on (those that require one), in model
-    order; None where Trainer's own clip must run (trainer_hooks' `_clip_grad_norm`): FSDP, DeepSpeed or any other
-    sharding, or DTensor parameters."""
-    import torch
+def unsharded(accelerator) -> bool:
+    """One process or DDP: every module and parameter whole in this process (FSDP and DeepSpeed shard them, and clip
+    and walk them their own way)."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
-        return None
+    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+
+
+def clipped_parameters(params: list) -> list | None:
+    """Of an unsharded model's parameters, those Trainer's clip would find a gradient on (those that require one), in
+    model order; None where Trainer's own clip must run (trainer_hooks' `_clip_grad_norm`): DTensor parameters."""
+    import torch
+
     params = [p for p in params if p.requires_grad]
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor

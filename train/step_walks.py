@@ -142,11 +142,9 @@ def install(model, accelerator) -> bool:
     """Give the trainer's model the flat walks for a train() call (one process or DDP, whose wrapper's train()
     reaches this model's); True when installed. FSDP and DeepSpeed wrap and shard the modules themselves: their walks
     stay torch's."""
-    from accelerate.utils import DistributedType
-
     from train import patches
 
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+    if not patches.unsharded(accelerator):
         return False
     if "lean_base" not in type(model).__dict__:
         patches.swap_class(model, lean_class(type(model)))
