@@ -36,14 +36,18 @@
 #   gemm           scripts/gemm_host.py: the host time of a GEMM with a new token count (session 12's trace: ~30 ms a
 #                  step in the first layer), per BLAS backend, and whether rounding the count up lets steps reuse it
 #   trace          way c with one profiled step's timeline written (trace-c.json.gz: where the compute stream waits)
+#   prepare        what `issue` needs before its clock starts, for a call of its own on a fresh machine (~1 minute):
+#                  the random 8B written to /tmp/qb (positions for 350K), both data sets, Unsloth's packages, and the
+#                  weights read once (the page cache); then `issue` in the next call on the same warm machine
 #   issue          issue #21's done-when in one invocation: the default workload (c, our defaults, and Unsloth) and
-#                  one 350,000-token row of ours with train plan beside it (~9 minutes on an H100)
+#                  one 350,000-token row of ours with train plan beside it (~9 minutes on an H100; run `prepare`
+#                  first: building the model inside the same 10-minute call leaves too little for Unsloth)
 #   all            every stage in one run (no 10-minute limit)
 # Usage, from the repo root with .gpu-wheels/ and .unsloth-wheels/ (../shared/tools/unsloth-wheels.sh) carried:
 #   bash scripts/long_context_check.sh STAGE [OUT_DIR]     -> OUT_DIR/STAGE/{table.md,results.json}, stdout
 #   PACK=1 ...: OUT_DIR/STAGE.tar.gz instead of the folder (the device machine returns only a few files a call)
 set -uo pipefail
-stage=${1:?usage: long_context_check.sh default|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|alternate|spy|gemm|trace|issue|all [OUT_DIR]}
+stage=${1:?usage: long_context_check.sh default|prepare|ladder|350k|unsloth-350k|profile|memory|attention|profile-131k|knobs-131k|qwen|levers|host|optim|offload-ab|alternate|spy|gemm|trace|issue|all [OUT_DIR]}
 out=${2:-${OUT:-/tmp/long-context}}/$stage
 budget=${BUDGET_S:-540}  # start no way after this many seconds: a 10-minute call keeps a minute for the rest
 site=/tmp/unsloth-site
@@ -95,6 +99,18 @@ case $stage in
     python3 scripts/host_profile.py "$out/spy.txt" | tee "$out/host_profile.md" ;;
   gemm) mkdir -p "$out" && python3 scripts/gemm_host.py | tee "$out/gemm_host.md" ;;
   trace) bench --ways c --warmup 2 --steps 4 --profile c --trace ;;
+  prepare) python3 - <<'PY' && cat /tmp/qb/model-*/*.safetensors >/dev/null
+import sys, time
+sys.path.insert(0, "scripts")
+from pathlib import Path
+import bench_workload as wl
+t0, work = time.perf_counter(), Path("/tmp/qb")
+work.mkdir(parents=True, exist_ok=True)
+print("[prepare] model", wl.ensure_model(work, False, wl.DEFAULT_BASE, positions=350_000)[1])
+print("[prepare] data", wl.ensure_data(work, False, 1500)[2], wl.ensure_fixed_data(work, 350_000, 4))
+print(f"[prepare] {time.perf_counter() - t0:.0f} s")
+PY
+    ;;
   issue) budget=${BUDGET_S:-575}  # the 350K row first, with the most of one 10-minute call; then c and Unsloth
     bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 --plan-first ;;
   all) budget=100000; bench --ways c,c-resident,unsloth --warmup 2 --steps 4 --plan-check \
