@@ -10,7 +10,9 @@ which runs its own transformers/TRL/peft, can use this module too.
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -281,19 +283,48 @@ def summarize(timer, log: list, accum: int, warmup: int, steps: int) -> dict:
             "step_real_tokens": per_step, "alternate": alternated(timer, per_step, warmup, end)}
 
 
+# two-sided 95 % Student t quantiles by degrees of freedom (1-30); beyond, the normal's 1.96
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
 def alternated(timer, per_step: list, warmup: int, end: int) -> dict | None:
-    """BENCH_ALTERNATE's split of the timed steps: per setting, its steps, their tokens and time, and tok/s."""
+    """BENCH_ALTERNATE's split of the timed steps: per setting, its steps, their tokens and time, and tok/s; and
+    `paired`, the =1 / =0 tok/s ratio over adjacent pairs of steps (=1, then =0) with its 95 % interval."""
     settings = getattr(timer, "settings", [])
     if not getattr(timer, "alternate", None) or len(settings) < end:
         return None
     out = {"switch": timer.alternate}
+    secs = {i: timer.marks[i + 1][1] - timer.marks[i][1] for i in range(warmup, end)}
     for value in ("1", "0"):
         steps = [i for i in range(warmup, end) if settings[i] == value]
         tokens = sum(per_step[i] for i in steps if i < len(per_step))
-        secs = sum(timer.marks[i + 1][1] - timer.marks[i][1] for i in steps)
-        out[value] = {"steps": len(steps), "tokens": tokens, "s": round(secs, 3),
-                      "tok_per_s": round(tokens / secs, 1) if secs else None}
+        total = sum(secs[i] for i in steps)
+        out[value] = {"steps": len(steps), "tokens": tokens, "s": round(total, 3),
+                      "tok_per_s": round(tokens / total, 1) if total else None}
+    rates = {i: per_step[i] / secs[i] for i in secs if i < len(per_step) and secs[i] > 0}
+    out["paired"] = paired_interval([rates[i] / math.sqrt(rates[i - 1] * rates[i + 1]) for i in rates
+                                     if settings[i] == "1" and settings[i - 1] == settings[i + 1] == "0"
+                                     and i - 1 in rates and i + 1 in rates])
     return out
+
+
+def paired_interval(ratios: list) -> dict | None:
+    """The geometric mean of per-step ratios and its 95 % Student t interval (on their logs).
+
+    Why each =1 step against the =0 steps on either side of it (the geometric mean of their tok/s): the host's speed
+    moves within a process (session 12: the same batch took 0.44-0.69 s), and those three steps see nearly the same
+    host, so a steady drift cancels, which the ratio of the two settings' totals keeps. Neighbouring ratios share a =0
+    step, so the interval is a little narrower than it should be. An interval containing 1: not resolved."""
+    if len(ratios) < 2:
+        return None
+    logs = [math.log(r) for r in ratios]
+    mean, se = statistics.fmean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+    df = len(logs) - 1
+    half = (T95[df - 1] if df <= len(T95) else 1.96) * se
+    low, high = math.exp(mean - half), math.exp(mean + half)
+    return {"pairs": len(ratios), "ratio": round(math.exp(mean), 4), "low": round(low, 4), "high": round(high, 4),
+            "resolved": not low <= 1.0 <= high}
 
 
 def plan_prediction(cfg, tokens: int) -> dict:
@@ -368,17 +399,19 @@ def side_by_side(results: list[dict], labels: dict, order=()) -> str:
     for w in cols:
         alt = by[w].get("alternate")
         if alt and alt["1"]["tok_per_s"] and alt["0"]["tok_per_s"]:
+            pair = alt.get("paired")
+            verdict = "" if not pair else (
+                f"; each =1 step against its =0 neighbours: {pair['ratio']:.3f}, 95 % interval {pair['low']:.3f}-"
+                f"{pair['high']:.3f} over {pair['pairs']} steps, "
+                f"{'resolved' if pair['resolved'] else 'not resolved: it contains 1'}")
             notes.append(f"- {w}, {alt['switch']} alternating in one process: =1 {alt['1']['tok_per_s']:,.0f} tok/s over "
                          f"{alt['1']['steps']} steps, =0 {alt['0']['tok_per_s']:,.0f} over {alt['0']['steps']} "
-                         f"(=1 / =0: {alt['1']['tok_per_s'] / alt['0']['tok_per_s']:.3f})")
+                         f"(=1 / =0: {alt['1']['tok_per_s'] / alt['0']['tok_per_s']:.3f}{verdict})")
     return "\n".join(head + body + ([""] + notes if notes else []))
 
 
 def cpu_table(results: list[dict], ctx: dict, labels: dict) -> str:
     """scripts/bench.py --cpu: the side-by-side table and the step-time ratio ours / plain (wall, CPU time)."""
-    import os
-    import statistics
-
     by = {r["way"]: r for r in results}
     text = [f"CPU: {ctx['model_dir']}, {ctx['batch']} x {ctx['seq_len']} tokens a step, {ctx['warmup']} warm-up +"
             f" {ctx['steps']} timed steps, {os.cpu_count()} cores", "", side_by_side(results, labels)]

@@ -24,12 +24,13 @@
 #                  that is <= 3 %): c (offloaded) and c-resident interleaved, three of each, per-step times in each
 #                  results.json
 #   alternate      A/B of the switches a step reads afresh, inside one process (BENCH_ALTERNATE: the host's speed moves
-#                  by up to 2x between processes, more than these changes): way c, 16 timed steps alternating
+#                  by up to 2x between processes, more than these changes): way c, 32 timed steps (STEPS=N) alternating
 #                  TRAIN_FLAT_WALKS (train/step_walks.py), TRAIN_SYNC_FREE_HEAD (train/fused_head.py),
 #                  TRAIN_DIRECT_LAUNCH (kernels/launch.py), TRAIN_LIGER_RELAUNCH (kernels/liger_launch.py), then
 #                  TRAIN_LEAN_RECOMPUTE (kernels/lean_recompute.py);
 #                  SWITCHES="A B" runs only those; every step trains the first batch again (BENCH_SAME_BATCH), so
-#                  the two settings do the same work
+#                  the two settings do the same work; the table gives the ratio's 95 % interval (16 steps: about
+#                  +-5 %, session 13), and says whether it resolved the difference
 #   spy            the default workload's host time by function: way c under py-spy (wheels in .spy-wheels/:
 #                  `pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d
 #                  .spy-wheels py-spy`), then scripts/host_profile.py on its samples (session 10: the step waits for the host)
@@ -90,7 +91,7 @@ case $stage in
     done ;;
   alternate) for switch in ${SWITCHES:-TRAIN_FLAT_WALKS TRAIN_SYNC_FREE_HEAD TRAIN_DIRECT_LAUNCH TRAIN_LIGER_RELAUNCH TRAIN_LEAN_RECOMPUTE}; do
       env BENCH_ALTERNATE=$switch BENCH_SAME_BATCH=1 $switch=1 python3 scripts/bench.py --work /tmp/qb --report "$out/$switch" \
-        --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps 16
+        --unsloth-site "$site" --budget-s "$budget" --ways c --warmup 2 --steps "${STEPS:-32}"
     done ;;
   spy) mkdir -p "$out" && { [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile \
          --target /tmp/spy .spy-wheels/*.whl; } &&

@@ -279,9 +279,34 @@ def test_alternate_flips_the_switch_between_timed_steps_and_splits_them(monkeypa
     assert split["switch"] == "TRAIN_LEAN_RECOMPUTE"
     assert split["1"] == {"steps": 2, "tokens": 80, "s": 14.0, "tok_per_s": round(80 / 14, 1)}  # steps 2 and 4
     assert split["0"] == {"steps": 2, "tokens": 100, "s": 18.0, "tok_per_s": round(100 / 18, 1)}  # steps 3 and 5
+    assert split["paired"] is None  # one =1 step (4) has =0 steps on both sides: no spread to judge
     monkeypatch.setenv("BENCH_ALTERNATE", "TRAIN_LATE_LOG")
     with pytest.raises(ValueError, match="only a switch read at every step"):
         bm.make_timer(warmup=2, steps=4)
+
+
+def test_paired_interval_sees_through_host_drift_and_says_when_it_does_not_resolve():
+    """The A/B's verdict: a switch worth 5 % on a host that slows by 3 % a step is measured as 5 % from each =1 step
+    against the =0 steps on either side (the ratio of the two settings' totals says 8 %), and ratios that scatter
+    around 1 give an interval containing 1."""
+    import types
+
+    import bench_measure as bm
+
+    secs = [1.03 ** i * (1 / 1.05 if i % 2 == 0 else 1.0) for i in range(16)]  # =1 steps (even) 5 % faster
+    marks = [(0, 0.0, 0, 0.0)]
+    for i, t in enumerate(secs):
+        marks.append((i + 1, marks[-1][1] + t, 0, 0.0))
+    timer = types.SimpleNamespace(alternate="TRAIN_X", settings=["1", "0"] * 8, marks=marks)
+    split = bm.alternated(timer, [1000] * 16, warmup=0, end=16)
+    assert split["1"]["tok_per_s"] / split["0"]["tok_per_s"] == pytest.approx(1.0816, abs=1e-3)  # drift mixed in
+    pair = split["paired"]
+    assert pair["pairs"] == 7 and pair["resolved"]  # =1 steps 2..14 (step 0 has no =0 step before it)
+    assert pair["ratio"] == pair["low"] == pair["high"] == pytest.approx(1.05, abs=1e-4)
+    noisy = bm.paired_interval([0.97, 1.04, 0.99, 1.02, 0.95, 1.05])
+    assert not noisy["resolved"] and noisy["low"] < 1.0 < noisy["high"]
+    assert bm.paired_interval([0.9, 0.92, 0.91])["resolved"]
+    assert bm.paired_interval([1.1]) is None  # one ratio has no spread to judge
 
 
 def test_alternating_the_direct_launch_sets_the_attribute_each_launch_reads(monkeypatch):
