@@ -38,6 +38,12 @@ def _weight(weight, quant_state, dtype):
     return dense if dense is not None else dequantize_4bit(weight, quant_state).to(dtype)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype: t itself when it is already (Tensor.to would return it too, but through a dispatched op: ~2,100
+    such calls a step on the 8B, host time on a path that waits for the host: docs/benchmarks.md, session 13)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _forward(x, spec, a_list, b_list):
     """(the members' outputs, x @ A_j.T of every member as (tokens, members*r), how the dropout was drawn: None,
     ("kernel", seed) or ("torch", RNG states)). `spec` is (per member (weight, quant_state, bias, scale), p,
@@ -54,10 +60,10 @@ def _forward(x, spec, a_list, b_list):
     outs = []
     for weight, quant_state, bias, _ in bases:
         w = _weight(weight, quant_state, x.dtype).t()
-        outs.append(torch.mm(rows, w) if bias is None else torch.addmm(bias.to(x.dtype), rows, w))
+        outs.append(torch.mm(rows, w) if bias is None else torch.addmm(_as(bias, x.dtype), rows, w))
     h, drawn = _lora_a(rows, a_list, p, triton_dropout)
     for out, hj, b, (*_, scale) in zip(outs, _columns(h, len(outs)), b_list, bases):
-        out.addmm_(hj, b.to(x.dtype).t(), alpha=scale)  # base + scale * h_j @ B_j.T, one kernel
+        out.addmm_(hj, _as(b, x.dtype).t(), alpha=scale)  # base + scale * h_j @ B_j.T, one kernel
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs], h, drawn
 
 
@@ -78,7 +84,7 @@ def _lora_a(rows, a_list, p, triton_dropout):
 
 def _stacked(a_list, dtype):
     """The members' A weights as one (members*r, in) matrix in `dtype` (a lone layer's own, cast)."""
-    return (a_list[0] if len(a_list) == 1 else torch.cat(a_list)).to(dtype)
+    return _as(a_list[0] if len(a_list) == 1 else torch.cat(a_list), dtype)
 
 
 def _columns(t, members):
@@ -118,9 +124,9 @@ class _QLoraGroup(torch.autograd.Function):
         grad_b, ghs = [], []
         for j, (g, hj, b) in enumerate(zip(gs, _columns(h, k), b_list)):
             scale = bases[j][3]
-            grad_b.append(torch.addmm(unused, g.t(), hj.to(g.dtype), beta=0, alpha=scale).to(b.dtype)
+            grad_b.append(_as(torch.addmm(unused, g.t(), _as(hj, g.dtype), beta=0, alpha=scale), b.dtype)
                           if ctx.needs_input_grad[2 + k + j] else None)
-            ghs.append(torch.addmm(unused, g, b.to(g.dtype), beta=0, alpha=scale))  # the gradient at x @ A_j.T
+            ghs.append(torch.addmm(unused, g, _as(b, g.dtype), beta=0, alpha=scale))  # the gradient at x @ A_j.T
         gh = ghs[0] if k == 1 else torch.cat(ghs, 1)
         grad_a, masked = _lora_a_backward(ctx, rows, gh, a_list)
         grad_x = None
@@ -130,7 +136,7 @@ class _QLoraGroup(torch.autograd.Function):
                 grad_x = torch.mm(g, w) if grad_x is None else grad_x.addmm_(g, w)
                 del w
             masked(grad_x)
-            grad_x = grad_x.view(x.shape).to(x.dtype)
+            grad_x = _as(grad_x.view(x.shape), x.dtype)
         return grad_x, None, *grad_a, *grad_b
 
 
@@ -142,16 +148,16 @@ def _lora_a_backward(ctx, rows, gh, a_list):
     a = _stacked(a_list, gh.dtype)
     if kind == "kernel":
         grad_a = _rows(lora_kernels.lora_a_grad(rows, gh, drawn, p, k), k) if any(wanted) else [None] * k
-        grads = [g.to(aj.dtype) if want else None for g, aj, want in zip(grad_a, a_list, wanted)]
+        grads = [_as(g, aj.dtype) if want else None for g, aj, want in zip(grad_a, a_list, wanted)]
         return grads, lambda grad_x: lora_kernels.lora_x_grad_(grad_x, gh, a, drawn, p, k)
     if kind is None:  # no dropout: plain products
-        grads = [torch.mm(ghj.t(), rows).to(aj.dtype) if want else None
+        grads = [_as(torch.mm(ghj.t(), rows), aj.dtype) if want else None
                  for ghj, aj, want in zip(_columns(gh, k), a_list, wanted)]
         return grads, lambda grad_x: grad_x.addmm_(gh, a)
     grads, masks = [], []
     for ghj, aj, want, state in zip(_columns(gh, k), a_list, wanted, drawn):
         dropped, mask = replay_dropout(rows, state, p)
-        grads.append(torch.mm(ghj.t(), dropped).to(aj.dtype) if want else None)
+        grads.append(_as(torch.mm(ghj.t(), dropped), aj.dtype) if want else None)
         del dropped
         masks.append(mask if k == 1 else None)  # a group replays its masks again below: one alive at a time
 
