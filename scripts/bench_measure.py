@@ -290,7 +290,7 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 
 def alternated(timer, per_step: list, warmup: int, end: int) -> dict | None:
     """BENCH_ALTERNATE's split of the timed steps: per setting, its steps, their tokens and time, and tok/s; and
-    `paired`, the =1 / =0 tok/s ratio over adjacent pairs of steps (=1, then =0) with its 95 % interval."""
+    `paired`, the =1 / =0 tok/s ratio of each =1 step against the =0 steps on either side, with its 95 % interval."""
     settings = getattr(timer, "settings", [])
     if not getattr(timer, "alternate", None) or len(settings) < end:
         return None
@@ -304,8 +304,8 @@ def alternated(timer, per_step: list, warmup: int, end: int) -> dict | None:
                       "tok_per_s": round(tokens / total, 1) if total else None}
     rates = {i: per_step[i] / secs[i] for i in secs if i < len(per_step) and secs[i] > 0}
     out["paired"] = paired_interval([rates[i] / math.sqrt(rates[i - 1] * rates[i + 1]) for i in rates
-                                     if settings[i] == "1" and settings[i - 1] == settings[i + 1] == "0"
-                                     and i - 1 in rates and i + 1 in rates])
+                                     if i - 1 in rates and i + 1 in rates
+                                     and settings[i] == "1" and settings[i - 1] == settings[i + 1] == "0"])
     return out
 
 
@@ -323,7 +323,7 @@ def paired_interval(ratios: list) -> dict | None:
     df = len(logs) - 1
     half = (T95[df - 1] if df <= len(T95) else 1.96) * se
     low, high = math.exp(mean - half), math.exp(mean + half)
-    return {"pairs": len(ratios), "ratio": round(math.exp(mean), 4), "low": round(low, 4), "high": round(high, 4),
+    return {"ratios": len(ratios), "ratio": round(math.exp(mean), 4), "low": round(low, 4), "high": round(high, 4),
             "resolved": not low <= 1.0 <= high}
 
 
@@ -402,7 +402,7 @@ def side_by_side(results: list[dict], labels: dict, order=()) -> str:
             pair = alt.get("paired")
             verdict = "" if not pair else (
                 f"; each =1 step against its =0 neighbours: {pair['ratio']:.3f}, 95 % interval {pair['low']:.3f}-"
-                f"{pair['high']:.3f} over {pair['pairs']} steps, "
+                f"{pair['high']:.3f} over {pair['ratios']} steps, "
                 f"{'resolved' if pair['resolved'] else 'not resolved: it contains 1'}")
             notes.append(f"- {w}, {alt['switch']} alternating in one process: =1 {alt['1']['tok_per_s']:,.0f} tok/s over "
                          f"{alt['1']['steps']} steps, =0 {alt['0']['tok_per_s']:,.0f} over {alt['0']['steps']} "

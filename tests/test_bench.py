@@ -280,6 +280,9 @@ def test_alternate_flips_the_switch_between_timed_steps_and_splits_them(monkeypa
     assert split["1"] == {"steps": 2, "tokens": 80, "s": 14.0, "tok_per_s": round(80 / 14, 1)}  # steps 2 and 4
     assert split["0"] == {"steps": 2, "tokens": 100, "s": 18.0, "tok_per_s": round(100 / 18, 1)}  # steps 3 and 5
     assert split["paired"] is None  # one =1 step (4) has =0 steps on both sides: no spread to judge
+    timer.settings.append("1")  # an odd count of timed steps: the last =1 step has no =0 step after it
+    timer.marks.append((7, 49.0, 0, 0.0))
+    assert bm.alternated(timer, [10, 20, 30, 40, 50, 60, 70], warmup=2, end=7)["1"]["steps"] == 3
     monkeypatch.setenv("BENCH_ALTERNATE", "TRAIN_LATE_LOG")
     with pytest.raises(ValueError, match="only a switch read at every step"):
         bm.make_timer(warmup=2, steps=4)
@@ -301,7 +304,7 @@ def test_paired_interval_sees_through_host_drift_and_says_when_it_does_not_resol
     split = bm.alternated(timer, [1000] * 16, warmup=0, end=16)
     assert split["1"]["tok_per_s"] / split["0"]["tok_per_s"] == pytest.approx(1.0816, abs=1e-3)  # drift mixed in
     pair = split["paired"]
-    assert pair["pairs"] == 7 and pair["resolved"]  # =1 steps 2..14 (step 0 has no =0 step before it)
+    assert pair["ratios"] == 7 and pair["resolved"]  # =1 steps 2..14 (step 0 has no =0 step before it)
     assert pair["ratio"] == pair["low"] == pair["high"] == pytest.approx(1.05, abs=1e-4)
     noisy = bm.paired_interval([0.97, 1.04, 0.99, 1.02, 0.95, 1.05])
     assert not noisy["resolved"] and noisy["low"] < 1.0 < noisy["high"]
