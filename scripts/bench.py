@@ -473,6 +473,8 @@ def main(argv=None) -> int:
     p.add_argument("--trace", action="store_true", help="--profile ways also write their profiled step's timeline\n"
                    "(REPORT/trace-WAY.json.gz, Chrome trace: open in Perfetto)")
     p.add_argument("--budget-s", type=float, help="start no way after this many seconds")
+    p.add_argument("--prepare", action="store_true", help="write the model and data these arguments need, then stop\n"
+                   "(long_context_check.sh prepare: the issue run's inputs in a call of their own)")
     p.add_argument("--plan-first", action="store_true", help="run the --plan-check ways before --ways: a long row\n"
                    "gets the most of --budget-s (a 350K-token step takes minutes)")
     p.add_argument("--plan-check", action="store_true", help="train/plan.py against measured peaks: way c at fixed\n"
@@ -544,6 +546,9 @@ def main(argv=None) -> int:
         ctx["plan_ways"] = wl.plan_check_ways(work, spec, args.plan_stacks)
     ctx_file = work / "bench_ctx.json"
     ctx_file.write_text(json.dumps(ctx))
+    if args.prepare:
+        print(f"[bench] prepared in {time.perf_counter() - start:.0f} s: {work}", flush=True)
+        return 0
     results: list[dict] = []
 
     def report() -> str:

@@ -100,18 +100,8 @@ case $stage in
     python3 scripts/host_profile.py "$out/spy.txt" | tee "$out/host_profile.md" ;;
   gemm) mkdir -p "$out" && python3 scripts/gemm_host.py | tee "$out/gemm_host.md" ;;
   trace) bench --ways c --warmup 2 --steps 4 --profile c --trace ;;
-  prepare) python3 - <<'PY' && cat /tmp/qb/model-*/*.safetensors >/dev/null
-import sys, time
-sys.path.insert(0, "scripts")
-from pathlib import Path
-import bench_workload as wl
-t0, work = time.perf_counter(), Path("/tmp/qb")
-work.mkdir(parents=True, exist_ok=True)
-print("[prepare] model", wl.ensure_model(work, False, wl.DEFAULT_BASE, positions=350_000)[1])
-print("[prepare] data", wl.ensure_data(work, False, 1500)[2], wl.ensure_fixed_data(work, 350_000, 4))
-print(f"[prepare] {time.perf_counter() - t0:.0f} s")
-PY
-    ;;
+  prepare) bench --ways c,unsloth --plan-check --plan-tokens 1x350000 --prepare &&  # issue's arguments
+    cat /tmp/qb/model-*/*.safetensors >/dev/null ;;
   issue) budget=${BUDGET_S:-575}  # the 350K row first, with the most of one 10-minute call; then c and Unsloth
     bench --ways c,unsloth --warmup 2 --steps 8 --plan-check --plan-tokens 1x350000 --plan-first ;;
   all) budget=100000; bench --ways c,c-resident,unsloth --warmup 2 --steps 4 --plan-check \

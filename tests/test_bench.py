@@ -253,6 +253,18 @@ def test_memory_peak_without_cuda_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_prepare_writes_the_inputs_and_runs_no_way(tmp_path, capsys):
+    """--prepare (long_context_check.sh prepare): the model, the data and the plan check's fixed-length rows the same
+    arguments would train on are written, and no way runs (no results, no run directory)."""
+    work = tmp_path / "w"
+    assert bench.main(["--tiny", "--prepare", "--ways", "c", "--plan-check", "--plan-tokens", "1x512",
+                       "--work", str(work)]) == 0
+    assert "prepared" in capsys.readouterr().out
+    assert (work / wl.model_dir_name(wl.DEFAULT_BASE, True) / "bench_model.json").is_file()
+    assert list(work.glob("data-fixed-512x*/train.jsonl")) and (work / "bench_ctx.json").is_file()
+    assert not (work / "runs").exists() and not list((work / "results").iterdir())
+
+
 def test_alternate_flips_the_switch_between_timed_steps_and_splits_them(monkeypatch):
     """BENCH_ALTERNATE: the warm-up steps run with the switch on, then the timed steps alternate 1, 0, 1, 0; the
     summary splits tokens and time by setting."""
