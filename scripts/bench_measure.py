@@ -595,6 +595,9 @@ def fused_layer_check(model, tokens: int) -> dict:
     out, new_seed = {}, lora_kernels.new_seed
     for (n_in, n_out, has_bias), (name, layer) in layers.items():
         was = layer.training
+        # the layer alone: a group member would compute its siblings too (train/kernels/lora_group.py), timing three
+        # layers as one, and its unclaimed outputs would switch the model's groups off
+        group = layer.__dict__.pop("_lora_group", None)
         layer.train()
         adapter = layer.active_adapters[0]
         a_w, b_w = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
@@ -625,6 +628,8 @@ def fused_layer_check(model, tokens: int) -> dict:
         finally:
             layer.__class__ = fused_lora.FusedLinear4bit
             layer.train(was)
+            if group is not None:
+                layer.__dict__["_lora_group"] = group
             lora_kernels.new_seed = new_seed
         kernels = layer.triton_dropout and lora_kernels.usable(x.reshape(-1, n_in), a_w.to(torch.bfloat16))
         row = {"layer": name, "tokens": tokens, "dropout_path": "triton" if kernels else "torch",

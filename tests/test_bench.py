@@ -93,22 +93,36 @@ def test_plan_settings_and_known_names():
     assert wl.resolve_base("GOOGLE/gemma-2-9b-it") == "google/gemma-2-9b" and wl.resolve_base("x/y") is None
 
 
-def test_fused_layer_check_adds_qwens_biases(tmp_path):
+def test_fused_layer_check_adds_qwens_biases(tmp_path, monkeypatch):
     """The bench's fused-layer check (way c) on a tiny Qwen2 with nonzero q/k/v biases, dropout 0 (so it checks
     against fp32): biased and unbiased layers of one shape are both checked, and both agree with the reference
-    (before the bias was added to it, q_proj's output was 0.83 off)."""
+    (before the bias was added to it, q_proj's output was 0.83 off). Each layer runs alone: its LoRA group neither
+    computes the siblings inside its time nor ends up switched off (it did, the check's calls leaving outputs
+    unclaimed)."""
     from bench_measure import fused_layer_check
     from families import family_config
     from train import lora, model
+    from train.kernels import fused_lora
 
-    cfg = family_config(tmp_path / "run", "qwen2", lora={"dropout": 0.0, "kernel": "fused"})
+    # bf16 compute, as the bench trains: under fp32 compute the check's bf16 input sends every call to peft's path
+    cfg = family_config(tmp_path / "run", "qwen2", lora={"dropout": 0.0, "kernel": "fused"},
+                        quant={"compute_dtype": "bfloat16"})
     base = model.prepare_for_kbit(model.load_base(cfg, model.resolve_model_path(cfg.model), quiet=True), cfg)
     torch.manual_seed(0)
     peft_model = lora.wrap(base, cfg.lora)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name or name.endswith("base_layer.bias"):  # B != 0 and real biases: every term counts
             p.data.normal_(0, 0.05 if "lora_B" in name else 1.0)
+    groups = {id(g): g for m in peft_model.modules() for g in [m.__dict__.get("_lora_group")] if g is not None}
+    assert groups
+    fused_calls = []
+    run = fused_lora.run
+    monkeypatch.setattr(fused_lora, "run", lambda plans, *a, **k: fused_calls.append(len(plans)) or run(plans, *a, **k))
     out = fused_layer_check(peft_model, 16)
+    assert fused_calls and set(fused_calls) == {1}  # the fused Function ran, on one layer at a time
+    peft_model.train()  # settles the groups: an output left unclaimed switches them off here
+    assert not any(g.broken for g in groups.values())
+    assert all(m.__dict__.get("_lora_group") is g for g in groups.values() for m in g.members)
     assert {"64->64 +bias", "64->64", "64->32 +bias"} <= set(out)
     for row in out.values():
         assert max(row["max_rel_diff_vs_fp32"].values()) < 2e-2, row
