@@ -137,21 +137,27 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_si
 @pytest.fixture
 def cpu_varlen(monkeypatch):
     """sdpa_varlen registered around reference_varlen, run on CPU; counts the calls and their arguments."""
-    import torch.nn.attention.varlen as varlen
-
     calls = []
 
-    @functools.wraps(varlen.varlen_attn)  # register() reads the real signature (window_size, enable_gqa)
     def counting(*args, **kwargs):
         calls.append(kwargs.get("window_size"))
         return reference_varlen(*args, **kwargs)
 
-    monkeypatch.setattr(varlen, "varlen_attn", counting)
+    yield from _registered_around(monkeypatch, counting, calls)
+
+
+def _registered_around(monkeypatch, kernel, value):
+    """sdpa_varlen registered around `kernel` in place of varlen_attn, on CPU too; yields `value`, then the real
+    kernel is registered again."""
+    import torch.nn.attention.varlen as varlen
+
+    # register() reads the real signature (window_size, enable_gqa)
+    monkeypatch.setattr(varlen, "varlen_attn", functools.wraps(varlen.varlen_attn)(kernel))
     monkeypatch.setattr(attention, "KERNEL_DEVICES", ("cuda", "cpu"))
     attention.register()
-    yield calls
+    yield value
     monkeypatch.undo()
-    attention.register()  # the real varlen_attn again
+    attention.register()
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "gemma2"])
@@ -260,6 +266,49 @@ def test_cudnn_refusal_falls_back_to_varlen_once_and_says_so(cpu_varlen, monkeyp
     assert len(cpu_varlen) == 3
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(again, ref)
+
+
+@pytest.fixture
+def cheap_varlen(monkeypatch):
+    """sdpa_varlen registered around a stand-in kernel whose backward is elementwise only (out = 2q + 3k + 5v, as
+    many key/value heads as query heads): any zeroing or copy in the backward is the wrapper's."""
+    def kernel(q, k, v, *args, **kwargs):
+        return q * 2 + k * 3 + v * 5
+
+    yield from _registered_around(monkeypatch, kernel, None)
+
+
+def test_varlen_gradients_reach_q_k_v_tokens_major_without_copies(cheap_varlen):
+    """q/k/v as transformers passes them after Liger's rope: (1, heads, tokens, head_dim) views of tokens-major
+    storage. The kernel's gradients (tokens-major) must reach them as views of the same layout: no zeroed tensor,
+    no copy in between, so Liger's rope backward (transpose(1, 2).contiguous()) copies nothing either. Indexing
+    t[0] instead cost 10 full-size copies and fills a layer on the 8B (docs/benchmarks.md, session 14)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    storage = [t.transpose(1, 2).contiguous().requires_grad_(True) for t in _one_row(12, kv_heads=4)]  # (1, T, H, d)
+    q, k, v = (t.transpose(1, 2) for t in storage)
+    layouts = []
+    for t in (q, k, v):
+        t.register_hook(lambda g: layouts.append(g.transpose(1, 2).is_contiguous()))
+    kw = {"cu_seq_lens_q": torch.tensor([0, 5, 12]), "max_length_q": 7, "sliding_window": None}
+    out, _ = _registered()(None, q, k, v, None, **kw)
+    grad = torch.randn(out.shape)
+    with Ops() as ops:
+        out.backward(grad)
+    assert layouts[-3:] == [True, True, True], "a gradient reached q/k/v heads-major: the rope backward copies it"
+    wrappers = [n for n in ops.names if n in ("zeros", "zero_", "fill_", "select_backward", "clone", "contiguous")]
+    assert not wrappers, wrappers
+    for leaf, factor in zip(storage, (2, 3, 5)):
+        torch.testing.assert_close(leaf.grad, factor * grad)  # (1, tokens, heads, d), as the kernel's output
 
 
 def test_packed_batch_builds_no_dense_mask(cpu_varlen, monkeypatch):

@@ -174,6 +174,15 @@ class LazyMask:
         return self.built
 
 
+def tokens_major(t: torch.Tensor) -> torch.Tensor:
+    """(1, heads, tokens, head_dim) as transformers passes q/k/v -> (tokens, heads, head_dim), a view. squeeze, not
+    t[0]: indexing's backward writes the gradient into a zeroed (1, heads, tokens, head_dim) tensor, heads-major,
+    which Liger's rope backward then copies back to tokens-major: on the 8B, 10 full-size copies and fills a layer,
+    6.4 ms of GPU time and 320 launches a step (docs/benchmarks.md, session 14). squeeze's backward is a view, so the
+    kernel's tokens-major gradient reaches q_proj's output without a copy."""
+    return t.squeeze(0).transpose(0, 1)
+
+
 def lazy_sdpa_mask(*args, **kwargs):
     """sdpa's mask, lazy in training (where the batches are padding-free). Without grad (eval, generation) it is built
     at once: generation may hand it back to the model as its attention_mask, where transformers reads it as a tensor."""
@@ -215,7 +224,7 @@ def register() -> str:
             out = cudnn_causal(query, key, value, scaling)
             if out is not None:
                 return out, None
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+        q, k, v = map(tokens_major, (query, key, value))
         cu = cu.to(torch.int32)
         out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, **args, **gqa)
         return out[None], None  # (1, tokens, heads, head_dim), as transformers expects
