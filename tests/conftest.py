@@ -96,3 +96,20 @@ def adapted_nf4(cfg, use_cache: bool = False, std: float = 0.05):
         if "lora_B" in name:
             p.data.normal_(0, std)
     return net
+
+
+def aten_calls():
+    """A context manager recording the name of every aten op dispatched inside it (`.names`, in order): what a
+    piece of code launches, to check that a path makes no copy or concatenation it does not need."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    return Calls()

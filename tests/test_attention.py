@@ -283,16 +283,7 @@ def test_varlen_gradients_reach_q_k_v_tokens_major_without_copies(cheap_varlen):
     storage. The kernel's gradients (tokens-major) must reach them as views of the same layout: no zeroed tensor,
     no copy in between, so Liger's rope backward (transpose(1, 2).contiguous()) copies nothing either. Indexing
     t[0] instead cost 10 full-size copies and fills a layer on the 8B (docs/benchmarks.md, session 14)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from conftest import aten_calls
 
     storage = [t.transpose(1, 2).contiguous().requires_grad_(True) for t in _one_row(12, kv_heads=4)]  # (1, T, H, d)
     q, k, v = (t.transpose(1, 2) for t in storage)
@@ -302,7 +293,7 @@ def test_varlen_gradients_reach_q_k_v_tokens_major_without_copies(cheap_varlen):
     kw = {"cu_seq_lens_q": torch.tensor([0, 5, 12]), "max_length_q": 7, "sliding_window": None}
     out, _ = _registered()(None, q, k, v, None, **kw)
     grad = torch.randn(out.shape)
-    with Ops() as ops:
+    with aten_calls() as ops:
         out.backward(grad)
     assert layouts[-3:] == [True, True, True], "a gradient reached q/k/v heads-major: the rope backward copies it"
     wrappers = [n for n in ops.names if n in ("zeros", "zero_", "fill_", "select_backward", "clone", "contiguous")]

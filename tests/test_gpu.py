@@ -97,6 +97,7 @@ def check_kernels(m: int, n: int, r: int, p: float, device="cuda", dtype=torch.b
     assert grad_a.dtype == torch.float32 and grad_a.shape == (r, n)
     # fp32 out: only fp32 accumulation error
     torch.testing.assert_close(grad_a.double(), gh.double().t() @ dropped, atol=1e-3, rtol=1e-4, msg="lora_a_grad")
+    assert torch.equal(K.lora_a_grad(x, gh, seed, p, dtype=dtype), grad_a.to(dtype))  # the A weights' dtype: one cast
 
     gx = torch.randn(m, n, generator=torch.Generator().manual_seed(9)).to(device, dtype)
     want = gx.double() + (gh.double() @ a.double()) * keep / (1 - p)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import adapted_nf4, small_config
+from conftest import adapted_nf4, aten_calls, small_config
 from test_lora_dropout import _loss_and_grads
 from train.kernels import fused_lora, lora_group
 
@@ -59,6 +59,19 @@ def test_grouped_model_equals_layers_alone(tmp_path, checkpointing, count_runs):
         torch.testing.assert_close(grads_g[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
     assert all(g.pending is None and not g.broken for g in groups)  # every output claimed, nothing kept alive
     assert grouped.state_dict().keys() == alone.state_dict().keys()
+
+
+def test_group_backward_stacks_no_weights_again(tmp_path):
+    """A group's backward reads the stacked A its forward made (kept on the Function's context) instead of
+    concatenating the members' weights again: its one concatenation is the members' gradients at x @ A.T."""
+    model = _model(tmp_path)
+    assert not model.is_gradient_checkpointing  # a recompute would stack A again, as its forward must
+    model.train()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=ids, labels=ids).loss
+    with aten_calls() as calls:
+        loss.backward()
+    assert calls.names.count("cat") == len(_groups(model))
 
 
 def test_groups_off_runs_every_layer_alone(tmp_path, count_runs):

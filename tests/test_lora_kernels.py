@@ -49,6 +49,30 @@ def test_kernels_match_torch_with_the_same_mask(interpreted, r):
     torch.testing.assert_close(K.lora_x_grad_(gx, gh, a, seed, p).float(), want, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("split, n", [(1, 1000), (3, 2500), (14, 4096)])
+def test_split_sum_adds_in_order_and_casts_in_one_pass(interpreted, split, n):
+    """split_sum: the partial sums added in fp32 in split order, stored in the dtype asked for (one launch where
+    torch takes a sum and a cast); n need not be a multiple of the block."""
+    part = torch.randn(split, n, generator=torch.Generator().manual_seed(split)) * 100
+    want = part[0].clone()
+    for s in range(1, split):
+        want += part[s]
+    assert torch.equal(K.split_sum(part, torch.float32), want)
+    assert torch.equal(K.split_sum(part, torch.float16), want.half())
+    assert torch.equal(K.split_sum(part.view(split, 10, n // 10) if n % 10 == 0 else part, torch.float16).flatten(),
+                       want.half())
+
+
+def test_a_grad_in_the_weights_dtype_is_the_fp32_result_cast(interpreted):
+    """lora_a_grad(dtype=A's dtype): exactly the fp32 gradient cast once, for a group of three (the caller takes
+    each member's rows as views instead of casting each)."""
+    x, _, _ = _data()
+    gh = torch.randn(x.shape[0], 48, generator=torch.Generator().manual_seed(3)).half()
+    full = K.lora_a_grad(x, gh, 77, 0.3, members=3)
+    assert full.dtype == torch.float32 and full.shape == (48, x.shape[1])
+    assert torch.equal(K.lora_a_grad(x, gh, 77, 0.3, members=3, dtype=torch.float16), full.half())
+
+
 def test_usable_only_where_it_runs(interpreted):
     x, a, _ = _data()
     assert K.usable(x, a)

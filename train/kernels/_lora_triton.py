@@ -107,3 +107,15 @@ def mask(out_ptr, m, n, seed, threshold, BM: tl.constexpr, BK: tl.constexpr):
     ok = (rows[:, None] < m) & (cols[None, :] < n)
     keep = _keep(seed, rows, cols, n, threshold)
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], keep.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def split_sum(part_ptr, out_ptr, n, split, BLOCK: tl.constexpr):
+    # out[i] = part[0, i] + part[1, i] + ... + part[split - 1, i], added in that order in fp32 and stored in out's
+    # dtype: the reduction of a_fwd's and a_grad's partial sums and the cast to the caller's dtype in one launch
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(split):
+        acc += tl.load(part_ptr + s * n + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -46,7 +46,7 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _forward(x, spec, a_list, b_list):
     """(the members' outputs, x @ A_j.T of every member as (tokens, members*r), how the dropout was drawn: None,
-    ("kernel", seed) or ("torch", RNG states)). `spec` is (per member (weight, quant_state, bias, scale), p,
+    ("kernel", seed) or ("torch", RNG states), the members' A stacked in x's dtype). `spec` is (per member (weight, quant_state, bias, scale), p,
     triton_dropout, outputs); one member is a lone layer, several are a group reading the same x
     (train/kernels/lora_group.py). outputs=False (a recompute that reads no output: train/kernels/lean_recompute.py)
     draws the dropout and x @ A.T only, and the outputs are uninitialized. Plain 2-D mm/addmm calls, not F.linear: the
@@ -55,31 +55,31 @@ def _forward(x, spec, a_list, b_list):
     bases, p, triton_dropout, outputs = spec
     rows = x.reshape(-1, x.shape[-1])
     if not outputs:
-        h, drawn = _lora_a(rows, a_list, p, triton_dropout)
-        return [x.new_empty(*x.shape[:-1], qs.shape[0]) for _, qs, _, _ in bases], h, drawn
+        h, drawn, a = _lora_a(rows, a_list, p, triton_dropout)
+        return [x.new_empty(*x.shape[:-1], qs.shape[0]) for _, qs, _, _ in bases], h, drawn, a
     outs = []
     for weight, quant_state, bias, _ in bases:
         w = _weight(weight, quant_state, x.dtype).t()
         outs.append(torch.mm(rows, w) if bias is None else torch.addmm(_as(bias, x.dtype), rows, w))
-    h, drawn = _lora_a(rows, a_list, p, triton_dropout)
+    h, drawn, a = _lora_a(rows, a_list, p, triton_dropout)
     for out, hj, b, (*_, scale) in zip(outs, _columns(h, len(outs)), b_list, bases):
         out.addmm_(hj, _as(b, x.dtype).t(), alpha=scale)  # base + scale * h_j @ B_j.T, one kernel
-    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs], h, drawn
+    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs], h, drawn, a
 
 
 def _lora_a(rows, a_list, p, triton_dropout):
-    """(dropout_j(rows) @ A_j.T for every member j, side by side, and how the dropout was drawn)."""
+    """(dropout_j(rows) @ A_j.T for every member j, side by side, how the dropout was drawn, the stacked A used)."""
     a = _stacked(a_list, rows.dtype)
     if p > 0 and triton_dropout and lora_kernels.usable(rows, a_list[0]):  # GPU: the masks live only in the kernels
         seed = lora_kernels.new_seed()
-        return lora_kernels.lora_a_forward(rows, a, seed, p, len(a_list)), ("kernel", seed)
+        return lora_kernels.lora_a_forward(rows, a, seed, p, len(a_list)), ("kernel", seed), a
     if p == 0:
-        return torch.mm(rows, a.t()), None
+        return torch.mm(rows, a.t()), None, a
     states, hs = [], []
     for aj in _rows(a, len(a_list)):  # one draw per member, in member order: what the members alone would draw
         states.append(generator(rows.device).get_state())
         hs.append(torch.mm(torch.native_dropout(rows, p, True)[0], aj.t()))
-    return (hs[0] if len(hs) == 1 else torch.cat(hs, 1)), ("torch", states)
+    return (hs[0] if len(hs) == 1 else torch.cat(hs, 1)), ("torch", states), a
 
 
 def _stacked(a_list, dtype):
@@ -104,9 +104,11 @@ class _QLoraGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, *ab):
         k = len(spec[0])
-        outs, h, drawn = _forward(x, spec, ab[:k], ab[k:])
+        outs, h, drawn, a = _forward(x, spec, ab[:k], ab[k:])
         ctx.save_for_backward(x, h, *ab)
-        ctx.spec, ctx.drawn = spec, drawn
+        # the stacked (or cast) A: the backward reads the same, and a group's cat costs a launch on a backward that
+        # waits for the host (docs/benchmarks.md, session 14). Not an output: a plain attribute holds it
+        ctx.spec, ctx.drawn, ctx.stacked = spec, drawn, a
         return tuple(outs)
 
     @staticmethod
@@ -145,9 +147,10 @@ def _lora_a_backward(ctx, rows, gh, a_list):
     k, p = len(a_list), ctx.spec[1]
     wanted = [ctx.needs_input_grad[2 + j] for j in range(k)]
     kind, drawn = ctx.drawn or (None, None)
-    a = _stacked(a_list, gh.dtype)
-    if kind == "kernel":
-        grad_a = _rows(lora_kernels.lora_a_grad(rows, gh, drawn, p, k), k) if any(wanted) else [None] * k
+    a = ctx.stacked if ctx.stacked.dtype == gh.dtype else _stacked(a_list, gh.dtype)
+    if kind == "kernel":  # the members' A gradients in one tensor of their dtype (rows j*r.. are member j's): no casts
+        one = a_list[0].dtype if all(aj.dtype == a_list[0].dtype for aj in a_list) else torch.float32
+        grad_a = _rows(lora_kernels.lora_a_grad(rows, gh, drawn, p, k, one), k) if any(wanted) else [None] * k
         grads = [_as(g, aj.dtype) if want else None for g, aj, want in zip(grad_a, a_list, wanted)]
         return grads, lambda grad_x: lora_kernels.lora_x_grad_(grad_x, gh, a, drawn, p, k)
     if kind is None:  # no dropout: plain products

@@ -98,12 +98,14 @@ def lora_a_forward(x2: torch.Tensor, a: torch.Tensor, seed: int, p: float, membe
     bk = 128 if r <= 32 else 64  # A's tile is BK x r: keep 3 pipeline stages under ~100 KB of shared memory
     k["a_fwd"]((triton_cdiv(m, 64), split, members), x2, a, part, m, n_in, CHUNK, *_seeds(seed, members),
                _threshold(p), 1 / (1 - p), R=r, K=members, BM=64, BK=bk, num_warps=4, num_stages=3)
-    return part.sum(0).to(x2.dtype)
+    return split_sum(part, x2.dtype)
 
 
-def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float, members: int = 1) -> torch.Tensor:
+def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float, members: int = 1,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Member j's rows j*r.. are gh_j.T @ dropout_j(x), gh (tokens, members*r) holding gh_j in columns j*r..:
-    (members*r, in) in fp32, summed over tokens in up to 16 deterministic partial sums."""
+    (members*r, in), summed over tokens in fp32 in up to 16 deterministic partial sums, returned in `dtype` (the A
+    weights', so that no cast per member follows)."""
     k = _kernels()
     x2, gh = x2.contiguous(), gh.contiguous()
     m, n_in = x2.shape
@@ -114,7 +116,20 @@ def lora_a_grad(x2: torch.Tensor, gh: torch.Tensor, seed: int, p: float, members
     grid = (triton_cdiv(n_in, 64), split, members)
     k["a_grad"](grid, x2, gh, part, m, n_in, rows_per, *_seeds(seed, members), _threshold(p), 1 / (1 - p),
                 R=r, K=members, BM=64, BK=64, num_warps=4, num_stages=3)
-    return part.sum(0)
+    return split_sum(part, dtype)
+
+
+SUM_BLOCK = 1024  # elements per split_sum program
+
+
+def split_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """part.sum(0) in `dtype`: the kernels' fp32 partial sums added in a fixed order and cast in one launch instead of
+    torch's two (a sum, then a cast); ~480 launches a step on the 8B, on a backward that waits for the host
+    (docs/benchmarks.md, session 14)."""
+    out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
+    n = out.numel()
+    _kernels()["split_sum"]((triton_cdiv(n, SUM_BLOCK),), part, out, n, part.shape[0], BLOCK=SUM_BLOCK, num_warps=4)
+    return out
 
 
 def lora_x_grad_(grad_x: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, seed: int, p: float,
@@ -165,4 +180,4 @@ def _kernels() -> dict:
 
     mod = importlib.import_module("train.kernels._lora_triton")
     return {"a_fwd": launch.Kernel(mod.a_fwd), "a_grad": launch.Kernel(mod.a_grad), "x_grad": launch.Kernel(mod.x_grad),
-            "mask": mod.mask}
+            "split_sum": launch.Kernel(mod.split_sum), "mask": mod.mask}
