@@ -5,7 +5,10 @@ REPORT/trace-WAY.json.gz (torch.profiler's Chrome trace); this reads it and prin
   - that idle time charged to the CPU op that launched the kernel ending each gap: the host work the GPU waited on;
   - the host time (inclusive, CPU) of the project's per-layer Functions and the optimizer step;
   - per host thread (the forward's, autograd's), the CPU ops' self time: where the host time goes, and by the
-    us/call of plain ops (aten::view, aten::empty) how fast this host ran (session 6: 2x from one process to the next).
+    us/call of plain ops (aten::view, aten::empty) how fast this host ran (session 6: 2x from one process to the next);
+  - the GPU launches (kernels, memsets, copies) counted by who launched them: the nearest named Function or module op
+    and the aten op inside it. A count does not depend on how fast the host ran, so two traces of the same batch
+    compare exactly (session 14: what a change removed).
 Usage: python scripts/trace_gaps.py TRACE.json.gz [...]
 """
 
@@ -43,17 +46,41 @@ def union_us(intervals) -> float:
 
 def launcher(kernel: dict, runtime: dict, ops: list[dict], starts: list[float]) -> str:
     """The innermost CPU op around the runtime call that launched `kernel` ("?" when the trace does not say)."""
+    chain = launch_chain(kernel, runtime, ops, starts)
+    return chain[-1] if chain else "?"
+
+
+def launch_chain(kernel: dict, runtime: dict, ops: list[dict], starts: list[float]) -> list[str]:
+    """The CPU ops around the runtime call that launched `kernel`, outermost first (among the 400 ops that started
+    before it: deeper nesting is not looked for); [] when the trace does not say."""
     call = runtime.get(kernel.get("args", {}).get("correlation"))
     if call is None:
-        return "?"
+        return []
     i = bisect.bisect_right(starts, call["ts"]) - 1
-    best = None
-    for j in range(i, max(-1, i - 400), -1):
-        o = ops[j]
-        if o.get("tid") == call.get("tid") and o["ts"] + o["dur"] >= call["ts"] + call["dur"]:
-            if best is None or o["dur"] < best["dur"]:
-                best = o
-    return best["name"] if best else "?"
+    around = [ops[j] for j in range(i, max(-1, i - 400), -1)
+              if ops[j].get("tid") == call.get("tid") and ops[j]["ts"] + ops[j]["dur"] >= call["ts"] + call["dur"]]
+    return [o["name"] for o in sorted(around, key=lambda o: -o["dur"])]
+
+
+def launch_owner(chain: list[str]) -> str:
+    """`Function > aten op` for a launch chain: the innermost op that is not an aten op nor the autograd engine's
+    wrapper (a Function, a module-level op such as torch_attn::_varlen_attn), and the outermost aten op inside it."""
+    named = [i for i, n in enumerate(chain) if not n.startswith(("aten::", "autograd::engine"))]
+    owner = chain[named[-1]] if named else "(top level)"
+    inner = next((n for n in chain[(named[-1] + 1) if named else 0:] if n.startswith("aten::")), "")
+    return f"{owner} > {inner}" if inner else owner
+
+
+def print_launches(gpu: list[dict], runtime: dict, ops: list[dict], starts: list[float], top: int) -> None:
+    """GPU launches by who launched them: count and GPU ms."""
+    table = collections.defaultdict(lambda: [0, 0.0])
+    for e in gpu:
+        row = table[launch_owner(launch_chain(e, runtime, ops, starts))]
+        row[0] += 1
+        row[1] += e["dur"]
+    print(f"  GPU launches (kernels, memsets, copies): {len(gpu)}; by launcher (count, GPU ms):")
+    for name, (n, us) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"    {name[:72]:<72} {n:6d} {us / 1e3:8.1f}")
 
 
 def self_times(events: list[dict]) -> dict:
@@ -136,6 +163,7 @@ def report(path: str, top: int = 12) -> None:
             n, us = incl[name]
             print(f"    {name:<32} {n:6d} {us / 1e3:8.1f} {us / n:8.1f}")
     print_self_times(ev, top)
+    print_launches(gpu, runtime, ops, starts, 2 * top)
 
 
 if __name__ == "__main__":

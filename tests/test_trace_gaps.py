@@ -35,6 +35,20 @@ def test_idle_is_charged_to_the_op_that_launched_the_late_kernel(tmp_path, capsy
     assert "GPU busy (union of streams): 0.2 ms" in out  # 100 + 100 us of kernels, 50 us of copy: 0.25
     charged = out.split("idle charged")[1]
     assert "aten::mm" in charged.splitlines()[1] and "0.3" in charged.splitlines()[1]
+    launches = out.split("GPU launches")[1].splitlines()
+    assert launches[0].startswith(" (kernels, memsets, copies): 3;")
+    rows = {name: [n, ms] for name, n, ms in (line.strip().rsplit(None, 2) for line in launches[1:])}
+    assert rows == {"fwd > aten::add": ["1", "0.1"], "fwd > aten::mm": ["1", "0.1"], "(top level)": ["1", "0.1"]}
+
+
+def test_launch_owner_names_the_function_and_the_aten_op_inside_it():
+    chain = ["autograd::engine::evaluate_function: CheckpointFunctionBackward", "CheckpointFunctionBackward",
+             "autograd::engine::evaluate_function: _QLoraGroupBackward", "_QLoraGroupBackward", "aten::addmm",
+             "aten::addmm"]
+    assert trace_gaps.launch_owner(chain) == "_QLoraGroupBackward > aten::addmm"
+    assert trace_gaps.launch_owner(["CheckpointFunction", "_QLoraGroup"]) == "_QLoraGroup"  # a Triton launch
+    assert trace_gaps.launch_owner(["aten::copy_"]) == "(top level) > aten::copy_"
+    assert trace_gaps.launch_owner([]) == "(top level)"
 
 
 def test_union_merges_overlaps():
