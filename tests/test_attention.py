@@ -282,7 +282,7 @@ def test_varlen_gradients_reach_q_k_v_tokens_major_without_copies(cheap_varlen):
     """q/k/v as transformers passes them after Liger's rope: (1, heads, tokens, head_dim) views of tokens-major
     storage. The kernel's gradients (tokens-major) must reach them as views of the same layout: no zeroed tensor,
     no copy in between, so Liger's rope backward (transpose(1, 2).contiguous()) copies nothing either. Indexing
-    t[0] instead cost 10 full-size copies and fills a layer on the 8B (docs/benchmarks.md, session 14)."""
+    t[0] instead cost 9 copies and fills a layer on the 8B (docs/benchmarks.md, session 14)."""
     from conftest import aten_calls
 
     storage = [t.transpose(1, 2).contiguous().requires_grad_(True) for t in _one_row(12, kv_heads=4)]  # (1, T, H, d)

@@ -177,8 +177,8 @@ class LazyMask:
 def tokens_major(t: torch.Tensor) -> torch.Tensor:
     """(1, heads, tokens, head_dim) as transformers passes q/k/v -> (tokens, heads, head_dim), a view. squeeze, not
     t[0]: indexing's backward writes the gradient into a zeroed (1, heads, tokens, head_dim) tensor, heads-major,
-    which Liger's rope backward then copies back to tokens-major: on the 8B, 10 full-size copies and fills a layer,
-    6.4 ms of GPU time and 320 launches a step (docs/benchmarks.md, session 14). squeeze's backward is a view, so the
+    which Liger's rope backward then copies back to tokens-major: on the 8B, 9 copies and fills a layer, 6.4 ms
+    of GPU time and 288 launches a step (docs/benchmarks.md, session 14). squeeze's backward is a view, so the
     kernel's tokens-major gradient reaches q_proj's output without a copy."""
     return t.squeeze(0).transpose(0, 1)
 
