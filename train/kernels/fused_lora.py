@@ -46,12 +46,12 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _forward(x, spec, a_list, b_list):
     """(the members' outputs, x @ A_j.T of every member as (tokens, members*r), how the dropout was drawn: None,
-    ("kernel", seed) or ("torch", RNG states), the members' A stacked in x's dtype). `spec` is (per member (weight, quant_state, bias, scale), p,
-    triton_dropout, outputs); one member is a lone layer, several are a group reading the same x
-    (train/kernels/lora_group.py). outputs=False (a recompute that reads no output: train/kernels/lean_recompute.py)
-    draws the dropout and x @ A.T only, and the outputs are uninitialized. Plain 2-D mm/addmm calls, not F.linear: the
-    fast path waits for the host (docs/benchmarks.md), and linear's matmul/reshape layers cost host time per call for
-    nothing here."""
+    ("kernel", seed) or ("torch", RNG states), the members' A stacked in x's dtype). `spec` is (per member (weight,
+    quant_state, bias, scale), p, triton_dropout, outputs); one member is a lone layer, several are a group reading
+    the same x (train/kernels/lora_group.py). outputs=False (a recompute that reads no output:
+    train/kernels/lean_recompute.py) draws the dropout and x @ A.T only, and the outputs are uninitialized. Plain 2-D
+    mm/addmm calls, not F.linear: the fast path waits for the host (docs/benchmarks.md), and linear's matmul/reshape
+    layers cost host time per call for nothing here."""
     bases, p, triton_dropout, outputs = spec
     rows = x.reshape(-1, x.shape[-1])
     if not outputs:
