@@ -452,7 +452,7 @@ def model_line(args, ctx: dict) -> str:
     return f"Model: {ctx['base']}'s architecture, random bf16 weights ({ctx['model_dir']})"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test of the GPU ways: tiny Llama, 3 steps")
     p.add_argument("--cpu", action="store_true", help="CPU: our fit step vs a plain peft + bitsandbytes step (--model)")
@@ -489,15 +489,15 @@ def main(argv=None) -> int:
                    help="config override for our ways (c, plan-*, cpu-ours), e.g. lora.kernel=fused_triton")
     p.add_argument("--unsloth-site", default="/tmp/unsloth-site", help="Unsloth's package folder (pip --target)")
     p.add_argument("--child", nargs=2, metavar=("WAY", "CTX"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.child:
         return child(args.child[0], Path(args.child[1]))
-
-    import bench_workload as wl
-    from bench_measure import cpu_table, long_rows_table, plan_check_table, side_by_side, versions
-
     start = time.perf_counter()
-    small = args.tiny or args.cpu
     if args.cpu and not args.model:
         p.error("--cpu needs --model PATH (a model folder, e.g. /tmp/smollm2)")
     ways = ["cpu-ours", "cpu-plain"] if args.cpu else (args.ways or ("" if args.plan_check else (
@@ -510,6 +510,27 @@ def main(argv=None) -> int:
     if why:
         print(f"bench.py: error: {why}", file=sys.stderr)
         return 2
+    ctx, meta = context(args, base)
+    ctx_file = Path(ctx["work"]) / "bench_ctx.json"
+    ctx_file.write_text(json.dumps(ctx))
+    if args.prepare:
+        print(f"[bench] prepared in {time.perf_counter() - start:.0f} s: {ctx['work']}", flush=True)
+        return 0
+    results = run_ways(args, ways, ctx, ctx_file, meta, start)
+    meta["total_s"] = round(time.perf_counter() - start, 1)
+    print(f"\n{meta['device']}; {json.dumps(meta['versions'])}\n{write_report(args, ctx, meta, results)}")
+    return 0
+
+
+def context(args, base: str | None) -> tuple[dict, dict]:
+    """(what every way's child reads: directories, step counts, the model and data, written here once; the run's
+    metadata for results.json)."""
+    import torch
+
+    import bench_workload as wl
+    from bench_measure import versions
+
+    small = args.tiny or args.cpu
     work = Path(args.work).resolve()
     out = Path(args.out).resolve() if args.out else work / "results"
     for d in (work, out):
@@ -519,14 +540,13 @@ def main(argv=None) -> int:
            "profile_ways": [w for w in args.profile.split(",") if w],
            "unsloth_site": str(Path(args.unsloth_site).resolve()),
            "plan_ways": {}, "max_length": 256 if args.tiny else 2048, "sets": args.set,
-           "memory_peak": args.memory_peak, "trace": args.trace, "report": str(Path(args.report).resolve()) if args.report else None,
+           "memory_peak": args.memory_peak, "trace": args.trace,
+           "report": str(Path(args.report).resolve()) if args.report else None,
            "base": base or ("tiny Llama" if args.tiny else args.model)}  # results name the model every way trained
-    spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
-    import torch
-
     meta = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "command": " ".join(["python", *sys.argv]),
             "train_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRAIN_")},  # staged switches
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "base": ctx["base"]}
+    spec = args.plan_tokens or (PLAN_SETTINGS_TINY if args.tiny else PLAN_SETTINGS)
     if args.cpu:
         ids = wl.cpu_batch(args.model, args.batch, args.seq_len)
         ids_file = work / f"cpu-batch-{args.batch}x{args.seq_len}.json"
@@ -544,37 +564,13 @@ def main(argv=None) -> int:
                    config=str(config))
     if args.plan_check:
         ctx["plan_ways"] = wl.plan_check_ways(work, spec, args.plan_stacks)
-    ctx_file = work / "bench_ctx.json"
-    ctx_file.write_text(json.dumps(ctx))
-    if args.prepare:
-        print(f"[bench] prepared in {time.perf_counter() - start:.0f} s: {work}", flush=True)
-        return 0
+    return ctx, meta
+
+
+def run_ways(args, ways: list[str], ctx: dict, ctx_file: Path, meta: dict, start: float) -> list[dict]:
+    """Each way in its own child process, in order (the plan-check ways first with --plan-first), within --budget-s;
+    the report is rewritten after each, so a run cut short keeps what it measured."""
     results: list[dict] = []
-
-    def report() -> str:
-        main_rows = [r for r in results if r["way"] not in ctx["plan_ways"]]
-        labels = {w: v["label"] for w, v in WAYS.items()}
-        table = cpu_table(main_rows, ctx, labels) if args.cpu else side_by_side(main_rows, labels, SIDE_BY_SIDE)
-        env = " ".join(f"{k}={v}" for k, v in meta["train_env"].items())
-        parts = [model_line(args, ctx) + (f"; environment: {env}" if env else "")] + ([table] if main_rows else [])
-        doc = {"meta": meta, "results": results}
-        if ctx["plan_ways"]:
-            ours = {k: w for k, w in ctx["plan_ways"].items() if w["kind"] == "ours" and not w.get("skip")}
-            text, doc["plan_check_verdict"] = plan_check_table(results, ours, PLAN_TOLERANCE)
-            parts.append(f"Plan check (train/plan.py torch_allocated vs max_memory_allocated, tolerance "
-                         f"{PLAN_TOLERANCE:.0%})\n\n{text}")
-            claim = (base or wl.DEFAULT_BASE) == wl.DEFAULT_BASE  # Unsloth's 342K claim is for Llama-3.1-8B
-            parts.append(f"Long rows, ours and Unsloth side by side\n\n"
-                         f"{long_rows_table(results, ctx['plan_ways'], claim=claim)}")
-        parts += [f"Memory at the peak, {r['way']} (scripts/memory_peak.py)\n\n{r['memory_peak']['table']}"
-                  for r in results if "table" in (r.get("memory_peak") or {})]
-        text = "\n\n".join(parts)
-        for d in {out, Path(args.report).resolve() if args.report else out}:
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "results.json").write_text(json.dumps(doc, indent=1, default=str))
-            (d / "table.md").write_text(text + "\n")
-        return text
-
     plan_names = [k for k, w in ctx["plan_ways"].items() if not w.get("skip")]
     for name in [*plan_names, *ways] if args.plan_first else [*ways, *plan_names]:
         way = WAYS.get(name) or ctx["plan_ways"][name]
@@ -582,12 +578,40 @@ def main(argv=None) -> int:
         res = ({"way": name, "error": f"skipped: {left:.0f}s of budget left"} if left is not None and left < 45
                else run_child(name, way, ctx, ctx_file, left))
         results.append(res)
-        report()
+        write_report(args, ctx, meta, results)
         print(f"[bench] {name}: " + json.dumps({k: res.get(k) for k in (
             "tok_per_s", "first_step_s", "peak_alloc_gb", "losses", "plan", "error")}, default=str), flush=True)
-    meta["total_s"] = round(time.perf_counter() - start, 1)
-    print(f"\n{meta['device']}; {json.dumps(meta['versions'])}\n{report()}")
-    return 0
+    return results
+
+
+def write_report(args, ctx: dict, meta: dict, results: list[dict]) -> str:
+    """results.json and table.md (in OUT, and REPORT when given) from the results so far; returns the table text."""
+    import bench_workload as wl
+    from bench_measure import cpu_table, long_rows_table, plan_check_table, side_by_side
+
+    main_rows = [r for r in results if r["way"] not in ctx["plan_ways"]]
+    labels = {w: v["label"] for w, v in WAYS.items()}
+    table = cpu_table(main_rows, ctx, labels) if args.cpu else side_by_side(main_rows, labels, SIDE_BY_SIDE)
+    env = " ".join(f"{k}={v}" for k, v in meta["train_env"].items())
+    parts = [model_line(args, ctx) + (f"; environment: {env}" if env else "")] + ([table] if main_rows else [])
+    doc = {"meta": meta, "results": results}
+    if ctx["plan_ways"]:
+        ours = {k: w for k, w in ctx["plan_ways"].items() if w["kind"] == "ours" and not w.get("skip")}
+        text, doc["plan_check_verdict"] = plan_check_table(results, ours, PLAN_TOLERANCE)
+        parts.append(f"Plan check (train/plan.py torch_allocated vs max_memory_allocated, tolerance "
+                     f"{PLAN_TOLERANCE:.0%})\n\n{text}")
+        # Unsloth's 342K-token claim is for Llama-3.1-8B: shown beside that base only
+        claim = (args.base and wl.resolve_base(args.base) or wl.DEFAULT_BASE) == wl.DEFAULT_BASE
+        parts.append(f"Long rows, ours and Unsloth side by side\n\n"
+                     f"{long_rows_table(results, ctx['plan_ways'], claim=claim)}")
+    parts += [f"Memory at the peak, {r['way']} (scripts/memory_peak.py)\n\n{r['memory_peak']['table']}"
+              for r in results if "table" in (r.get("memory_peak") or {})]
+    text = "\n\n".join(parts)
+    for d in {Path(ctx["out"]), Path(args.report).resolve() if args.report else Path(ctx["out"])}:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+        (d / "table.md").write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":
