@@ -112,6 +112,39 @@ def test_not_installed_for_peft_kernel_dora_or_sharded(tmp_path, monkeypatch):
     assert _fused_layers(_peft_4bit(tmp_path / "c")[0]) == []
 
 
+def test_plan_hands_peft_every_layer_the_function_does_not_compute(tmp_path):
+    """fused_plan's refusals, one at a time on a layer it accepts: a trainable base bias, peft's lora_bias on A or B,
+    adapter weights of another dtype than x (no autocast), an integer input, extra call arguments, merged or several
+    active adapters, a dropout module it does not know."""
+    model, _ = _peft_4bit(tmp_path)
+    layer = _fused_layers(model)[0].train()
+    x = torch.zeros(1, layer.in_features)
+    plan = layer.fused_plan(x, (), {})
+    assert plan is not None and plan[0] is layer.lora_A["default"] and plan[2] is layer.get_base_layer()
+    a, b, base = layer.lora_A["default"], layer.lora_B["default"], layer.get_base_layer()
+    refusals = {
+        "trainable base bias": lambda: setattr(base, "bias", torch.nn.Parameter(torch.zeros(layer.out_features))),
+        "lora_bias on A": lambda: setattr(a, "bias", torch.nn.Parameter(torch.zeros(a.out_features))),
+        "lora_bias on B": lambda: setattr(b, "bias", torch.nn.Parameter(torch.zeros(b.out_features))),
+        "B in another dtype": lambda: b.to(torch.float64),
+        "merged": lambda: layer.merged_adapters.append("default"),
+        "two active adapters": lambda: setattr(layer, "_active_adapter", ["default", "other"]),
+        "another dropout": lambda: layer.lora_dropout.__setitem__("default", torch.nn.AlphaDropout(0.1)),
+    }
+    for why, change in refusals.items():
+        saved = copy.deepcopy(layer)
+        change()
+        assert layer.fused_plan(x, (), {}) is None, why
+        layer = saved
+        a, b, base = layer.lora_A["default"], layer.lora_B["default"], layer.get_base_layer()
+    assert layer.fused_plan(x, (), {}) is not None
+    assert layer.fused_plan(x.long(), (), {}) is None
+    assert layer.fused_plan(x, (1,), {}) is None and layer.fused_plan(x, (), {"scale": 1}) is None
+    frozen = copy.deepcopy(layer)
+    frozen.get_base_layer().bias = torch.nn.Parameter(torch.zeros(layer.out_features), requires_grad=False)
+    assert frozen.fused_plan(x, (), {}) is not None  # a frozen base bias is added in the forward (Qwen2's q/k/v)
+
+
 def test_cached_base_layer_adds_no_state_and_follows_a_copy(tmp_path):
     """The fused layer looks its base layer up once (host time): that adds no submodule or state-dict key, and a
     deep copy of the model uses its own base layer, not the original's."""
