@@ -112,10 +112,16 @@ def test_not_installed_for_peft_kernel_dora_or_sharded(tmp_path, monkeypatch):
     assert _fused_layers(_peft_4bit(tmp_path / "c")[0]) == []
 
 
+class _Same(torch.nn.Module):
+    def forward(self, w):
+        return w
+
+
 def test_plan_hands_peft_every_layer_the_function_does_not_compute(tmp_path):
     """fused_plan's refusals, one at a time on a layer it accepts: a trainable base bias, peft's lora_bias on A or B,
-    adapter weights of another dtype than x (no autocast), an integer input, extra call arguments, merged or several
-    active adapters, a dropout module it does not know."""
+    adapter weights of another dtype than x (no autocast), a parametrized weight (no longer a parameter of the
+    module), an integer input, extra call arguments, merged or several active adapters, a dropout module it does not
+    know."""
     model, _ = _peft_4bit(tmp_path)
     layer = _fused_layers(model)[0].train()
     x = torch.zeros(1, layer.in_features)
@@ -130,6 +136,7 @@ def test_plan_hands_peft_every_layer_the_function_does_not_compute(tmp_path):
         "merged": lambda: layer.merged_adapters.append("default"),
         "two active adapters": lambda: setattr(layer, "_active_adapter", ["default", "other"]),
         "another dropout": lambda: layer.lora_dropout.__setitem__("default", torch.nn.AlphaDropout(0.1)),
+        "a parametrized B": lambda: torch.nn.utils.parametrize.register_parametrization(b, "weight", _Same()),
     }
     for why, change in refusals.items():
         saved = copy.deepcopy(layer)

@@ -107,7 +107,9 @@ class _QLoraGroup(torch.autograd.Function):
         outs, h, drawn, a = _forward(x, spec, ab[:k], ab[k:])
         ctx.save_for_backward(x, h, *ab)
         # the stacked (or cast) A: the backward reads the same, and a group's cat costs a launch on a backward that
-        # waits for the host (docs/benchmarks.md, session 14). Not an output: a plain attribute holds it
+        # waits for the host (docs/benchmarks.md, session 14). Not an output: a plain attribute holds it, until this
+        # layer's backward (a reentrant checkpoint's recompute) or the step's end (no checkpointing: ~20 MB on the
+        # 8B at r=16, not in train plan)
         ctx.spec, ctx.drawn, ctx.stacked = spec, drawn, a
         return tuple(outs)
 
@@ -231,6 +233,9 @@ class FusedLinear4bit(PeftLinear4bit):
         if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):  # repacked for CPU
             return None  # inference: only bitsandbytes' own kernel reads that layout (train.model avoids it)
         a_params, b_params = a._parameters, b._parameters
+        a_weight, b_weight = a_params.get("weight"), b_params.get("weight")
+        if a_weight is None or b_weight is None:  # e.g. a parametrized weight (torch.nn.utils.parametrize): a property
+            return None
         if (bias is not None and bias.requires_grad) or a_params.get("bias") is not None or \
                 b_params.get("bias") is not None:
             return None  # trainable base bias or peft's lora_bias: gradients this Function does not compute
@@ -239,7 +244,7 @@ class FusedLinear4bit(PeftLinear4bit):
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         if (autocast and torch.get_autocast_dtype(device) != x.dtype) or (
-                not autocast and not a_params["weight"].dtype == b_params["weight"].dtype == x.dtype):
+                not autocast and not a_weight.dtype == b_weight.dtype == x.dtype):
             return None
         return a, b, base, self.scaling[name], p
 
