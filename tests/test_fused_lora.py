@@ -126,7 +126,8 @@ def test_plan_hands_peft_every_layer_the_function_does_not_compute(tmp_path):
     layer = _fused_layers(model)[0].train()
     x = torch.zeros(1, layer.in_features)
     plan = layer.fused_plan(x, (), {})
-    assert plan is not None and plan[0] is layer.lora_A["default"] and plan[2] is layer.get_base_layer()
+    assert plan is not None and plan.a is layer.lora_A["default"].weight
+    assert plan.weight is layer.get_base_layer().weight and plan.b is layer.lora_B["default"].weight
     a, b, base = layer.lora_A["default"], layer.lora_B["default"], layer.get_base_layer()
     refusals = {
         "trainable base bias": lambda: setattr(base, "bias", torch.nn.Parameter(torch.zeros(layer.out_features))),

@@ -21,6 +21,8 @@ variants, other dtypes, FSDP/DeepSpeed shards) runs peft's own forward.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
@@ -173,6 +175,17 @@ def _lora_a_backward(ctx, rows, gh, a_list):
     return grads, masked
 
 
+class Plan(NamedTuple):
+    """What the fused Function reads of one layer (fused_plan): its tensors, read once per call."""
+    a: torch.Tensor  # lora_A's weight (r, in)
+    b: torch.Tensor  # lora_B's weight (out, r)
+    weight: torch.Tensor  # the 4-bit base weight
+    quant_state: object  # its bitsandbytes QuantState
+    bias: torch.Tensor | None  # the base layer's (frozen) bias
+    scale: float
+    p: float  # dropout
+
+
 class FusedLinear4bit(PeftLinear4bit):
     """peft's LoRA layer over a bitsandbytes Linear4bit, with the fused training forward above."""
 
@@ -209,10 +222,9 @@ class FusedLinear4bit(PeftLinear4bit):
         return cached[1]
 
     def fused_plan(self, x, args, kwargs):
-        """(lora_A, lora_B, base layer, scale, dropout p) when the fused forward computes exactly what
-        peft's would; None sends the call to peft. Submodules and parameters are read from torch's own dicts, not
-        through Module.__getattr__ (~0.3 us a read, a dozen reads a call, 448 calls a step on the 8B: 9 -> 4 us a
-        call on this project's CPU box)."""
+        """The layer's Plan when the fused forward computes exactly what peft's would; None sends the call to peft.
+        Submodules and parameters are read from torch's own dicts, not through Module.__getattr__ (~0.3 us a read, a
+        dozen reads a call, 448 calls a step on the 8B: 9 -> 4 us a call on this project's CPU box), and only here."""
         if args or kwargs or not self.training or self.disable_adapters or self.merged:
             return None
         active, modules = self.active_adapters, self._modules
@@ -246,22 +258,17 @@ class FusedLinear4bit(PeftLinear4bit):
         if (autocast and torch.get_autocast_dtype(device) != x.dtype) or (
                 not autocast and not a_weight.dtype == b_weight.dtype == x.dtype):
             return None
-        return a, b, base, self.scaling[name], p
+        return Plan(a_weight, b_weight, weight, quant_state, bias, self.scaling[name], p)
 
 
 def run(plans, x, triton_dropout: bool, outputs: bool = True) -> list:
-    """The outputs on x of the layers `plans` describe (fused_plan's tuples: one layer, or a group reading x).
+    """The outputs on x of the layers `plans` describe (fused_plan's: one layer, or a group reading x).
     outputs=False: a recompute whose outputs nothing reads (lean_recompute.py): only what the backward needs."""
-    bases, a_list, b_list = [], [], []
-    for a, b, base, scale, _ in plans:  # torch's dicts, not Module.__getattr__ (fused_plan says why)
-        weight = base._parameters["weight"]
-        bases.append((weight, weight.quant_state, base._parameters.get("bias"), scale))
-        a_list.append(a._parameters["weight"])
-        b_list.append(b._parameters["weight"])
-    bases = tuple(bases)
+    bases = tuple((plan.weight, plan.quant_state, plan.bias, plan.scale) for plan in plans)
+    a_list, b_list = [plan.a for plan in plans], [plan.b for plan in plans]
     if not torch.is_grad_enabled():  # reentrant checkpointing's first forward: nothing to save, every output read
-        return _forward(x, (bases, plans[0][4], triton_dropout, True), a_list, b_list)[0]
-    spec = (bases, plans[0][4], triton_dropout, outputs)
+        return _forward(x, (bases, plans[0].p, triton_dropout, True), a_list, b_list)[0]
+    spec = (bases, plans[0].p, triton_dropout, outputs)
     return list(_QLoraGroup.apply(x, spec, *a_list, *b_list))
 
 

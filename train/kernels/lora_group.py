@@ -78,7 +78,7 @@ class Group:
 def _compatible(plans, members) -> bool:
     """One Function computes them: the same dropout p, LoRA rank and dropout kernel setting."""
     first = plans[0]
-    return all(p[4] == first[4] and p[0].weight.shape[0] == first[0].weight.shape[0] for p in plans) and \
+    return all(p.p == first.p and p.a.shape[0] == first.a.shape[0] for p in plans) and \
         len({m.triton_dropout for m in members}) == 1
 
 
