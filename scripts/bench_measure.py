@@ -19,8 +19,8 @@ from pathlib import Path
 from train import patches
 
 # switches a training step reads afresh each time (train/fused_head.py, kernels/lean_recompute.py, liger_launch.py,
-# step_walks.py, and kernels/launch.py's DIRECT, read at import, so the timer sets that attribute too): BENCH_ALTERNATE may flip one
-# between the timed steps of one process
+# step_walks.py, and kernels/launch.py's DIRECT, read at import, so the timer sets that attribute too):
+# BENCH_ALTERNATE may flip one between the timed steps of one process
 ALTERNATABLE = ("TRAIN_SYNC_FREE_HEAD", "TRAIN_LEAN_RECOMPUTE", "TRAIN_LIGER_RELAUNCH", "TRAIN_DIRECT_LAUNCH",
                 "TRAIN_FLAT_WALKS")
 
